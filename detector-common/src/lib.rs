@@ -1,0 +1,248 @@
+//! Types shared by the kernel programs (`detector-ebpf`) and the user side
+//! (`detector`).
+//!
+//! Everything here is `#[repr(C)]` with explicit `_pad` fields: map keys are
+//! hashed byte for byte, and implicit padding would carry stack garbage from
+//! the eBPF side (two equal keys would land in two slots). The user side
+//! zeroes the same padding. `tests/layout.rs` pins every size and offset, so
+//! a change to one side that the other does not follow fails a test rather
+//! than decoding garbage.
+#![no_std]
+
+/// What an [`Event`] in the `EVENTS` ring buffer reports.
+pub mod kind {
+    /// A TCP connect() that reached SYN_SENT has finished: established,
+    /// failed with an errno, or closed before an answer.
+    pub const TCP_OUTCOME: u8 = 1;
+    /// A TCP connect() that passed the cgroup connect hook but never reached
+    /// SYN_SENT (e.g. ENETUNREACH). The errno is only known while the
+    /// on-demand `sys_exit_connect` probe is attached; otherwise it is 0.
+    pub const TCP_PRE_SYN_FAIL: u8 = 2;
+    /// connect() on a UDP socket.
+    pub const UDP_CONNECT: u8 = 3;
+    /// One successful UDP send (connected or not); `aux` holds the bytes sent.
+    pub const UDP_SEND: u8 = 4;
+    /// A task was forked: `tgid` is the parent's tgid, `aux` the child's pid.
+    pub const PROC_FORK: u8 = 5;
+    /// A process called exec: `tgid` is the process, `comm` its new name.
+    pub const PROC_EXEC: u8 = 6;
+    /// A task exited: `aux` is its pid (thread id); `flags` has
+    /// [`super::flags::GROUP_DEAD`] when it was the last thread of `tgid`.
+    pub const PROC_EXIT: u8 = 7;
+}
+
+/// How a [`kind::TCP_OUTCOME`] ended.
+pub mod outcome {
+    /// SYN_SENT → ESTABLISHED.
+    pub const ESTABLISHED: u8 = 1;
+    /// SYN_SENT → CLOSE followed by an error report; `errno` says why.
+    pub const FAILED: u8 = 2;
+    /// SYN_SENT → CLOSE with no error report (the application closed the
+    /// socket while it was connecting, or the kernel gave up without one).
+    pub const CLOSED: u8 = 3;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flags {
+    /// A RST arrived while the socket was in SYN_SENT.
+    pub const RST: u8 = 1;
+    /// On [`super::kind::PROC_EXIT`]: the whole thread group is gone.
+    pub const GROUP_DEAD: u8 = 2;
+}
+
+/// Address families as the kernel spells them.
+pub const AF_INET: u16 = 2;
+/// Address families as the kernel spells them.
+pub const AF_INET6: u16 = 10;
+/// IPPROTO_TCP.
+pub const IPPROTO_TCP: u16 = 6;
+/// IPPROTO_UDP.
+pub const IPPROTO_UDP: u16 = 17;
+
+/// TCP states used by `sock:inet_sock_set_state` (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const CLOSE: i32 = 7;
+}
+
+/// One record in the `EVENTS` ring buffer. Fixed size: one reserve per event,
+/// no length field to trust. 80 bytes, align 8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) when the record was made.
+    pub ts_ns: u64,
+    /// CLOCK_MONOTONIC when the attempt started (connect hook or SYN_SENT);
+    /// 0 for records that are not attempts.
+    pub start_ns: u64,
+    /// Network namespace cookie (SO_NETNS_COOKIE), 0 when unknown.
+    pub netns: u64,
+    /// Process (thread group) id.
+    pub tgid: u32,
+    /// Kind-specific: child pid (fork), thread id (exit), bytes (UDP send),
+    /// SYN retransmits (TCP outcome).
+    pub aux: u32,
+    /// Positive errno, 0 for none or unknown.
+    pub errno: i32,
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// [`AF_INET`] or [`AF_INET6`]; 0 for process records.
+    pub family: u16,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// One of [`outcome`] for TCP outcomes, else 0.
+    pub outcome: u8,
+    /// Bits from [`flags`].
+    pub flags: u8,
+    pub _pad: [u8; 5],
+    /// Destination address in network order; IPv4 uses the first 4 bytes.
+    pub daddr: [u8; 16],
+    /// The task's comm when the record was made.
+    pub comm: [u8; 16],
+}
+
+impl Event {
+    /// An all-zero event, the starting point for every record.
+    pub const fn zeroed() -> Self {
+        Event {
+            ts_ns: 0,
+            start_ns: 0,
+            netns: 0,
+            tgid: 0,
+            aux: 0,
+            errno: 0,
+            dport: 0,
+            family: 0,
+            kind: 0,
+            outcome: 0,
+            flags: 0,
+            _pad: [0; 5],
+            daddr: [0; 16],
+            comm: [0; 16],
+        }
+    }
+}
+
+/// Key of the `CLOSED` map: the tuple that `inet_sk_error_report` carries
+/// (it has no socket address), so the error can be joined to the attempt
+/// that closed just before it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TupleKey {
+    pub family: u16,
+    /// Source port, host order (set once the connect hashed the socket).
+    pub sport: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    pub _pad: u16,
+    /// Destination address; IPv4 uses the first 4 bytes, the rest are zero.
+    pub daddr: [u8; 16],
+}
+
+/// Where a UDP socket sends, learned from the cgroup connect/sendmsg hooks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpDest {
+    pub netns: u64,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u32,
+    pub daddr: [u8; 16],
+}
+
+/// Per-thread note left by the cgroup `sendmsg4/6` hook for the
+/// `sock_send_length` that follows in the same syscall.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsgDest {
+    /// Kernel address of the socket; joins to `sock_send_length`'s `sk`.
+    pub sk: u64,
+    pub dest: UdpDest,
+}
+
+/// Tracepoint field offsets, read from tracefs format files at load time
+/// and written into the programs' `.rodata` before load, so a kernel that
+/// adds or moves fields still decodes correctly. All `u32` so the struct
+/// has no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Offsets {
+    // sock:inet_sock_set_state
+    pub ss_skaddr: u32,
+    pub ss_oldstate: u32,
+    pub ss_newstate: u32,
+    pub ss_sport: u32,
+    pub ss_dport: u32,
+    pub ss_family: u32,
+    pub ss_protocol: u32,
+    pub ss_daddr: u32,
+    pub ss_daddr_v6: u32,
+    // sock:inet_sk_error_report
+    pub er_error: u32,
+    pub er_sport: u32,
+    pub er_dport: u32,
+    pub er_family: u32,
+    pub er_protocol: u32,
+    pub er_daddr: u32,
+    pub er_daddr_v6: u32,
+    // sock:sock_send_length
+    pub sl_sk: u32,
+    pub sl_family: u32,
+    pub sl_protocol: u32,
+    pub sl_ret: u32,
+    // tcp:tcp_receive_reset
+    pub rr_skaddr: u32,
+    // tcp:tcp_retransmit_skb
+    pub rt_skaddr: u32,
+    pub rt_state: u32,
+    // sched:sched_process_fork
+    pub fk_child_pid: u32,
+    // sched:sched_process_exit
+    pub ex_pid: u32,
+    pub ex_group_dead: u32,
+    // syscalls:sys_exit_connect
+    pub xc_ret: u32,
+    pub _pad: u32,
+}
+
+/// Indices into the `STATS` per-CPU array.
+pub mod stat {
+    /// Ring buffer full: an event was lost.
+    pub const RING_DROPS: u32 = 0;
+    /// A bounded map refused an insert (an attempt could not be tracked).
+    pub const MAP_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Map capacities; the user side reads nothing from these but the tests.
+pub mod capacity {
+    /// Sockets between SYN_SENT and their outcome.
+    pub const INFLIGHT: u32 = 65_536;
+    /// Closed attempts waiting for their error report (microseconds).
+    pub const CLOSED: u32 = 8_192;
+    /// Threads between the connect hook and SYN_SENT (one syscall).
+    pub const PRE_SYN: u32 = 16_384;
+    /// UDP sockets with a connected destination.
+    pub const UDP_DEST: u32 = 65_536;
+    /// Processes counted by the on-demand syscall probe.
+    pub const SUSPECTS: u32 = 1_024;
+    /// Ring buffer bytes.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and
+    // byte arrays, and have explicit padding fields, so every bit pattern is
+    // valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UdpDest {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MsgDest {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Offsets {}
+}

@@ -1,0 +1,113 @@
+//! stormguard's kernel programs. Entry points only: each calls its body in
+//! `probes/` and fails open — a tracepoint returns 0 whatever happens (no
+//! perf sample), a cgroup hook always allows the connect or send.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod probes;
+mod util;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, SockAddrContext, TracePointContext},
+};
+use detector_common::{AF_INET, AF_INET6};
+
+use probes::{connect, ondemand, process, tcp, udp};
+
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sg_connect4(ctx: SockAddrContext) -> i32 {
+    let _ = connect::connect(&ctx, AF_INET);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = connect::connect(&ctx, AF_INET6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let _ = connect::sendmsg(&ctx, AF_INET);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let _ = connect::sendmsg(&ctx, AF_INET6);
+    ALLOW
+}
+
+#[tracepoint]
+pub fn sg_set_state(ctx: TracePointContext) -> u32 {
+    let _ = tcp::set_state(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_error_report(ctx: TracePointContext) -> u32 {
+    let _ = tcp::error_report(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_recv_reset(ctx: TracePointContext) -> u32 {
+    let _ = tcp::receive_reset(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_retransmit(ctx: TracePointContext) -> u32 {
+    let _ = tcp::retransmit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_udp_send(ctx: TracePointContext) -> u32 {
+    let _ = udp::send_length(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_fork(ctx: TracePointContext) -> u32 {
+    let _ = process::fork(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_exec(ctx: TracePointContext) -> u32 {
+    let _ = process::exec(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_exit(ctx: TracePointContext) -> u32 {
+    let _ = process::exit(&ctx);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sg_sys_enter(_ctx: RawTracePointContext) -> i32 {
+    let _ = ondemand::sys_enter();
+    0
+}
+
+#[tracepoint]
+pub fn sg_exit_connect(ctx: TracePointContext) -> u32 {
+    let _ = ondemand::exit_connect(&ctx);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,48 @@
+//! Every map the programs share. Sizes come from `detector_common::capacity`;
+//! all per-socket and per-thread maps are LRU so a flood of sockets or a
+//! crashed consumer can only evict, never wedge the probes.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use detector_common::{Event, MsgDest, TupleKey, UdpDest, capacity, stat};
+
+/// Per-attempt records to user space.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Counters of what was lost (`detector_common::stat`).
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// TCP sockets from CLOSE→SYN_SENT until their outcome, keyed by socket
+/// address. The value is the outcome record, filled in as it goes.
+#[map]
+pub static INFLIGHT: LruHashMap<u64, Event> = LruHashMap::with_max_entries(capacity::INFLIGHT, 0);
+
+/// Attempts that just closed from SYN_SENT, keyed by tuple, waiting for the
+/// `inet_sk_error_report` that carries their errno (it has no socket
+/// address). User space sweeps entries that never get one.
+#[map]
+pub static CLOSED: LruHashMap<TupleKey, Event> = LruHashMap::with_max_entries(capacity::CLOSED, 0);
+
+/// TCP connects that passed the cgroup connect hook, keyed by thread id,
+/// until SYN_SENT (same syscall) consumes them.
+#[map]
+pub static PRE_SYN: LruHashMap<u32, Event> = LruHashMap::with_max_entries(capacity::PRE_SYN, 0);
+
+/// Destination of each connected UDP socket, keyed by socket address.
+#[map]
+pub static UDP_DEST: LruHashMap<u64, UdpDest> = LruHashMap::with_max_entries(capacity::UDP_DEST, 0);
+
+/// Destination of the unconnected UDP send in flight on each thread.
+#[map]
+pub static MSG_DEST: LruHashMap<u32, MsgDest> = LruHashMap::with_max_entries(capacity::PRE_SYN, 0);
+
+/// Processes whose syscalls the on-demand probe counts (user space fills it).
+#[map]
+pub static SUSPECTS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::SUSPECTS, 0);
+
+/// Syscalls per suspect process, per CPU.
+#[map]
+pub static SYSCALLS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(capacity::SUSPECTS, 0);

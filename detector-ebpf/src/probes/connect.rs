@@ -1,0 +1,115 @@
+//! cgroup `connect4/6` and `sendmsg4/6`: see the destination of every
+//! connect() and unconnected UDP send before the kernel acts on it. Observe
+//! only: the entry points always allow.
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::generated::bpf_get_netns_cookie,
+    programs::SockAddrContext,
+};
+use detector_common::{AF_INET, Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest, kind};
+
+use crate::{
+    maps::{MSG_DEST, PRE_SYN, UDP_DEST},
+    util::{comm, current, emit, now},
+};
+
+/// The destination the caller asked for, in the shared layout.
+#[inline(always)]
+fn destination(ctx: &SockAddrContext, sa: &bpf_sock_addr, family: u16) -> UdpDest {
+    // The verifier only accepts context loads at a constant offset from the
+    // unmodified context pointer: one volatile read per field, no loops.
+    let mut words = [0u32; 4];
+    // SAFETY: plain loads of fields of the kernel-provided context.
+    unsafe {
+        if family == AF_INET {
+            words[0] = read_volatile(&sa.user_ip4);
+        } else {
+            words[0] = read_volatile(&sa.user_ip6[0]);
+            words[1] = read_volatile(&sa.user_ip6[1]);
+            words[2] = read_volatile(&sa.user_ip6[2]);
+            words[3] = read_volatile(&sa.user_ip6[3]);
+        }
+    }
+    let mut daddr = [0u8; 16];
+    daddr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+    daddr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+    daddr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+    daddr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    UdpDest {
+        // SAFETY: the helper takes the program context, which ctx is.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        // SAFETY: as above.
+        dport: u16::from_be(unsafe { read_volatile(&sa.user_port) } as u16),
+        family,
+        _pad: 0,
+        daddr,
+    }
+}
+
+/// The kernel address of the socket, the key the tracepoints see as `sk`.
+#[inline(always)]
+fn socket_address(sa: &bpf_sock_addr) -> u64 {
+    // SAFETY: `sk` is the active member of this union in sock_addr programs.
+    unsafe { read_volatile(&sa.__bindgen_anon_1.sk) as u64 }
+}
+
+pub fn connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
+    let sa = unsafe { &*ctx.sock_addr };
+    // SAFETY: a plain load of a context field.
+    let proto = unsafe { read_volatile(&sa.protocol) } as u16;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(());
+    }
+    let dest = destination(ctx, sa, family);
+    let (tgid, tid) = current();
+    let ts = now();
+    let mut ev = Event::zeroed();
+    ev.ts_ns = ts;
+    ev.start_ns = ts;
+    ev.netns = dest.netns;
+    ev.tgid = tgid;
+    ev.dport = dest.dport;
+    ev.family = family;
+    ev.daddr = dest.daddr;
+    ev.comm = comm();
+    if proto == IPPROTO_TCP {
+        // A note for SYN_SENT. If this thread's previous connect left one,
+        // that connect never reached SYN_SENT: it failed before the SYN.
+        if let Some(prev) = PRE_SYN.get_ptr(tid) {
+            // SAFETY: pointer from a successful lookup, copied at once.
+            let mut prev = unsafe { *prev };
+            if PRE_SYN.remove(tid).is_ok() {
+                prev.ts_ns = ts;
+                emit(&prev);
+            }
+        }
+        ev.kind = kind::TCP_PRE_SYN_FAIL;
+        PRE_SYN.insert(tid, ev, 0).map_err(|e| e as i64)?;
+    } else {
+        ev.kind = kind::UDP_CONNECT;
+        emit(&ev);
+        UDP_DEST
+            .insert(socket_address(sa), dest, 0)
+            .map_err(|e| e as i64)?;
+    }
+    Ok(())
+}
+
+pub fn sendmsg(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
+    let sa = unsafe { &*ctx.sock_addr };
+    // SAFETY: a plain load of a context field.
+    if unsafe { read_volatile(&sa.protocol) } as u16 != IPPROTO_UDP {
+        return Ok(());
+    }
+    let note = MsgDest {
+        sk: socket_address(sa),
+        dest: destination(ctx, sa, family),
+    };
+    let (_, tid) = current();
+    MSG_DEST.insert(tid, note, 0).map_err(|e| e as i64)
+}

@@ -1,0 +1,53 @@
+//! Process lifecycle, so user space knows parents, names and when a pid's
+//! state must be dropped (a reused pid starts fresh).
+use aya_ebpf::programs::TracePointContext;
+use detector_common::{Event, flags, kind};
+
+use crate::{
+    maps::PRE_SYN,
+    util::{comm, current, emit, field, now, off},
+};
+
+fn record(kind: u8) -> Event {
+    let mut ev = Event::zeroed();
+    ev.kind = kind;
+    ev.ts_ns = now();
+    ev.tgid = current().0;
+    ev.comm = comm();
+    ev
+}
+
+pub fn fork(ctx: &TracePointContext) -> Result<(), i64> {
+    let child: i32 = field(ctx, off!(fk_child_pid))?;
+    let mut ev = record(kind::PROC_FORK);
+    ev.aux = child as u32;
+    emit(&ev);
+    Ok(())
+}
+
+pub fn exec(_ctx: &TracePointContext) -> Result<(), i64> {
+    emit(&record(kind::PROC_EXEC));
+    Ok(())
+}
+
+pub fn exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let tid: i32 = field(ctx, off!(ex_pid))?;
+    let group_dead: u8 = field(ctx, off!(ex_group_dead))?;
+    let ts = now();
+    // The thread's last connect never reached SYN_SENT: report it now.
+    if let Some(p) = PRE_SYN.get_ptr(tid as u32) {
+        // SAFETY: pointer from a successful lookup, copied at once.
+        let mut prev = unsafe { *p };
+        if PRE_SYN.remove(tid as u32).is_ok() {
+            prev.ts_ns = ts;
+            emit(&prev);
+        }
+    }
+    let mut ev = record(kind::PROC_EXIT);
+    ev.aux = tid as u32;
+    if group_dead != 0 {
+        ev.flags = flags::GROUP_DEAD;
+    }
+    emit(&ev);
+    Ok(())
+}

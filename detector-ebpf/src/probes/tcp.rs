@@ -1,0 +1,165 @@
+//! TCP connect attempts and their outcomes from `sock:` and `tcp:`
+//! tracepoints, which cost unrelated syscalls nothing.
+//!
+//! Join rules (platform.md): a socket address means one socket only from its
+//! CLOSE→SYN_SENT until its CLOSE; only sockets that went through SYN_SENT
+//! are counted (on loopback the server side's transitions run in the
+//! client's task); after SYN_SENT the outcome may run in softirq, so the
+//! process is the one recorded at SYN_SENT, never the current one.
+use aya_ebpf::programs::TracePointContext;
+use detector_common::{
+    AF_INET, AF_INET6, Event, IPPROTO_TCP, TupleKey, flags, kind, outcome, stat,
+    tcp_state,
+};
+
+use crate::{
+    maps::{CLOSED, INFLIGHT, PRE_SYN},
+    util::{comm, count, current, emit, field, now, off},
+};
+
+/// Destination address of a `sock:` record, in the shared 16-byte layout.
+#[inline(always)]
+fn daddr(
+    ctx: &TracePointContext,
+    family: u16,
+    v4: usize,
+    v6: usize,
+) -> Result<[u8; 16], i64> {
+    let mut out = [0u8; 16];
+    if family == AF_INET {
+        let a: [u8; 4] = field(ctx, v4)?;
+        out[..4].copy_from_slice(&a);
+    } else {
+        out = field(ctx, v6)?;
+    }
+    Ok(out)
+}
+
+pub fn set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    let protocol: u16 = field(ctx, off!(ss_protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old: i32 = field(ctx, off!(ss_oldstate))?;
+    let new: i32 = field(ctx, off!(ss_newstate))?;
+    let sk: u64 = field(ctx, off!(ss_skaddr))?;
+    if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        return attempt_started(ctx, sk);
+    }
+    if old != tcp_state::SYN_SENT {
+        return Ok(());
+    }
+    let Some(p) = INFLIGHT.get_ptr(sk) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let mut ev = unsafe { *p };
+    if INFLIGHT.remove(sk).is_err() {
+        return Ok(());
+    }
+    ev.ts_ns = now();
+    if new == tcp_state::ESTABLISHED {
+        ev.outcome = outcome::ESTABLISHED;
+        emit(&ev);
+        return Ok(());
+    }
+    // Closed (or an unusual transition): the errno arrives next in
+    // inet_sk_error_report, which only carries the tuple.
+    ev.outcome = outcome::CLOSED;
+    let key = TupleKey {
+        family: ev.family,
+        sport: field(ctx, off!(ss_sport))?,
+        dport: ev.dport,
+        _pad: 0,
+        daddr: ev.daddr,
+    };
+    if CLOSED.insert(key, ev, 0).is_err() {
+        count(stat::MAP_FULL);
+        emit(&ev);
+    }
+    Ok(())
+}
+
+/// CLOSE→SYN_SENT runs in the connecting task: one connect() of one socket.
+fn attempt_started(ctx: &TracePointContext, sk: u64) -> Result<(), i64> {
+    let family: u16 = field(ctx, off!(ss_family))?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let (tgid, tid) = current();
+    let mut ev = Event::zeroed();
+    // The connect hook's note carries the network namespace and when the
+    // connect() began; consuming it marks this connect as past the SYN.
+    if let Some(p) = PRE_SYN.get_ptr(tid) {
+        // SAFETY: pointer from a successful lookup, copied at once.
+        let note = unsafe { *p };
+        let _ = PRE_SYN.remove(tid);
+        ev.netns = note.netns;
+        ev.start_ns = note.start_ns;
+    } else {
+        ev.start_ns = now();
+    }
+    ev.kind = kind::TCP_OUTCOME;
+    ev.tgid = tgid;
+    ev.family = family;
+    ev.dport = field(ctx, off!(ss_dport))?;
+    ev.daddr = daddr(ctx, family, off!(ss_daddr), off!(ss_daddr_v6))?;
+    ev.comm = comm();
+    if INFLIGHT.insert(sk, ev, 0).is_err() {
+        count(stat::MAP_FULL);
+    }
+    Ok(())
+}
+
+/// Joins the errno to the attempt that closed just before, by tuple.
+pub fn error_report(ctx: &TracePointContext) -> Result<(), i64> {
+    let protocol: u16 = field(ctx, off!(er_protocol))?;
+    let error: i32 = field(ctx, off!(er_error))?;
+    // Each failure is reported twice, the second time with error=0.
+    if protocol != IPPROTO_TCP || error == 0 {
+        return Ok(());
+    }
+    let family: u16 = field(ctx, off!(er_family))?;
+    let key = TupleKey {
+        family,
+        sport: field(ctx, off!(er_sport))?,
+        dport: field(ctx, off!(er_dport))?,
+        _pad: 0,
+        daddr: daddr(ctx, family, off!(er_daddr), off!(er_daddr_v6))?,
+    };
+    let Some(p) = CLOSED.get_ptr(&key) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let mut ev = unsafe { *p };
+    // Only the side that removes the entry reports it (user space sweeps
+    // the same map for entries that never get an error).
+    if CLOSED.remove(&key).is_ok() {
+        ev.errno = error.abs();
+        ev.outcome = outcome::FAILED;
+        emit(&ev);
+    }
+    Ok(())
+}
+
+pub fn receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let sk: u64 = field(ctx, off!(rr_skaddr))?;
+    if let Some(p) = INFLIGHT.get_ptr_mut(sk) {
+        // SAFETY: pointer into the map value; a racing update only loses a flag.
+        unsafe { (*p).flags |= flags::RST };
+    }
+    Ok(())
+}
+
+pub fn retransmit(ctx: &TracePointContext) -> Result<(), i64> {
+    let state: i32 = field(ctx, off!(rt_state))?;
+    if state != tcp_state::SYN_SENT {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, off!(rt_skaddr))?;
+    if let Some(p) = INFLIGHT.get_ptr_mut(sk) {
+        // SAFETY: pointer into the map value; counts SYN retransmits.
+        unsafe { (*p).aux += 1 };
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Small helpers every probe uses: the clock, the current task, offsets,
+//! and emitting a record with its loss counted.
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    programs::TracePointContext,
+};
+use detector_common::{Event, Offsets, stat};
+
+use crate::maps::{EVENTS, STATS};
+
+/// Tracepoint field offsets; the loader overwrites this from tracefs.
+#[unsafe(no_mangle)]
+pub static OFFSETS: Offsets = Offsets {
+    ss_skaddr: 0,
+    ss_oldstate: 0,
+    ss_newstate: 0,
+    ss_sport: 0,
+    ss_dport: 0,
+    ss_family: 0,
+    ss_protocol: 0,
+    ss_daddr: 0,
+    ss_daddr_v6: 0,
+    er_error: 0,
+    er_sport: 0,
+    er_dport: 0,
+    er_family: 0,
+    er_protocol: 0,
+    er_daddr: 0,
+    er_daddr_v6: 0,
+    sl_sk: 0,
+    sl_family: 0,
+    sl_protocol: 0,
+    sl_ret: 0,
+    rr_skaddr: 0,
+    rt_skaddr: 0,
+    rt_state: 0,
+    fk_child_pid: 0,
+    ex_pid: 0,
+    ex_group_dead: 0,
+    xc_ret: 0,
+    _pad: 0,
+};
+
+/// The offset of one tracepoint field, e.g. `off!(ss_skaddr)`. The read is
+/// volatile, or the compiler would fold in the zero default.
+macro_rules! off {
+    ($name:ident) => {
+        // SAFETY: OFFSETS is a valid static; this reads one u32 inside it.
+        unsafe { core::ptr::read_volatile(&$crate::util::OFFSETS.$name) as usize }
+    };
+}
+pub(crate) use off;
+
+/// Reads a field of a tracepoint record at a loader-provided offset.
+#[inline(always)]
+pub fn field<T>(ctx: &TracePointContext, offset: usize) -> Result<T, i64> {
+    // SAFETY: read_at is a bpf_probe_read_kernel of the tracepoint record;
+    // a bad offset yields an error, never undefined behaviour.
+    unsafe { ctx.read_at::<T>(offset).map_err(|e| e as i64) }
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// (tgid, tid) of the current task.
+#[inline(always)]
+pub fn current() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+#[inline(always)]
+pub fn comm() -> [u8; 16] {
+    bpf_get_current_comm().unwrap_or([0; 16])
+}
+
+/// Sends a record to user space; a full ring is counted, never silent.
+#[inline(always)]
+pub fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        count(stat::RING_DROPS);
+    }
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *p += 1 };
+    }
+}

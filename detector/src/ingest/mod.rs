@@ -1,0 +1,7 @@
+//! Ring-buffer records become observations: typed, owned, clock-stamped
+//! facts the rest of the program works with. Also the process table that
+//! names the pids in them.
+pub mod decode;
+pub mod procs;
+
+pub use decode::{Comm, ConnectOutcome, DecodeError, Destination, Observation, Proto, decode};

@@ -1,0 +1,456 @@
+//! The only module that talks to aya: preflight checks, loading the kernel
+//! programs with this kernel's tracepoint offsets, attaching them, and
+//! reading their maps. Everything above works on decoded records.
+//!
+//! Fail-open by construction: nothing is pinned, so when the process exits
+//! (cleanly or killed) the kernel drops every link and program.
+pub mod caps;
+pub mod tracefs;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
+        raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId,
+    },
+};
+use detector_common::{Event, Offsets, TupleKey, stat};
+
+use caps::Capability;
+
+use crate::ingest::{DecodeError, Observation, decode};
+use std::os::fd::{AsRawFd, RawFd};
+use tracefs::Tracepoint;
+
+/// Why the sensors could not start or stop. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The process lacks capabilities the kernel will ask for.
+    #[error("missing capabilities: {}. Run as root or grant them, e.g. `setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which stormguard)`", fmt_caps(.0))]
+    MissingCapabilities(Vec<Capability>),
+    /// tracefs is needed to read tracepoint formats and attach to them.
+    #[error(
+        "tracefs is not mounted; mount it with: mount -t tracefs tracefs /sys/kernel/tracing"
+    )]
+    TracefsNotMounted,
+    /// The kernel lacks a tracepoint the sensors need.
+    #[error(
+        "kernel has no tracepoint {0}; stormguard needs it (is the kernel built with CONFIG_INET and tracepoints?)"
+    )]
+    MissingTracepoint(String),
+    /// A tracepoint lacks a field the programs read.
+    #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
+    MissingField { tracepoint: String, field: String },
+    /// A tracepoint field has a size the programs do not expect.
+    #[error("tracepoint {tracepoint} field `{field}` is {found} bytes, expected {expected}")]
+    FieldSize {
+        tracepoint: String,
+        field: String,
+        expected: u32,
+        found: u32,
+    },
+    /// No cgroup2 mount was found for the connect/sendmsg hooks.
+    #[error("no cgroup2 filesystem is mounted; mount one with: mount -t cgroup2 none /sys/fs/cgroup")]
+    NoCgroup2,
+    /// A file the preflight reads could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The kernel refused the object (verifier, map creation).
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// One program could not be loaded or attached.
+    #[error("program {program} ({hook}): {source}")]
+    Program {
+        program: &'static str,
+        hook: String,
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object or has an unexpected type.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    /// A map was already taken or never built into the object.
+    #[error("map {0} is not in the loaded object (already taken?)")]
+    NoMap(&'static str),
+}
+
+fn fmt_caps(caps: &[Capability]) -> String {
+    caps.iter()
+        .map(|c| format!("{} (to {})", c.name, c.why))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The compiled kernel programs, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stormguard"));
+
+/// Always-on tracepoint programs and where they attach.
+const ALWAYS_ON_TRACEPOINTS: [(&str, Tracepoint); 8] = [
+    ("sg_set_state", tracefs::SET_STATE),
+    ("sg_error_report", tracefs::ERROR_REPORT),
+    ("sg_recv_reset", tracefs::RECEIVE_RESET),
+    ("sg_retransmit", tracefs::RETRANSMIT),
+    ("sg_udp_send", tracefs::SEND_LENGTH),
+    ("sg_fork", tracefs::FORK),
+    ("sg_exec", tracefs::EXEC),
+    ("sg_exit", tracefs::EXIT),
+];
+
+/// Always-on cgroup hooks (the attach type comes from the section name).
+const CGROUP_HOOKS: [(&str, &str); 4] = [
+    ("sg_connect4", "cgroup/connect4"),
+    ("sg_connect6", "cgroup/connect6"),
+    ("sg_sendmsg4", "cgroup/sendmsg4"),
+    ("sg_sendmsg6", "cgroup/sendmsg6"),
+];
+
+/// Counters of what the kernel side lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelStats {
+    /// Records dropped because the ring buffer was full.
+    pub ring_drops: u64,
+    /// Attempts not tracked because a bounded map refused the insert.
+    pub map_full: u64,
+}
+
+/// On-demand links while attached.
+struct OnDemand {
+    sys_enter: RawTracePointLinkId,
+    exit_connect: TracePointLinkId,
+}
+
+/// Loaded and attached kernel sensors. Dropping it detaches everything.
+pub struct Sensors {
+    ebpf: Ebpf,
+    on_demand: Option<OnDemand>,
+    /// Hooks attached for the life of the sensors, for `status`/`watch`.
+    pub always_on: Vec<String>,
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
+pub fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let (_dev, dir, fstype) = (parts.next()?, parts.next()?, parts.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+impl Sensors {
+    /// Checks capabilities and tracefs, reads offsets, loads the programs
+    /// and attaches the always-on ones. Nothing stays attached on error.
+    pub fn load() -> Result<Self, KernelError> {
+        caps::check()?;
+        let tracefs = tracefs::mount_point()?;
+        let formats = tracefs::Formats::new(&tracefs);
+        for tp in [tracefs::EXEC, tracefs::SYS_ENTER] {
+            if !formats.exists(tp) {
+                return Err(KernelError::MissingTracepoint(tp.to_string()));
+            }
+        }
+        let offsets: Offsets = formats.offsets()?;
+        let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| {
+            KernelError::Read {
+                path: "/proc/mounts".into(),
+                source,
+            }
+        })?;
+        let cgroup = find_cgroup2(&mounts).ok_or(KernelError::NoCgroup2)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .load(OBJECT)?;
+        let mut always_on = Vec::new();
+        for (name, tp) in ALWAYS_ON_TRACEPOINTS {
+            let prog = tracepoint(&mut ebpf, name)?;
+            let err = |source| KernelError::Program {
+                program: name,
+                hook: tp.to_string(),
+                source,
+            };
+            prog.load().map_err(err)?;
+            prog.attach(tp.category, tp.name).map_err(err)?;
+            always_on.push(tp.to_string());
+        }
+        for (name, hook) in CGROUP_HOOKS {
+            let err = |source| KernelError::Program {
+                program: name,
+                hook: hook.to_string(),
+                source,
+            };
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(err)?;
+            let dir = File::open(&cgroup).map_err(|source| KernelError::Read {
+                path: cgroup.clone(),
+                source,
+            })?;
+            prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
+            always_on.push(hook.to_string());
+        }
+        // Loaded now, attached only while something is suspect.
+        tracepoint(&mut ebpf, "sg_exit_connect")?
+            .load()
+            .map_err(|source| KernelError::Program {
+                program: "sg_exit_connect",
+                hook: tracefs::EXIT_CONNECT.to_string(),
+                source,
+            })?;
+        program::<RawTracePoint>(&mut ebpf, "sg_sys_enter")?
+            .load()
+            .map_err(|source| KernelError::Program {
+                program: "sg_sys_enter",
+                hook: tracefs::SYS_ENTER.to_string(),
+                source,
+            })?;
+        Ok(Sensors {
+            ebpf,
+            on_demand: None,
+            always_on,
+        })
+    }
+
+    /// Takes the ring buffer of per-attempt records (once).
+    pub fn take_events(&mut self) -> Result<EventRing, KernelError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::NoMap("EVENTS"))?;
+        let ring = RingBuf::try_from(map).map_err(|source| KernelError::Map {
+            name: "EVENTS",
+            source,
+        })?;
+        Ok(EventRing { ring })
+    }
+
+    /// True while the on-demand syscall probes are attached.
+    pub fn on_demand_attached(&self) -> bool {
+        self.on_demand.is_some()
+    }
+
+    /// Names of the on-demand hooks, for display.
+    pub fn on_demand_hooks() -> [String; 2] {
+        [tracefs::SYS_ENTER.to_string(), tracefs::EXIT_CONNECT.to_string()]
+    }
+
+    /// Attaches the syscall probes. A no-op when they already are.
+    pub fn attach_on_demand(&mut self) -> Result<(), KernelError> {
+        if self.on_demand.is_some() {
+            return Ok(());
+        }
+        let sys_enter = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")?
+            .attach(tracefs::SYS_ENTER.name)
+            .map_err(|source| KernelError::Program {
+                program: "sg_sys_enter",
+                hook: tracefs::SYS_ENTER.to_string(),
+                source,
+            })?;
+        let exit_connect = match tracepoint(&mut self.ebpf, "sg_exit_connect")?
+            .attach(tracefs::EXIT_CONNECT.category, tracefs::EXIT_CONNECT.name)
+        {
+            Ok(id) => id,
+            Err(source) => {
+                // Leave nothing half-attached.
+                let _ = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")
+                    .map(|p| p.detach(sys_enter));
+                return Err(KernelError::Program {
+                    program: "sg_exit_connect",
+                    hook: tracefs::EXIT_CONNECT.to_string(),
+                    source,
+                });
+            }
+        };
+        self.on_demand = Some(OnDemand {
+            sys_enter,
+            exit_connect,
+        });
+        Ok(())
+    }
+
+    /// Detaches the syscall probes and forgets their counts.
+    pub fn detach_on_demand(&mut self) -> Result<(), KernelError> {
+        let Some(links) = self.on_demand.take() else {
+            return Ok(());
+        };
+        let a = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")?
+            .detach(links.sys_enter)
+            .map_err(|source| KernelError::Program {
+                program: "sg_sys_enter",
+                hook: tracefs::SYS_ENTER.to_string(),
+                source,
+            });
+        let b = tracepoint(&mut self.ebpf, "sg_exit_connect")?
+            .detach(links.exit_connect)
+            .map_err(|source| KernelError::Program {
+                program: "sg_exit_connect",
+                hook: tracefs::EXIT_CONNECT.to_string(),
+                source,
+            });
+        self.set_suspects(&[])?;
+        a.and(b)
+    }
+
+    /// Replaces the set of processes whose syscalls are counted.
+    pub fn set_suspects(&mut self, pids: &[u32]) -> Result<(), KernelError> {
+        let map_err = |source| KernelError::Map {
+            name: "SUSPECTS",
+            source,
+        };
+        let mut suspects: HashMap<_, u32, u8> =
+            HashMap::try_from(self.map_mut("SUSPECTS")?).map_err(map_err)?;
+        let old: Vec<u32> = suspects.keys().filter_map(Result::ok).collect();
+        for pid in old.iter().filter(|p| !pids.contains(p)) {
+            let _ = suspects.remove(pid);
+        }
+        for pid in pids {
+            suspects.insert(pid, 1, 0).map_err(map_err)?;
+        }
+        let mut counts: PerCpuHashMap<_, u32, u64> =
+            PerCpuHashMap::try_from(self.map_mut("SYSCALLS")?).map_err(|source| {
+                KernelError::Map {
+                    name: "SYSCALLS",
+                    source,
+                }
+            })?;
+        for pid in old.iter().filter(|p| !pids.contains(p)) {
+            let _ = counts.remove(pid);
+        }
+        Ok(())
+    }
+
+    /// Cumulative syscalls per suspect process, summed over CPUs.
+    pub fn syscall_counts(&self) -> Result<StdHashMap<u32, u64>, KernelError> {
+        let counts: PerCpuHashMap<_, u32, u64> =
+            PerCpuHashMap::try_from(self.map("SYSCALLS")?).map_err(|source| KernelError::Map {
+                name: "SYSCALLS",
+                source,
+            })?;
+        Ok(counts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(pid, per_cpu)| (pid, per_cpu.iter().sum()))
+            .collect())
+    }
+
+    /// What the kernel side lost so far.
+    pub fn stats(&self) -> Result<KernelStats, KernelError> {
+        let map_err = |source| KernelError::Map {
+            name: "STATS",
+            source,
+        };
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map("STATS")?).map_err(map_err)?;
+        let sum = |i: u32| -> Result<u64, KernelError> {
+            Ok(stats.get(&i, 0).map_err(map_err)?.iter().sum())
+        };
+        Ok(KernelStats {
+            ring_drops: sum(stat::RING_DROPS)?,
+            map_full: sum(stat::MAP_FULL)?,
+        })
+    }
+
+    /// Attempts that closed from SYN_SENT at least `age_ns` ago and never got
+    /// an error report (the application gave up, or no errno was set):
+    /// removed from the map and returned, each exactly once — the kernel
+    /// reports an entry only when its own removal succeeds, and so do we.
+    pub fn sweep_closed(&mut self, now_ns: u64, age_ns: u64) -> Result<Vec<Event>, KernelError> {
+        let map_err = |source| KernelError::Map {
+            name: "CLOSED",
+            source,
+        };
+        let mut closed: HashMap<_, TupleKey, Event> =
+            HashMap::try_from(self.map_mut("CLOSED")?).map_err(map_err)?;
+        let stale: Vec<(TupleKey, Event)> = closed
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, ev)| now_ns.saturating_sub(ev.ts_ns) >= age_ns)
+            .collect();
+        let mut out = Vec::new();
+        for (key, ev) in stale {
+            if closed.remove(&key).is_ok() {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, KernelError> {
+        self.ebpf.map(name).ok_or(KernelError::NoMap(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, KernelError> {
+        self.ebpf.map_mut(name).ok_or(KernelError::NoMap(name))
+    }
+}
+
+/// The ring buffer of records; poll its fd for readability, then drain.
+pub struct EventRing {
+    ring: RingBuf<MapData>,
+}
+
+impl EventRing {
+    /// Decodes every record waiting now; returns how many were read.
+    /// Undecodable records are passed on as errors, not dropped silently.
+    pub fn drain(&mut self, mut f: impl FnMut(Result<Observation, DecodeError>)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            f(decode(&item));
+            n += 1;
+        }
+        n
+    }
+}
+
+impl AsRawFd for EventRing {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+/// A program of the object by name, as its concrete type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::Program {
+            program: name,
+            hook: "-".into(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+    prog.try_into().map_err(|source| KernelError::Program {
+        program: name,
+        hook: "-".into(),
+        source,
+    })
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, KernelError> {
+    program::<TracePoint>(ebpf, name)
+}
+
+/// CLOCK_MONOTONIC now, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Used by tests to show which tracefs the sensors would use.
+pub fn tracefs_path() -> Result<PathBuf, KernelError> {
+    tracefs::mount_point()
+}
+
