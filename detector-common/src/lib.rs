@@ -196,6 +196,9 @@ pub struct Offsets {
     // tcp:tcp_retransmit_skb
     pub rt_skaddr: u32,
     pub rt_state: u32,
+    /// `err` was added in Linux 6.11 (the tracepoint also fires for
+    /// retransmits that failed to go out); [`FIELD_ABSENT`] before that.
+    pub rt_err: u32,
     // sched:sched_process_fork
     pub fk_child_pid: u32,
     // sched:sched_process_exit
@@ -203,8 +206,10 @@ pub struct Offsets {
     pub ex_group_dead: u32,
     // syscalls:sys_exit_connect
     pub xc_ret: u32,
-    pub _pad: u32,
 }
+
+/// Offset value for an optional tracepoint field this kernel lacks.
+pub const FIELD_ABSENT: u32 = u32::MAX;
 
 /// Indices into the `STATS` per-CPU array.
 pub mod stat {

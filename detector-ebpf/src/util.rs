@@ -34,11 +34,11 @@ pub static OFFSETS: Offsets = Offsets {
     rr_skaddr: 0,
     rt_skaddr: 0,
     rt_state: 0,
+    rt_err: 0,
     fk_child_pid: 0,
     ex_pid: 0,
     ex_group_dead: 0,
     xc_ret: 0,
-    _pad: 0,
 };
 
 /// The offset of one tracepoint field, e.g. `off!(ss_skaddr)`. The read is

@@ -1,1 +1,259 @@
+//! Helpers for the integration tests, which load the real eBPF programs and
+//! drive real client processes (`src/bin/stormclient.rs`).
+//!
+//! Policy: with `CI=true` or `STORMGUARD_REQUIRE_EBPF=1` (set by
+//! `cargo xtask test`) a test whose eBPF cannot load fails; otherwise it is
+//! skipped with the reason printed.
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
+use stormguard::{
+    flows::{FlowCounts, FlowTable},
+    ingest::{Observation, Proto},
+    kernel::{EventRing, Sensors, monotonic_ns},
+};
+
+/// True when a test that cannot load eBPF must fail rather than skip.
+pub fn ebpf_required() -> bool {
+    let set = |k: &str| {
+        std::env::var(k)
+            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+            .unwrap_or(false)
+    };
+    set("CI") || set("STORMGUARD_REQUIRE_EBPF")
+}
+
+/// Applies the policy above to a failed load.
+pub fn skip_or_fail(what: &str, err: &dyn std::fmt::Display) {
+    if ebpf_required() {
+        panic!("{what}: eBPF could not load and this run requires it: {err}");
+    }
+    eprintln!("SKIPPED {what}: eBPF could not load ({err}); run as root, or via `cargo xtask test`");
+}
+
+/// Loaded sensors plus everything they reported.
+pub struct Capture {
+    pub sensors: Sensors,
+    ring: EventRing,
+    pub observations: Vec<Observation>,
+    pub decode_errors: usize,
+}
+
+impl Capture {
+    /// Loads the sensors, or returns None after [`skip_or_fail`].
+    pub fn start(what: &str) -> Option<Capture> {
+        match Sensors::load() {
+            Ok(mut sensors) => {
+                let ring = sensors.take_events().expect("ring buffer");
+                Some(Capture {
+                    sensors,
+                    ring,
+                    observations: Vec::new(),
+                    decode_errors: 0,
+                })
+            }
+            Err(e) => {
+                skip_or_fail(what, &e);
+                None
+            }
+        }
+    }
+
+    /// Reads what is in the ring now.
+    pub fn drain(&mut self) -> usize {
+        let (obs, errs) = (&mut self.observations, &mut self.decode_errors);
+        self.ring.drain(|r| match r {
+            Ok(o) => obs.push(o),
+            Err(_) => *errs += 1,
+        })
+    }
+
+    /// Drains until the ring has been quiet for 300 ms (at most 10 s), then
+    /// collects attempts that closed without an error report.
+    pub fn settle(&mut self) {
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut quiet_since = Instant::now();
+        while Instant::now() < end {
+            if self.drain() > 0 {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() > Duration::from_millis(300) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let closed = self
+            .sensors
+            .sweep_closed(monotonic_ns(), 0)
+            .expect("sweep CLOSED");
+        for ev in closed {
+            self.observations
+                .push(stormguard::ingest::decode::from_event(&ev).expect("decode swept"));
+        }
+        assert_eq!(self.decode_errors, 0, "undecodable records");
+        let stats = self.sensors.stats().expect("stats");
+        assert_eq!(stats.ring_drops, 0, "ring buffer dropped records");
+    }
+
+    /// Counts of one process towards one destination.
+    pub fn flow(&self, pid: u32, proto: Proto, dest: SocketAddr) -> FlowCounts {
+        let mut table = FlowTable::new();
+        for o in &self.observations {
+            table.observe(o);
+        }
+        table
+            .take_interval()
+            .into_iter()
+            .find(|r| {
+                r.key.pid == pid
+                    && r.key.dest.proto == proto
+                    && r.key.dest.addr == dest.ip()
+                    && r.key.dest.port == dest.port()
+            })
+            .map(|r| r.counts)
+            .unwrap_or_default()
+    }
+
+    /// Every process that has a flow to `dest`, with its attempts.
+    pub fn pids_towards(&self, proto: Proto, dest: SocketAddr) -> Vec<(u32, u64)> {
+        let mut table = FlowTable::new();
+        for o in &self.observations {
+            table.observe(o);
+        }
+        let mut v: Vec<(u32, u64)> = table
+            .take_interval()
+            .into_iter()
+            .filter(|r| {
+                r.key.dest.proto == proto
+                    && r.key.dest.addr == dest.ip()
+                    && r.key.dest.port == dest.port()
+            })
+            .map(|r| (r.key.pid, r.counts.attempts))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Number of connect observations made by `pid`, to anywhere.
+    pub fn connects_by(&self, pid: u32) -> usize {
+        self.observations
+            .iter()
+            .filter(|o| matches!(o, Observation::Connect { pid: p, .. } if *p == pid))
+            .count()
+    }
+}
+
+/// A child process killed when the guard is dropped (a failing test must
+/// not leave a storm running).
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(cmd.spawn().expect("spawn child"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for the child and returns its stdout, failing on a bad exit.
+    pub fn finish(mut self, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                let mut out = String::new();
+                if let Some(mut s) = self.0.stdout.take() {
+                    use std::io::Read;
+                    s.read_to_string(&mut out).expect("child stdout");
+                }
+                assert!(status.success(), "child failed: {status}; stdout: {out}");
+                return out;
+            }
+            assert!(Instant::now() < end, "child did not finish in {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port with nothing listening (bound, then released).
+pub fn closed_port(v6: bool) -> SocketAddr {
+    let bind = if v6 { "[::1]:0" } else { "127.0.0.1:0" };
+    let l = TcpListener::bind(bind).expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    addr
+}
+
+/// A network namespace created for a test and deleted when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn create(tag: &str) -> NetNs {
+        let name = format!("sg-{tag}-{}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let ns = NetNs { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command run inside the namespace (`ip netns exec` execs it, so the
+    /// child's pid is the command's pid).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs a setup command, failing the test with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (cargo xtask test installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `stormguard` binary of this build (built by `cargo xtask test`
+/// before the tests; cargo does not build a dependency's binaries).
+pub fn stormguard_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/stormguard
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("stormguard"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p detector` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}

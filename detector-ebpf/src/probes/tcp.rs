@@ -8,7 +8,7 @@
 //! process is the one recorded at SYN_SENT, never the current one.
 use aya_ebpf::programs::TracePointContext;
 use detector_common::{
-    AF_INET, AF_INET6, Event, IPPROTO_TCP, TupleKey, flags, kind, outcome, stat,
+    AF_INET, AF_INET6, Event, FIELD_ABSENT, IPPROTO_TCP, TupleKey, flags, kind, outcome, stat,
     tcp_state,
 };
 
@@ -155,6 +155,14 @@ pub fn retransmit(ctx: &TracePointContext) -> Result<(), i64> {
     let state: i32 = field(ctx, off!(rt_state))?;
     if state != tcp_state::SYN_SENT {
         return Ok(());
+    }
+    let err_off = off!(rt_err);
+    if err_off != FIELD_ABSENT as usize {
+        // A retransmit that did not go out (e.g. still queued) is retried.
+        let err: i32 = field(ctx, err_off)?;
+        if err != 0 {
+            return Ok(());
+        }
     }
     let sk: u64 = field(ctx, off!(rt_skaddr))?;
     if let Some(p) = INFLIGHT.get_ptr_mut(sk) {

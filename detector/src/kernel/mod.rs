@@ -5,6 +5,7 @@
 //! Fail-open by construction: nothing is pinned, so when the process exits
 //! (cleanly or killed) the kernel drops every link and program.
 pub mod caps;
+pub mod floor;
 pub mod tracefs;
 
 use std::{

@@ -173,6 +173,10 @@ impl Formats {
             RETRANSMIT,
             &mut [("skaddr", 8, &mut o.rt_skaddr), ("state", 4, &mut o.rt_state)],
         )?;
+        o.rt_err = match self.fields(RETRANSMIT)?.get("err") {
+            Some(f) if f.size == 4 => f.offset,
+            _ => detector_common::FIELD_ABSENT,
+        };
         tp(FORK, &mut [("child_pid", 4, &mut o.fk_child_pid)])?;
         tp(
             EXIT,

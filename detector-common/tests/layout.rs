@@ -1,0 +1,61 @@
+//! Pins the size, alignment and field offsets of every type shared with the
+//! kernel programs. The eBPF side and the user side are compiled separately;
+//! if one changes a layout the other still assumes, this fails instead of
+//! the daemon decoding garbage.
+use std::mem::{align_of, offset_of, size_of};
+
+use detector_common::{Event, MsgDest, Offsets, TupleKey, UdpDest};
+
+#[test]
+fn event_layout() {
+    assert_eq!(size_of::<Event>(), 80);
+    assert_eq!(align_of::<Event>(), 8, "ring buffer items must align ≤ 8");
+    assert_eq!(offset_of!(Event, ts_ns), 0);
+    assert_eq!(offset_of!(Event, start_ns), 8);
+    assert_eq!(offset_of!(Event, netns), 16);
+    assert_eq!(offset_of!(Event, tgid), 24);
+    assert_eq!(offset_of!(Event, aux), 28);
+    assert_eq!(offset_of!(Event, errno), 32);
+    assert_eq!(offset_of!(Event, dport), 36);
+    assert_eq!(offset_of!(Event, family), 38);
+    assert_eq!(offset_of!(Event, kind), 40);
+    assert_eq!(offset_of!(Event, outcome), 41);
+    assert_eq!(offset_of!(Event, flags), 42);
+    assert_eq!(offset_of!(Event, _pad), 43);
+    assert_eq!(offset_of!(Event, daddr), 48);
+    assert_eq!(offset_of!(Event, comm), 64);
+}
+
+#[test]
+fn map_key_and_value_layouts_have_no_implicit_padding() {
+    assert_eq!(size_of::<TupleKey>(), 24);
+    assert_eq!(offset_of!(TupleKey, family), 0);
+    assert_eq!(offset_of!(TupleKey, sport), 2);
+    assert_eq!(offset_of!(TupleKey, dport), 4);
+    assert_eq!(offset_of!(TupleKey, _pad), 6);
+    assert_eq!(offset_of!(TupleKey, daddr), 8);
+
+    assert_eq!(size_of::<UdpDest>(), 32);
+    assert_eq!(offset_of!(UdpDest, netns), 0);
+    assert_eq!(offset_of!(UdpDest, dport), 8);
+    assert_eq!(offset_of!(UdpDest, family), 10);
+    assert_eq!(offset_of!(UdpDest, _pad), 12);
+    assert_eq!(offset_of!(UdpDest, daddr), 16);
+
+    assert_eq!(size_of::<MsgDest>(), 40);
+    assert_eq!(offset_of!(MsgDest, sk), 0);
+    assert_eq!(offset_of!(MsgDest, dest), 8);
+}
+
+#[test]
+fn offsets_is_a_flat_array_of_u32() {
+    // The loader writes it over .rodata byte for byte: 28 u32 fields.
+    assert_eq!(size_of::<Offsets>(), 28 * 4);
+    assert_eq!(align_of::<Offsets>(), 4);
+    assert_eq!(offset_of!(Offsets, ss_skaddr), 0);
+    assert_eq!(offset_of!(Offsets, er_error), 9 * 4);
+    assert_eq!(offset_of!(Offsets, sl_sk), 16 * 4);
+    assert_eq!(offset_of!(Offsets, rr_skaddr), 20 * 4);
+    assert_eq!(offset_of!(Offsets, rt_err), 23 * 4);
+    assert_eq!(offset_of!(Offsets, xc_ret), 27 * 4);
+}

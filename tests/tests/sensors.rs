@@ -1,0 +1,209 @@
+//! The always-on sensors against real processes: exact counts per process
+//! and destination, for each way a connect can end and for UDP sends.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use stormguard::ingest::Proto;
+use stormguard_tests::{Capture, ChildGuard, NetNs, closed_port, run};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
+
+fn client(args: &[&str]) -> ChildGuard {
+    ChildGuard::spawn(Command::new(CLIENT).args(args).stdout(Stdio::piped()))
+}
+
+fn refused(v6: bool, what: &str) {
+    let Some(mut cap) = Capture::start(what) else {
+        return;
+    };
+    let dest = closed_port(v6);
+    let addr = dest.to_string();
+    let started = Instant::now();
+    // The storm, and an unrelated process hitting the same port meanwhile.
+    let storm = client(&["tcp", "--addr", &addr, "--count", "500"]);
+    let noise = client(&["tcp", "--addr", &addr, "--count", "37"]);
+    let (storm_pid, noise_pid) = (storm.pid(), noise.pid());
+    let out = storm.finish(Duration::from_secs(60));
+    assert_eq!(out.trim(), r#"{"ok":0,"refused":500,"timed_out":0,"other":0}"#);
+    noise.finish(Duration::from_secs(60));
+    cap.settle();
+    println!("{what}: 500 refused connects observed in {:?}", started.elapsed());
+
+    let f = cap.flow(storm_pid, Proto::Tcp, dest);
+    assert_eq!(f.attempts, 500);
+    assert_eq!(f.failures, 500);
+    assert_eq!(f.established, 0);
+    assert_eq!(f.resets, 500);
+    assert_eq!(f.errors.len(), 1, "{:?}", f.errors);
+    assert_eq!(f.errors["ECONNREFUSED"], 500);
+    assert_eq!(cap.flow(noise_pid, Proto::Tcp, dest).attempts, 37);
+    assert_eq!(
+        cap.pids_towards(Proto::Tcp, dest),
+        {
+            let mut v = vec![(storm_pid, 500), (noise_pid, 37)];
+            v.sort_unstable();
+            v
+        },
+        "only the two clients connect there, with their own counts"
+    );
+}
+
+#[test]
+fn refused_ipv4_connects_are_counted_exactly() {
+    refused(false, "refused_ipv4");
+}
+
+#[test]
+fn refused_ipv6_connects_are_counted_exactly() {
+    refused(true, "refused_ipv6");
+}
+
+#[test]
+fn successful_connects_with_request_and_response() {
+    let Some(mut cap) = Capture::start("successful_connects") else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap();
+    // The server runs in this test process: its accepted sockets go
+    // SYN_RECV→ESTABLISHED in the client's task on loopback, and must not
+    // be counted for anyone.
+    let server = thread::spawn(move || {
+        for _ in 0..200 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(b"pong\n").unwrap();
+        }
+    });
+    let c = client(&["tcp", "--addr", &dest.to_string(), "--count", "200", "--request"]);
+    let pid = c.pid();
+    assert_eq!(
+        c.finish(Duration::from_secs(60)).trim(),
+        r#"{"ok":200,"refused":0,"timed_out":0,"other":0}"#
+    );
+    server.join().unwrap();
+    cap.settle();
+    let f = cap.flow(pid, Proto::Tcp, dest);
+    assert_eq!((f.attempts, f.established, f.failures), (200, 200, 0));
+    assert_eq!(cap.pids_towards(Proto::Tcp, dest), vec![(pid, 200)]);
+    assert_eq!(
+        cap.connects_by(std::process::id()),
+        0,
+        "server-side sockets counted as connects"
+    );
+}
+
+#[test]
+fn a_connect_that_times_out_is_one_etimedout() {
+    let Some(mut cap) = Capture::start("timeout") else {
+        return;
+    };
+    let ns = NetNs::create("timeout");
+    // Drop SYNs to one port inside the namespace's loopback.
+    let nft = "add table inet sg; \
+               add chain inet sg input { type filter hook input priority 0; }; \
+               add rule inet sg input tcp dport 9999 drop";
+    run("ip", &["netns", "exec", &ns.name, "nft", nft]);
+    let started = Instant::now();
+    let c = ChildGuard::spawn(
+        ns.command(CLIENT)
+            .args(["timeout", "--addr", "127.0.0.1:9999"])
+            .stdout(Stdio::piped()),
+    );
+    let pid = c.pid();
+    assert_eq!(
+        c.finish(Duration::from_secs(30)).trim(),
+        r#"{"ok":0,"refused":0,"timed_out":1,"other":0}"#
+    );
+    println!("timeout: connect failed after {:?}", started.elapsed());
+    cap.settle();
+    let dest: SocketAddr = "127.0.0.1:9999".parse().unwrap();
+    let f = cap.flow(pid, Proto::Tcp, dest);
+    assert_eq!((f.attempts, f.failures, f.established), (1, 1, 0));
+    assert_eq!(f.errors["ETIMEDOUT"], 1);
+    // With TCP_SYNCNT=1 this kernel retransmits the SYN once or twice
+    // within the ~3 s budget (timer rounding); without any, the timeout
+    // would not have come from SYN retransmits.
+    assert!(
+        (1..=2).contains(&f.syn_retransmits),
+        "SYN retransmits: {}",
+        f.syn_retransmits
+    );
+    // The namespace is part of the destination: not the host's loopback.
+    let host_netns = cap
+        .observations
+        .iter()
+        .filter_map(|o| match o {
+            stormguard::ingest::Observation::Connect { pid: p, dest, .. } if *p == pid => {
+                Some(dest.netns)
+            }
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(host_netns.len(), 1);
+    assert_ne!(host_netns[0], own_netns_cookie(), "namespace not recorded");
+}
+
+/// SO_NETNS_COOKIE of this process's namespace.
+fn own_netns_cookie() -> u64 {
+    use std::os::fd::AsRawFd;
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    cookie
+}
+
+fn udp(connected: bool, what: &str) {
+    let Some(mut cap) = Capture::start(what) else {
+        return;
+    };
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dest = server.local_addr().unwrap();
+    let mut args = vec!["udp", "--addr"];
+    let addr = dest.to_string();
+    args.extend([addr.as_str(), "--count", "300"]);
+    if connected {
+        args.push("--connected");
+    }
+    let c = client(&args);
+    let pid = c.pid();
+    c.finish(Duration::from_secs(60));
+    cap.settle();
+    let f = cap.flow(pid, Proto::Udp, dest);
+    assert_eq!(f.udp_sends, 300);
+    assert_eq!(f.udp_connects, u64::from(connected));
+    assert_eq!(f.attempts, 300 + u64::from(connected));
+    assert!(
+        f.udp_bytes >= 300 * "query 0".len() as u64,
+        "bytes {}",
+        f.udp_bytes
+    );
+    assert_eq!(cap.pids_towards(Proto::Udp, dest), vec![(pid, f.attempts)]);
+}
+
+#[test]
+fn unconnected_udp_sends_are_counted_per_destination() {
+    udp(false, "udp_unconnected");
+}
+
+#[test]
+fn connected_udp_sends_are_counted_per_destination() {
+    udp(true, "udp_connected");
+}
