@@ -45,4 +45,5 @@ pub static SUSPECTS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::SUSP
 
 /// Syscalls per suspect process, per CPU.
 #[map]
-pub static SYSCALLS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(capacity::SUSPECTS, 0);
+pub static SYSCALLS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(capacity::SUSPECTS, 0);

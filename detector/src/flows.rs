@@ -196,7 +196,12 @@ mod tests {
             comm: Comm::from("client"),
             dest: dest(port),
             outcome,
-            rst: matches!(outcome, ConnectOutcome::Failed { errno: libc::ECONNREFUSED }),
+            rst: matches!(
+                outcome,
+                ConnectOutcome::Failed {
+                    errno: libc::ECONNREFUSED
+                }
+            ),
             syn_retransmits: 0,
         }
     }
@@ -210,7 +215,11 @@ mod tests {
         for _ in 0..5 {
             t.observe(&connect(1, 80, refused));
         }
-        t.observe(&connect(1, 80, ConnectOutcome::FailedBeforeSyn { errno: None }));
+        t.observe(&connect(
+            1,
+            80,
+            ConnectOutcome::FailedBeforeSyn { errno: None },
+        ));
         t.observe(&connect(1, 443, ConnectOutcome::Established));
         t.observe(&connect(2, 80, ConnectOutcome::Established));
         assert_eq!(t.failures_by_pid()[&1], 6);
@@ -254,7 +263,10 @@ mod tests {
         let rows = t.take_interval();
         assert_eq!(rows.len(), 1);
         let c = &rows[0].counts;
-        assert_eq!((c.attempts, c.udp_connects, c.udp_sends, c.udp_bytes), (4, 1, 3, 120));
+        assert_eq!(
+            (c.attempts, c.udp_connects, c.udp_sends, c.udp_bytes),
+            (4, 1, 3, 120)
+        );
         assert_eq!(c.failures, 0);
     }
 

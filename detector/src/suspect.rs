@@ -72,7 +72,12 @@ impl SuspectTracker {
 
     /// Feeds one finished interval `[now - interval, now)` with failed
     /// connects per pid, and returns the plan for the probes.
-    pub fn update(&mut self, now: u64, interval_ns: u64, failures: &HashMap<u32, u64>) -> ProbePlan {
+    pub fn update(
+        &mut self,
+        now: u64,
+        interval_ns: u64,
+        failures: &HashMap<u32, u64>,
+    ) -> ProbePlan {
         let start = now.saturating_sub(interval_ns);
         let secs = interval_ns.max(1) as f64 / SEC as f64;
         let pids: BTreeSet<u32> = self.pids.keys().chain(failures.keys()).copied().collect();
@@ -146,7 +151,10 @@ mod tests {
     #[test]
     fn suspect_after_two_seconds_above_rate_then_clears_with_hysteresis() {
         let mut t = SuspectTracker::new(SuspectConfig::default());
-        assert!(!t.update(SEC, SEC, &fails(7, 50)).attach, "1 s is not sustained");
+        assert!(
+            !t.update(SEC, SEC, &fails(7, 50)).attach,
+            "1 s is not sustained"
+        );
         let p = t.update(2 * SEC, SEC, &fails(7, 50));
         assert!(p.attach);
         assert_eq!(p.suspects, vec![7]);
@@ -186,7 +194,10 @@ mod tests {
         }
         // on at 2 s, off at 12 s (cap), back at 17 s, off at 27 s.
         let on: Vec<u64> = (1..=30).filter(|s| attached[*s as usize - 1]).collect();
-        assert_eq!(on, [(2..12).collect::<Vec<_>>(), (17..27).collect()].concat());
+        assert_eq!(
+            on,
+            [(2..12).collect::<Vec<_>>(), (17..27).collect()].concat()
+        );
     }
 
     #[test]

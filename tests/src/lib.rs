@@ -32,7 +32,9 @@ pub fn skip_or_fail(what: &str, err: &dyn std::fmt::Display) {
     if ebpf_required() {
         panic!("{what}: eBPF could not load and this run requires it: {err}");
     }
-    eprintln!("SKIPPED {what}: eBPF could not load ({err}); run as root, or via `cargo xtask test`");
+    eprintln!(
+        "SKIPPED {what}: eBPF could not load ({err}); run as root, or via `cargo xtask test`"
+    );
 }
 
 /// Loaded sensors plus everything they reported.

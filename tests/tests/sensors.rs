@@ -29,10 +29,16 @@ fn refused(v6: bool, what: &str) {
     let noise = client(&["tcp", "--addr", &addr, "--count", "37"]);
     let (storm_pid, noise_pid) = (storm.pid(), noise.pid());
     let out = storm.finish(Duration::from_secs(60));
-    assert_eq!(out.trim(), r#"{"ok":0,"refused":500,"timed_out":0,"other":0}"#);
+    assert_eq!(
+        out.trim(),
+        r#"{"ok":0,"refused":500,"timed_out":0,"other":0}"#
+    );
     noise.finish(Duration::from_secs(60));
     cap.settle();
-    println!("{what}: 500 refused connects observed in {:?}", started.elapsed());
+    println!(
+        "{what}: 500 refused connects observed in {:?}",
+        started.elapsed()
+    );
 
     let f = cap.flow(storm_pid, Proto::Tcp, dest);
     assert_eq!(f.attempts, 500);
@@ -81,7 +87,14 @@ fn successful_connects_with_request_and_response() {
             s.write_all(b"pong\n").unwrap();
         }
     });
-    let c = client(&["tcp", "--addr", &dest.to_string(), "--count", "200", "--request"]);
+    let c = client(&[
+        "tcp",
+        "--addr",
+        &dest.to_string(),
+        "--count",
+        "200",
+        "--request",
+    ]);
     let pid = c.pid();
     assert_eq!(
         c.finish(Duration::from_secs(60)).trim(),

@@ -4,9 +4,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_netns_cookie,
+    EbpfContext as _, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
     programs::SockAddrContext,
 };
 use detector_common::{AF_INET, Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest, kind};

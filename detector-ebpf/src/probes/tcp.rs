@@ -19,12 +19,7 @@ use crate::{
 
 /// Destination address of a `sock:` record, in the shared 16-byte layout.
 #[inline(always)]
-fn daddr(
-    ctx: &TracePointContext,
-    family: u16,
-    v4: usize,
-    v6: usize,
-) -> Result<[u8; 16], i64> {
+fn daddr(ctx: &TracePointContext, family: u16, v4: usize, v6: usize) -> Result<[u8; 16], i64> {
     let mut out = [0u8; 16];
     if family == AF_INET {
         let a: [u8; 4] = field(ctx, v4)?;
@@ -127,14 +122,14 @@ pub fn error_report(ctx: &TracePointContext) -> Result<(), i64> {
         _pad: 0,
         daddr: daddr(ctx, family, off!(er_daddr), off!(er_daddr_v6))?,
     };
-    let Some(p) = CLOSED.get_ptr(&key) else {
+    let Some(p) = CLOSED.get_ptr(key) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup, copied at once.
     let mut ev = unsafe { *p };
     // Only the side that removes the entry reports it (user space sweeps
     // the same map for entries that never get an error).
-    if CLOSED.remove(&key).is_ok() {
+    if CLOSED.remove(key).is_ok() {
         ev.errno = error.abs();
         ev.outcome = outcome::FAILED;
         emit(&ev);

@@ -35,12 +35,9 @@ pub fn send_length(ctx: &TracePointContext) -> Result<(), i64> {
     if ret < 0 {
         return Ok(());
     }
-    if dest.is_none() {
-        if let Some(p) = UDP_DEST.get_ptr(sk) {
-            // SAFETY: pointer from a successful lookup, copied at once.
-            dest = Some(unsafe { *p });
-        }
-    }
+    // Otherwise a connected socket: the destination its connect() named.
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let dest = dest.or_else(|| UDP_DEST.get_ptr(sk).map(|p| unsafe { *p }));
     let mut ev = Event::zeroed();
     ev.kind = kind::UDP_SEND;
     ev.ts_ns = now();

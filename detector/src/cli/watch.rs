@@ -237,7 +237,10 @@ fn tick(
         }
         OnDemand::Auto => {
             if sensors.on_demand_attached() {
-                tracing::info!(capped = plan.cooling_down_until_ns.is_some(), "detaching on-demand probes");
+                tracing::info!(
+                    capped = plan.cooling_down_until_ns.is_some(),
+                    "detaching on-demand probes"
+                );
             }
             sensors.detach_on_demand()?;
         }
@@ -325,7 +328,15 @@ fn print_table(
     writeln!(
         out,
         "{:>7} {:<15} {:<24} {:<4} {:<28} {:>9} {:>9} {:<20} {:>9}",
-        "PID", "COMM", "CGROUP", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "ERROR", "SYSCALL/s"
+        "PID",
+        "COMM",
+        "CGROUP",
+        "PROTO",
+        "DESTINATION",
+        "ATTEMPT/s",
+        "FAIL/s",
+        "ERROR",
+        "SYSCALL/s"
     )?;
     for row in rows.iter().take(top) {
         let info = state.procs.describe(row.key.pid);

@@ -86,12 +86,16 @@ impl fmt::Display for Destination {
 pub enum ConnectOutcome {
     Established,
     /// Closed from SYN_SENT with this errno (ECONNREFUSED, ETIMEDOUT, …).
-    Failed { errno: i32 },
+    Failed {
+        errno: i32,
+    },
     /// Closed from SYN_SENT with no error report: given up by the caller.
     Closed,
     /// Never reached SYN_SENT; the errno is known only while the on-demand
     /// `sys_exit_connect` probe is attached.
-    FailedBeforeSyn { errno: Option<i32> },
+    FailedBeforeSyn {
+        errno: Option<i32>,
+    },
 }
 
 impl ConnectOutcome {
@@ -274,7 +278,10 @@ pub fn decode(bytes: &[u8]) -> Result<Observation, DecodeError> {
 pub fn event_bytes(ev: &Event) -> Vec<u8> {
     // SAFETY: Event is repr(C) with explicit padding; all bytes initialised.
     unsafe {
-        std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), std::mem::size_of::<Event>())
+        std::slice::from_raw_parts(
+            (ev as *const Event).cast::<u8>(),
+            std::mem::size_of::<Event>(),
+        )
     }
     .to_vec()
 }

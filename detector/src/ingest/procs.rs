@@ -69,10 +69,10 @@ impl ProcessTable {
             return;
         };
         for entry in dir.flatten() {
-            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-                if let Some(info) = self.read_stat(pid) {
-                    self.insert(info);
-                }
+            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok())
+                && let Some(info) = self.read_stat(pid)
+            {
+                self.insert(info);
             }
         }
     }
@@ -135,15 +135,13 @@ impl ProcessTable {
                 group_dead,
                 ..
             } => {
-                if tid != pid {
-                    if let Some(t) = self.procs.get_mut(&tid) {
-                        t.exited = true;
-                    }
+                if tid != pid
+                    && let Some(t) = self.procs.get_mut(&tid)
+                {
+                    t.exited = true;
                 }
-                if group_dead {
-                    if let Some(p) = self.procs.get_mut(&pid) {
-                        p.exited = true;
-                    }
+                if group_dead && let Some(p) = self.procs.get_mut(&pid) {
+                    p.exited = true;
                 }
             }
             _ => {}
@@ -192,10 +190,10 @@ impl ProcessTable {
 }
 
 fn read_details(root: &Path, info: &mut ProcessInfo) {
-    if let Ok(text) = fs::read_to_string(root.join("cgroup")) {
-        if let Some(cg) = parse_cgroup(&text) {
-            info.cgroup = Some(cg);
-        }
+    if let Ok(text) = fs::read_to_string(root.join("cgroup"))
+        && let Some(cg) = parse_cgroup(&text)
+    {
+        info.cgroup = Some(cg);
     }
     if let Ok(exe) = fs::read_link(root.join("exe")) {
         info.exe = Some(exe.to_string_lossy().into_owned());
@@ -210,14 +208,13 @@ fn read_details(root: &Path, info: &mut ProcessInfo) {
             info.cmdline = Some(args.join(" "));
         }
     }
-    if info.ppid.is_none() {
-        if let Ok(stat) = fs::read_to_string(root.join("stat")) {
-            if let Some((comm, ppid)) = parse_stat(&stat) {
-                info.ppid = Some(ppid);
-                if info.comm == Comm::default() {
-                    info.comm = comm;
-                }
-            }
+    if info.ppid.is_none()
+        && let Ok(stat) = fs::read_to_string(root.join("stat"))
+        && let Some((comm, ppid)) = parse_stat(&stat)
+    {
+        info.ppid = Some(ppid);
+        if info.comm == Comm::default() {
+            info.comm = comm;
         }
     }
 }
@@ -236,7 +233,10 @@ mod tests {
     #[test]
     fn cgroup_v2_line() {
         let text = "12:cpu:/\n0::/system.slice/app.service\n";
-        assert_eq!(parse_cgroup(text).as_deref(), Some("/system.slice/app.service"));
+        assert_eq!(
+            parse_cgroup(text).as_deref(),
+            Some("/system.slice/app.service")
+        );
         assert_eq!(parse_cgroup("3:memory:/x\n"), None);
     }
 

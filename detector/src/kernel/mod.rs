@@ -8,11 +8,7 @@ pub mod caps;
 pub mod floor;
 pub mod tracefs;
 
-use std::{
-    collections::HashMap as StdHashMap,
-    fs::File,
-    path::PathBuf,
-};
+use std::{collections::HashMap as StdHashMap, fs::File, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -37,9 +33,7 @@ pub enum KernelError {
     #[error("missing capabilities: {}. Run as root or grant them, e.g. `setcap cap_bpf,cap_perfmon,cap_net_admin+ep $(which stormguard)`", fmt_caps(.0))]
     MissingCapabilities(Vec<Capability>),
     /// tracefs is needed to read tracepoint formats and attach to them.
-    #[error(
-        "tracefs is not mounted; mount it with: mount -t tracefs tracefs /sys/kernel/tracing"
-    )]
+    #[error("tracefs is not mounted; mount it with: mount -t tracefs tracefs /sys/kernel/tracing")]
     TracefsNotMounted,
     /// The kernel lacks a tracepoint the sensors need.
     #[error(
@@ -58,7 +52,9 @@ pub enum KernelError {
         found: u32,
     },
     /// No cgroup2 mount was found for the connect/sendmsg hooks.
-    #[error("no cgroup2 filesystem is mounted; mount one with: mount -t cgroup2 none /sys/fs/cgroup")]
+    #[error(
+        "no cgroup2 filesystem is mounted; mount one with: mount -t cgroup2 none /sys/fs/cgroup"
+    )]
     NoCgroup2,
     /// A file the preflight reads could not be read.
     #[error("cannot read {path}: {source}")]
@@ -162,12 +158,11 @@ impl Sensors {
             }
         }
         let offsets: Offsets = formats.offsets()?;
-        let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| {
-            KernelError::Read {
+        let mounts =
+            std::fs::read_to_string("/proc/mounts").map_err(|source| KernelError::Read {
                 path: "/proc/mounts".into(),
                 source,
-            }
-        })?;
+            })?;
         let cgroup = find_cgroup2(&mounts).ok_or(KernelError::NoCgroup2)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -224,7 +219,10 @@ impl Sensors {
 
     /// Takes the ring buffer of per-attempt records (once).
     pub fn take_events(&mut self) -> Result<EventRing, KernelError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::NoMap("EVENTS"))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(KernelError::NoMap("EVENTS"))?;
         let ring = RingBuf::try_from(map).map_err(|source| KernelError::Map {
             name: "EVENTS",
             source,
@@ -239,7 +237,10 @@ impl Sensors {
 
     /// Names of the on-demand hooks, for display.
     pub fn on_demand_hooks() -> [String; 2] {
-        [tracefs::SYS_ENTER.to_string(), tracefs::EXIT_CONNECT.to_string()]
+        [
+            tracefs::SYS_ENTER.to_string(),
+            tracefs::EXIT_CONNECT.to_string(),
+        ]
     }
 
     /// Attaches the syscall probes. A no-op when they already are.
@@ -329,8 +330,8 @@ impl Sensors {
 
     /// Cumulative syscalls per suspect process, summed over CPUs.
     pub fn syscall_counts(&self) -> Result<StdHashMap<u32, u64>, KernelError> {
-        let counts: PerCpuHashMap<_, u32, u64> =
-            PerCpuHashMap::try_from(self.map("SYSCALLS")?).map_err(|source| KernelError::Map {
+        let counts: PerCpuHashMap<_, u32, u64> = PerCpuHashMap::try_from(self.map("SYSCALLS")?)
+            .map_err(|source| KernelError::Map {
                 name: "SYSCALLS",
                 source,
             })?;
@@ -421,13 +422,11 @@ fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, K
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(KernelError::Program {
-            program: name,
-            hook: "-".into(),
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?;
+    let prog = ebpf.program_mut(name).ok_or(KernelError::Program {
+        program: name,
+        hook: "-".into(),
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
     prog.try_into().map_err(|source| KernelError::Program {
         program: name,
         hook: "-".into(),
@@ -435,7 +434,10 @@ where
     })
 }
 
-fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, KernelError> {
+fn tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut TracePoint, KernelError> {
     program::<TracePoint>(ebpf, name)
 }
 
@@ -454,4 +456,3 @@ pub fn monotonic_ns() -> u64 {
 pub fn tracefs_path() -> Result<PathBuf, KernelError> {
     tracefs::mount_point()
 }
-

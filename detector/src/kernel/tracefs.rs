@@ -97,7 +97,11 @@ impl Formats {
 
     /// True when the kernel has this tracepoint.
     pub fn exists(&self, tp: Tracepoint) -> bool {
-        self.root.join(tp.category).join(tp.name).join("format").exists()
+        self.root
+            .join(tp.category)
+            .join(tp.name)
+            .join("format")
+            .exists()
     }
 
     fn fields(&self, tp: Tracepoint) -> Result<HashMap<String, FieldInfo>, KernelError> {
@@ -171,7 +175,10 @@ impl Formats {
         tp(RECEIVE_RESET, &mut [("skaddr", 8, &mut o.rr_skaddr)])?;
         tp(
             RETRANSMIT,
-            &mut [("skaddr", 8, &mut o.rt_skaddr), ("state", 4, &mut o.rt_state)],
+            &mut [
+                ("skaddr", 8, &mut o.rt_skaddr),
+                ("state", 4, &mut o.rt_state),
+            ],
         )?;
         o.rt_err = match self.fields(RETRANSMIT)?.get("err") {
             Some(f) if f.size == 4 => f.offset,
@@ -180,7 +187,10 @@ impl Formats {
         tp(FORK, &mut [("child_pid", 4, &mut o.fk_child_pid)])?;
         tp(
             EXIT,
-            &mut [("pid", 4, &mut o.ex_pid), ("group_dead", 1, &mut o.ex_group_dead)],
+            &mut [
+                ("pid", 4, &mut o.ex_pid),
+                ("group_dead", 1, &mut o.ex_group_dead),
+            ],
         )?;
         tp(EXIT_CONNECT, &mut [("ret", 8, &mut o.xc_ret)])?;
         Ok(o)
@@ -246,8 +256,20 @@ print fmt: \"family=%s\"";
     fn parses_names_offsets_and_sizes() {
         let f = parse_format(SET_STATE_FORMAT);
         assert_eq!(f["skaddr"], FieldInfo { offset: 8, size: 8 });
-        assert_eq!(f["oldstate"], FieldInfo { offset: 16, size: 4 });
-        assert_eq!(f["daddr_v6"], FieldInfo { offset: 56, size: 16 });
+        assert_eq!(
+            f["oldstate"],
+            FieldInfo {
+                offset: 16,
+                size: 4
+            }
+        );
+        assert_eq!(
+            f["daddr_v6"],
+            FieldInfo {
+                offset: 56,
+                size: 16
+            }
+        );
         assert_eq!(f["common_type"], FieldInfo { offset: 0, size: 2 });
         assert_eq!(f.len(), 4);
     }
@@ -255,7 +277,10 @@ print fmt: \"family=%s\"";
     #[test]
     fn finds_tracefs_in_mounts() {
         let mounts = "proc /proc proc rw 0 0\ntracefs /sys/kernel/tracing tracefs rw 0 0\n";
-        assert_eq!(find_mount(mounts), Some(PathBuf::from("/sys/kernel/tracing")));
+        assert_eq!(
+            find_mount(mounts),
+            Some(PathBuf::from("/sys/kernel/tracing"))
+        );
         assert_eq!(find_mount("proc /proc proc rw 0 0\n"), None);
     }
 

@@ -1,0 +1,140 @@
+//! build, test and run: thin wrappers over cargo with the eBPF toolchain on
+//! PATH and root where the kernel requires it.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::setup::{Env, is_root};
+
+/// Runs a command, failing with its name when it fails.
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    println!("xtask: {}", describe(cmd));
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", describe(cmd)))?;
+    if !st.success() {
+        bail!("{} failed ({st})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn build(env: &Env, release: bool) -> anyhow::Result<()> {
+    let mut c = env.cargo();
+    c.args(["build", "-p", "detector"]);
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c)
+}
+
+/// Tools the integration tests drive, and the Debian packages with them.
+const TEST_TOOLS: [(&str, &str); 4] = [
+    ("nft", "nftables"),
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("setpriv", "util-linux"),
+];
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Installs missing test tools with apt-get (as root).
+pub fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() || !have("apt-get") {
+        bail!(
+            "missing packages {missing:?}; install them (Debian: apt-get install {})",
+            missing.join(" ")
+        );
+    }
+    println!("xtask: installing {missing:?}");
+    let install = |update: bool| -> anyhow::Result<()> {
+        if update {
+            status(Command::new("apt-get").args(["update", "-q"]))?;
+        }
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    // A fresh machine's package lists may be stale (404s): update and retry.
+    install(false).or_else(|_| install(true))
+}
+
+pub fn test(env: &Env) -> anyhow::Result<()> {
+    ensure_packages(&TEST_TOOLS)?;
+    status(env.cargo().args(["fmt", "--all", "--", "--check"]))?;
+    status(
+        env.cargo()
+            .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    // The kernel crate only builds for the BPF target with nightly.
+    status(
+        env.cargo()
+            .args([
+                "+nightly",
+                "clippy",
+                "-p",
+                "detector-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("CARGO_TARGET_DIR", "target/ebpf-clippy"),
+    )?;
+    // CLI tests run the binary; cargo does not build a dependency's bins.
+    status(env.cargo().args(["build", "-p", "detector"]))?;
+    let mut t = env.cargo();
+    t.arg("test").env("STORMGUARD_REQUIRE_EBPF", "1");
+    if !is_root() {
+        // Loading eBPF needs root (or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN).
+        t.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    status(&mut t)
+}
+
+pub fn run(env: &Env, args: &[String]) -> anyhow::Result<()> {
+    build(env, true)?;
+    let bin = std::env::current_dir()?.join("target/release/stormguard");
+    let mut c = if is_root() {
+        Command::new(&bin)
+    } else {
+        println!(
+            "xtask: stormguard needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; running it with sudo"
+        );
+        let mut c = Command::new("sudo");
+        c.arg(&bin);
+        c
+    };
+    c.args(args);
+    let st = c
+        .status()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    std::process::exit(st.code().unwrap_or(1));
+}
