@@ -259,3 +259,66 @@ pub fn stormguard_bin() -> PathBuf {
     );
     bin
 }
+
+/// Names of the programs behind the BPF links that process `pid` holds,
+/// seen from outside: link ids from /proc/PID/fdinfo, program names from
+/// `bpftool`. (aya attaches tracepoints as bpf_links and closes the perf
+/// fd, so `bpftool perf show` lists nothing.)
+pub fn attached_programs(pid: u32) -> Vec<String> {
+    let mut link_ids = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+        for entry in dir.flatten() {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            if let Some(id) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("link_id:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                link_ids.push(id);
+            }
+        }
+    }
+    if link_ids.is_empty() {
+        return Vec::new();
+    }
+    let links: serde_json::Value =
+        serde_json::from_str(&run("bpftool", &["-j", "link", "show"])).expect("bpftool link json");
+    let progs: serde_json::Value =
+        serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])).expect("bpftool prog json");
+    let name_of = |prog_id: &serde_json::Value| {
+        progs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| &p["id"] == prog_id)
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let mut names: Vec<String> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["id"].as_u64().is_some_and(|id| link_ids.contains(&id)))
+        .map(|l| name_of(&l["prog_id"]))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Lines of a child's pipe, read on a thread so a test can wait with a bound.
+pub fn lines(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,132 @@
+//! `stormguard watch` as a user runs it: a subprocess with real probes, a
+//! real storming child, and the on-demand syscall probes checked from
+//! outside the process.
+use std::{
+    process::{Command, Stdio},
+    sync::mpsc::Receiver,
+    time::{Duration, Instant},
+};
+
+use stormguard_tests::{ChildGuard, attached_programs, closed_port, lines, skip_or_fail, stormguard_bin};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
+const ON_DEMAND: [&str; 2] = ["sg_exit_connect", "sg_sys_enter"];
+
+fn on_demand_attached(pid: u32) -> bool {
+    let progs = attached_programs(pid);
+    ON_DEMAND.iter().all(|p| progs.iter().any(|n| n == p))
+}
+
+fn none_attached(pid: u32) -> bool {
+    let progs = attached_programs(pid);
+    !progs.iter().any(|n| ON_DEMAND.contains(&n.as_str()))
+}
+
+/// Waits until `ok()` holds, up to `bound`; returns the time it took.
+fn wait_for(what: &str, bound: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < bound, "{what}: not within {bound:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// JSON rows printed so far for `pid`.
+fn rows_for(rx: &Receiver<String>, pid: u32, seen: &mut Vec<serde_json::Value>) {
+    while let Ok(line) = rx.try_recv() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON row {line:?}: {e}"));
+        if v["pid"] == pid {
+            seen.push(v);
+        }
+    }
+}
+
+#[test]
+fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
+    let mut watch = ChildGuard::spawn(
+        Command::new(stormguard_bin())
+            .args(["watch", "--json", "--interval-ms", "500", "--duration", "90"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let watch_pid = watch.pid();
+    let stdout = lines(watch.0.stdout.take().expect("stdout"));
+    let stderr = lines(watch.0.stderr.take().expect("stderr"));
+    let started = Instant::now();
+    loop {
+        match stderr.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.starts_with("stormguard: watching") => break,
+            Ok(l) if l.starts_with("stormguard: ") => {
+                skip_or_fail("watch", &l);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("watch did not start in 30 s: {e}"),
+        }
+    }
+    println!("watch: loaded in {:?}", started.elapsed());
+
+    // Nothing is suspect: no syscall tracepoint may be attached.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        none_attached(watch_pid),
+        "syscall probes attached while idle: {:?}",
+        attached_programs(watch_pid)
+    );
+    assert!(
+        attached_programs(watch_pid).len() >= 12,
+        "always-on hooks missing: {:?}",
+        attached_programs(watch_pid)
+    );
+
+    let port = closed_port(false);
+    let storm = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", &port.to_string(), "--secs", "20"])
+            .stdout(Stdio::null()),
+    );
+    let storm_pid = storm.pid();
+    let storm_start = Instant::now();
+    let mut seen = Vec::new();
+    let row_time = wait_for("a JSON row for the storming child", Duration::from_secs(10), || {
+        rows_for(&stdout, storm_pid, &mut seen);
+        !seen.is_empty()
+    });
+    println!("watch: storming child's row after {row_time:?}");
+    let row = &seen[0];
+    assert_eq!(row["destination"], port.to_string());
+    assert_eq!(row["proto"], "tcp");
+    assert_eq!(row["comm"], "stormclient");
+    assert_eq!(row["main_error"], "ECONNREFUSED");
+    assert!(row["failures"].as_u64().unwrap_or(0) > 0 && row["failures"] == row["attempts"]);
+
+    let attach_time = wait_for("on-demand probes attached", Duration::from_secs(15), || {
+        on_demand_attached(watch_pid)
+    });
+    println!(
+        "watch: on-demand probes attached {:?} after the storm began",
+        storm_start.elapsed().max(attach_time)
+    );
+    // While probed, the child's rows say it is suspect and carry its syscall rate.
+    wait_for("a probed row with a syscall rate", Duration::from_secs(10), || {
+        rows_for(&stdout, storm_pid, &mut seen);
+        seen.iter()
+            .any(|r| r["suspect"] == true && r["syscalls_per_s"].as_f64().unwrap_or(0.0) > 0.0)
+    });
+
+    drop(storm);
+    let detach_time = wait_for("on-demand probes detached", Duration::from_secs(20), || {
+        none_attached(watch_pid)
+    });
+    println!("watch: on-demand probes detached {detach_time:?} after the storm ended");
+
+    // Ctrl-C detaches cleanly: exit 0 and no link left behind.
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(watch_pid as i32, libc::SIGINT) };
+    let status = watch.0.wait().expect("wait for watch");
+    assert!(status.success(), "watch exited with {status}");
+    let rest: Vec<String> = stderr.try_iter().collect();
+    assert!(rest.iter().any(|l| l == "stormguard: detached"), "{rest:?}");
+}
