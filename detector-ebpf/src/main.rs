@@ -102,6 +102,96 @@ pub fn sg_exit_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
+// --- Floor programs for `cargo xtask bench` (see probes/floor.rs): one
+// per-CPU counter increment on each hook above, nothing else. Tracepoints
+// return 0 like the sensors do (1 would also build a perf sample).
+
+use probes::floor;
+
+#[tracepoint]
+pub fn floor_set_state(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::SET_STATE);
+    0
+}
+
+#[tracepoint]
+pub fn floor_error_report(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::ERROR_REPORT);
+    0
+}
+
+#[tracepoint]
+pub fn floor_recv_reset(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::RECEIVE_RESET);
+    0
+}
+
+#[tracepoint]
+pub fn floor_retransmit(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::RETRANSMIT);
+    0
+}
+
+#[tracepoint]
+pub fn floor_udp_send(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::SEND_LENGTH);
+    0
+}
+
+#[tracepoint]
+pub fn floor_fork(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::FORK);
+    0
+}
+
+#[tracepoint]
+pub fn floor_exec(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::EXEC);
+    0
+}
+
+#[tracepoint]
+pub fn floor_exit(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::EXIT);
+    0
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4(_ctx: SockAddrContext) -> i32 {
+    floor::hit(floor::CONNECT4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn floor_connect6(_ctx: SockAddrContext) -> i32 {
+    floor::hit(floor::CONNECT6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn floor_sendmsg4(_ctx: SockAddrContext) -> i32 {
+    floor::hit(floor::SENDMSG4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn floor_sendmsg6(_ctx: SockAddrContext) -> i32 {
+    floor::hit(floor::SENDMSG6);
+    ALLOW
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn floor_sys_enter(_ctx: RawTracePointContext) -> i32 {
+    floor::hit(floor::SYS_ENTER);
+    0
+}
+
+#[tracepoint]
+pub fn floor_exit_connect(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::EXIT_CONNECT);
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

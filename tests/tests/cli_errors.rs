@@ -9,7 +9,10 @@ fn root_or_skip(what: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    skip_or_fail(what, &"these tests need root to drop capabilities and unshare mounts");
+    skip_or_fail(
+        what,
+        &"these tests need root to drop capabilities and unshare mounts",
+    );
     false
 }
 
@@ -27,7 +30,12 @@ fn missing_capabilities_are_each_named() {
     }
     let bin = stormguard_bin();
     let out = Command::new("setpriv")
-        .args(["--bounding-set", "-bpf,-perfmon,-net_admin,-sys_admin", "--inh-caps=-all", "--"])
+        .args([
+            "--bounding-set",
+            "-bpf,-perfmon,-net_admin,-sys_admin",
+            "--inh-caps=-all",
+            "--",
+        ])
         .arg(&bin)
         .args(["watch", "--duration", "1"])
         .output()
@@ -41,7 +49,12 @@ fn missing_capabilities_are_each_named() {
 
     // Only one missing: only that one is named.
     let out = Command::new("setpriv")
-        .args(["--bounding-set", "-net_admin,-sys_admin", "--inh-caps=-all", "--"])
+        .args([
+            "--bounding-set",
+            "-net_admin,-sys_admin",
+            "--inh-caps=-all",
+            "--",
+        ])
         .arg(&bin)
         .args(["watch", "--duration", "1"])
         .output()
@@ -49,7 +62,10 @@ fn missing_capabilities_are_each_named() {
     assert_eq!(out.status.code(), Some(2));
     let line = stderr_line(&out);
     assert!(line.contains("CAP_NET_ADMIN"), "{line}");
-    assert!(!line.contains("CAP_BPF") && !line.contains("CAP_PERFMON"), "{line}");
+    assert!(
+        !line.contains("CAP_BPF") && !line.contains("CAP_PERFMON"),
+        "{line}"
+    );
 }
 
 #[test]

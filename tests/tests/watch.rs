@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stormguard_tests::{ChildGuard, attached_programs, closed_port, lines, skip_or_fail, stormguard_bin};
+use stormguard_tests::{
+    ChildGuard, attached_programs, closed_port, lines, skip_or_fail, stormguard_bin,
+};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 const ON_DEMAND: [&str; 2] = ["sg_exit_connect", "sg_sys_enter"];
@@ -47,7 +49,14 @@ fn rows_for(rx: &Receiver<String>, pid: u32, seen: &mut Vec<serde_json::Value>) 
 fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
     let mut watch = ChildGuard::spawn(
         Command::new(stormguard_bin())
-            .args(["watch", "--json", "--interval-ms", "500", "--duration", "90"])
+            .args([
+                "watch",
+                "--json",
+                "--interval-ms",
+                "500",
+                "--duration",
+                "90",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
@@ -90,10 +99,14 @@ fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
     let storm_pid = storm.pid();
     let storm_start = Instant::now();
     let mut seen = Vec::new();
-    let row_time = wait_for("a JSON row for the storming child", Duration::from_secs(10), || {
-        rows_for(&stdout, storm_pid, &mut seen);
-        !seen.is_empty()
-    });
+    let row_time = wait_for(
+        "a JSON row for the storming child",
+        Duration::from_secs(10),
+        || {
+            rows_for(&stdout, storm_pid, &mut seen);
+            !seen.is_empty()
+        },
+    );
     println!("watch: storming child's row after {row_time:?}");
     let row = &seen[0];
     assert_eq!(row["destination"], port.to_string());
@@ -110,11 +123,15 @@ fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
         storm_start.elapsed().max(attach_time)
     );
     // While probed, the child's rows say it is suspect and carry its syscall rate.
-    wait_for("a probed row with a syscall rate", Duration::from_secs(10), || {
-        rows_for(&stdout, storm_pid, &mut seen);
-        seen.iter()
-            .any(|r| r["suspect"] == true && r["syscalls_per_s"].as_f64().unwrap_or(0.0) > 0.0)
-    });
+    wait_for(
+        "a probed row with a syscall rate",
+        Duration::from_secs(10),
+        || {
+            rows_for(&stdout, storm_pid, &mut seen);
+            seen.iter()
+                .any(|r| r["suspect"] == true && r["syscalls_per_s"].as_f64().unwrap_or(0.0) > 0.0)
+        },
+    );
 
     drop(storm);
     let detach_time = wait_for("on-demand probes detached", Duration::from_secs(20), || {

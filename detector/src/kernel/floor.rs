@@ -13,10 +13,7 @@ use aya::{
 };
 use detector_common::Offsets;
 
-use super::{
-    KernelError, caps, find_cgroup2, program, tracefs,
-    tracefs::Tracepoint,
-};
+use super::{KernelError, caps, find_cgroup2, program, tracefs, tracefs::Tracepoint};
 
 /// How a floor program attaches.
 #[derive(Debug, Clone, Copy)]
@@ -41,11 +38,31 @@ impl std::fmt::Display for Hook {
 /// the constants in `detector-ebpf/src/probes/floor.rs`), and whether each
 /// belongs to the on-demand set.
 const FLOOR_PROGRAMS: [(&str, Hook, bool); 14] = [
-    ("floor_set_state", Hook::Tracepoint(tracefs::SET_STATE), false),
-    ("floor_error_report", Hook::Tracepoint(tracefs::ERROR_REPORT), false),
-    ("floor_recv_reset", Hook::Tracepoint(tracefs::RECEIVE_RESET), false),
-    ("floor_retransmit", Hook::Tracepoint(tracefs::RETRANSMIT), false),
-    ("floor_udp_send", Hook::Tracepoint(tracefs::SEND_LENGTH), false),
+    (
+        "floor_set_state",
+        Hook::Tracepoint(tracefs::SET_STATE),
+        false,
+    ),
+    (
+        "floor_error_report",
+        Hook::Tracepoint(tracefs::ERROR_REPORT),
+        false,
+    ),
+    (
+        "floor_recv_reset",
+        Hook::Tracepoint(tracefs::RECEIVE_RESET),
+        false,
+    ),
+    (
+        "floor_retransmit",
+        Hook::Tracepoint(tracefs::RETRANSMIT),
+        false,
+    ),
+    (
+        "floor_udp_send",
+        Hook::Tracepoint(tracefs::SEND_LENGTH),
+        false,
+    ),
     ("floor_fork", Hook::Tracepoint(tracefs::FORK), false),
     ("floor_exec", Hook::Tracepoint(tracefs::EXEC), false),
     ("floor_exit", Hook::Tracepoint(tracefs::EXIT), false),
@@ -54,7 +71,11 @@ const FLOOR_PROGRAMS: [(&str, Hook, bool); 14] = [
     ("floor_sendmsg4", Hook::Cgroup("cgroup/sendmsg4"), false),
     ("floor_sendmsg6", Hook::Cgroup("cgroup/sendmsg6"), false),
     ("floor_sys_enter", Hook::RawSysEnter, true),
-    ("floor_exit_connect", Hook::Tracepoint(tracefs::EXIT_CONNECT), true),
+    (
+        "floor_exit_connect",
+        Hook::Tracepoint(tracefs::EXIT_CONNECT),
+        true,
+    ),
 ];
 
 /// Attached floor programs. Dropping it detaches and unloads them.
@@ -136,7 +157,10 @@ impl FloorProbes {
             name: "FLOOR_HITS",
             source,
         };
-        let map = self.ebpf.map("FLOOR_HITS").ok_or(KernelError::NoMap("FLOOR_HITS"))?;
+        let map = self
+            .ebpf
+            .map("FLOOR_HITS")
+            .ok_or(KernelError::NoMap("FLOOR_HITS"))?;
         let hits: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err)?;
         let mut out = Vec::new();
         for (slot, (_, hook, on_demand)) in FLOOR_PROGRAMS.iter().enumerate() {
