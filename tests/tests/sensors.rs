@@ -220,3 +220,48 @@ fn unconnected_udp_sends_are_counted_per_destination() {
 fn connected_udp_sends_are_counted_per_destination() {
     udp(true, "udp_connected");
 }
+
+/// Connects that never reach SYN_SENT (no route) are seen by the cgroup
+/// hook alone; their errno only while the on-demand probes are attached.
+fn unreachable(probed: bool, what: &str) {
+    let Some(mut cap) = Capture::start(what) else {
+        return;
+    };
+    if probed {
+        cap.sensors
+            .attach_on_demand()
+            .expect("attach on-demand probes");
+    }
+    // A namespace with only loopback: 10.9.9.9 has no route.
+    let ns = NetNs::create(if probed { "unreach-p" } else { "unreach" });
+    let c = ChildGuard::spawn(
+        ns.command(CLIENT)
+            .args(["tcp", "--addr", "10.9.9.9:80", "--count", "50"])
+            .stdout(Stdio::piped()),
+    );
+    let pid = c.pid();
+    assert_eq!(
+        c.finish(Duration::from_secs(30)).trim(),
+        r#"{"ok":0,"refused":0,"timed_out":0,"other":50}"#
+    );
+    cap.settle();
+    let f = cap.flow(pid, Proto::Tcp, "10.9.9.9:80".parse().unwrap());
+    assert_eq!((f.attempts, f.failures, f.established), (50, 50, 0));
+    let label = if probed {
+        "ENETUNREACH"
+    } else {
+        stormguard::flows::FAILED_BEFORE_SYN
+    };
+    assert_eq!(f.errors.len(), 1, "{:?}", f.errors);
+    assert_eq!(f.errors[label], 50, "{:?}", f.errors);
+}
+
+#[test]
+fn connects_failing_before_syn_are_counted() {
+    unreachable(false, "unreachable");
+}
+
+#[test]
+fn connects_failing_before_syn_get_their_errno_when_probed() {
+    unreachable(true, "unreachable_probed");
+}

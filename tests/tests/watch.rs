@@ -113,6 +113,18 @@ fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
     assert_eq!(row["proto"], "tcp");
     assert_eq!(row["comm"], "stormclient");
     assert_eq!(row["main_error"], "ECONNREFUSED");
+    assert_eq!(row["exe"].as_str(), Some(CLIENT), "{row}");
+    assert!(
+        row["cmdline"]
+            .as_str()
+            .is_some_and(|c| c.contains("storm --addr")),
+        "{row}"
+    );
+    assert_eq!(row["ppid"], std::process::id(), "{row}");
+    assert!(
+        row["cgroup"].as_str().is_some_and(|c| c.starts_with('/')),
+        "{row}"
+    );
     assert!(row["failures"].as_u64().unwrap_or(0) > 0 && row["failures"] == row["attempts"]);
 
     let attach_time = wait_for("on-demand probes attached", Duration::from_secs(15), || {
