@@ -29,6 +29,15 @@ pub mod kind {
     /// A task exited: `aux` is its pid (thread id); `flags` has
     /// [`super::flags::GROUP_DEAD`] when it was the last thread of `tgid`.
     pub const PROC_EXIT: u8 = 7;
+    /// One request/response on a client TCP connection: `aux` bytes sent
+    /// (consecutive sends), `aux2` bytes received before the next send;
+    /// `hash` the request's content fingerprint (0 when not probed).
+    pub const TCP_EXCHANGE: u8 = 8;
+    /// A client TCP connection ended: `start_ns` when it was established,
+    /// `aux`/`aux2` total bytes sent/received (saturating).
+    pub const TCP_CONN_END: u8 = 9;
+    /// A datagram received on a connected UDP socket; `aux` bytes.
+    pub const UDP_RECV: u8 = 10;
 }
 
 /// How a [`kind::TCP_OUTCOME`] ended.
@@ -67,7 +76,7 @@ pub mod tcp_state {
 }
 
 /// One record in the `EVENTS` ring buffer. Fixed size: one reserve per event,
-/// no length field to trust. 80 bytes, align 8.
+/// no length field to trust. 96 bytes, align 8.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -78,11 +87,17 @@ pub struct Event {
     pub start_ns: u64,
     /// Network namespace cookie (SO_NETNS_COOKIE), 0 when unknown.
     pub netns: u64,
+    /// cgroup v2 id of the task that made the attempt (its inode number).
+    pub cgroup: u64,
+    /// Content fingerprint of a request, 0 when none was taken.
+    pub hash: u64,
     /// Process (thread group) id.
     pub tgid: u32,
     /// Kind-specific: child pid (fork), thread id (exit), bytes (UDP send),
-    /// SYN retransmits (TCP outcome).
+    /// SYN retransmits (TCP outcome), bytes sent (exchange).
     pub aux: u32,
+    /// Kind-specific: bytes received (exchange, connection end).
+    pub aux2: u32,
     /// Positive errno, 0 for none or unknown.
     pub errno: i32,
     /// Destination port, host byte order.
@@ -95,7 +110,7 @@ pub struct Event {
     pub outcome: u8,
     /// Bits from [`flags`].
     pub flags: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
     /// Destination address in network order; IPv4 uses the first 4 bytes.
     pub daddr: [u8; 16],
     /// The task's comm when the record was made.
@@ -109,15 +124,18 @@ impl Event {
             ts_ns: 0,
             start_ns: 0,
             netns: 0,
+            cgroup: 0,
+            hash: 0,
             tgid: 0,
             aux: 0,
+            aux2: 0,
             errno: 0,
             dport: 0,
             family: 0,
             kind: 0,
             outcome: 0,
             flags: 0,
-            _pad: [0; 5],
+            _pad: 0,
             daddr: [0; 16],
             comm: [0; 16],
         }
@@ -161,6 +179,47 @@ pub struct MsgDest {
     pub dest: UdpDest,
 }
 
+/// A client TCP connection from ESTABLISHED until it ends, keyed by socket
+/// address in `CONNS`: the request being sent and the response being
+/// received, so one exchange becomes one record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn {
+    /// The attempt's record (process, destination, cgroup); `start_ns` is
+    /// when the connection was established.
+    pub tmpl: Event,
+    /// Fingerprint of the current request's first send.
+    pub req_hash: u64,
+    pub req_sent: u32,
+    pub req_recv: u32,
+    pub total_sent: u32,
+    pub total_recv: u32,
+    /// [`conn_phase`]: what the connection did last.
+    pub phase: u32,
+    pub _pad: u32,
+}
+
+/// [`Conn::phase`] values.
+pub mod conn_phase {
+    pub const IDLE: u32 = 0;
+    pub const SENDING: u32 = 1;
+    pub const RECEIVING: u32 = 2;
+}
+
+/// Left by the on-demand `sys_enter` probe for the socket send that follows
+/// in the same syscall: FNV-1a of the first [`FINGERPRINT_BYTES`] bytes,
+/// whole and without the first two (a DNS transaction id changes on every
+/// retry of the same query).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub whole: u64,
+    pub skip2: u64,
+}
+
+/// How many leading bytes of a send the fingerprint covers.
+pub const FINGERPRINT_BYTES: usize = 64;
+
 /// Tracepoint field offsets, read from tracefs format files at load time
 /// and written into the programs' `.rodata` before load, so a kernel that
 /// adds or moves fields still decodes correctly. All `u32` so the struct
@@ -191,6 +250,12 @@ pub struct Offsets {
     pub sl_family: u32,
     pub sl_protocol: u32,
     pub sl_ret: u32,
+    // sock:sock_recv_length
+    pub rl_sk: u32,
+    pub rl_family: u32,
+    pub rl_protocol: u32,
+    pub rl_ret: u32,
+    pub rl_flags: u32,
     // tcp:tcp_receive_reset
     pub rr_skaddr: u32,
     // tcp:tcp_retransmit_skb
@@ -232,6 +297,8 @@ pub mod capacity {
     pub const UDP_DEST: u32 = 65_536;
     /// Processes counted by the on-demand syscall probe.
     pub const SUSPECTS: u32 = 1_024;
+    /// Client TCP connections tracked for request/response exchanges.
+    pub const CONNS: u32 = 65_536;
     /// Ring buffer bytes.
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }
@@ -250,4 +317,8 @@ mod pod {
     unsafe impl aya::Pod for super::MsgDest {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Conn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Fingerprint {}
 }

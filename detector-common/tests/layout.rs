@@ -4,26 +4,29 @@
 //! the daemon decoding garbage.
 use std::mem::{align_of, offset_of, size_of};
 
-use detector_common::{Event, MsgDest, Offsets, TupleKey, UdpDest};
+use detector_common::{Conn, Event, Fingerprint, MsgDest, Offsets, TupleKey, UdpDest};
 
 #[test]
 fn event_layout() {
-    assert_eq!(size_of::<Event>(), 80);
+    assert_eq!(size_of::<Event>(), 96);
     assert_eq!(align_of::<Event>(), 8, "ring buffer items must align ≤ 8");
     assert_eq!(offset_of!(Event, ts_ns), 0);
     assert_eq!(offset_of!(Event, start_ns), 8);
     assert_eq!(offset_of!(Event, netns), 16);
-    assert_eq!(offset_of!(Event, tgid), 24);
-    assert_eq!(offset_of!(Event, aux), 28);
-    assert_eq!(offset_of!(Event, errno), 32);
-    assert_eq!(offset_of!(Event, dport), 36);
-    assert_eq!(offset_of!(Event, family), 38);
-    assert_eq!(offset_of!(Event, kind), 40);
-    assert_eq!(offset_of!(Event, outcome), 41);
-    assert_eq!(offset_of!(Event, flags), 42);
-    assert_eq!(offset_of!(Event, _pad), 43);
-    assert_eq!(offset_of!(Event, daddr), 48);
-    assert_eq!(offset_of!(Event, comm), 64);
+    assert_eq!(offset_of!(Event, cgroup), 24);
+    assert_eq!(offset_of!(Event, hash), 32);
+    assert_eq!(offset_of!(Event, tgid), 40);
+    assert_eq!(offset_of!(Event, aux), 44);
+    assert_eq!(offset_of!(Event, aux2), 48);
+    assert_eq!(offset_of!(Event, errno), 52);
+    assert_eq!(offset_of!(Event, dport), 56);
+    assert_eq!(offset_of!(Event, family), 58);
+    assert_eq!(offset_of!(Event, kind), 60);
+    assert_eq!(offset_of!(Event, outcome), 61);
+    assert_eq!(offset_of!(Event, flags), 62);
+    assert_eq!(offset_of!(Event, _pad), 63);
+    assert_eq!(offset_of!(Event, daddr), 64);
+    assert_eq!(offset_of!(Event, comm), 80);
 }
 
 #[test]
@@ -45,17 +48,33 @@ fn map_key_and_value_layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<MsgDest>(), 40);
     assert_eq!(offset_of!(MsgDest, sk), 0);
     assert_eq!(offset_of!(MsgDest, dest), 8);
+
+    assert_eq!(size_of::<Conn>(), 96 + 32);
+    assert_eq!(offset_of!(Conn, tmpl), 0);
+    assert_eq!(offset_of!(Conn, req_hash), 96);
+    assert_eq!(offset_of!(Conn, req_sent), 104);
+    assert_eq!(offset_of!(Conn, req_recv), 108);
+    assert_eq!(offset_of!(Conn, total_sent), 112);
+    assert_eq!(offset_of!(Conn, total_recv), 116);
+    assert_eq!(offset_of!(Conn, phase), 120);
+    assert_eq!(offset_of!(Conn, _pad), 124);
+
+    assert_eq!(size_of::<Fingerprint>(), 16);
+    assert_eq!(offset_of!(Fingerprint, whole), 0);
+    assert_eq!(offset_of!(Fingerprint, skip2), 8);
 }
 
 #[test]
 fn offsets_is_a_flat_array_of_u32() {
-    // The loader writes it over .rodata byte for byte: 28 u32 fields.
-    assert_eq!(size_of::<Offsets>(), 28 * 4);
+    // The loader writes it over .rodata byte for byte: 33 u32 fields.
+    assert_eq!(size_of::<Offsets>(), 33 * 4);
     assert_eq!(align_of::<Offsets>(), 4);
     assert_eq!(offset_of!(Offsets, ss_skaddr), 0);
     assert_eq!(offset_of!(Offsets, er_error), 9 * 4);
     assert_eq!(offset_of!(Offsets, sl_sk), 16 * 4);
-    assert_eq!(offset_of!(Offsets, rr_skaddr), 20 * 4);
-    assert_eq!(offset_of!(Offsets, rt_err), 23 * 4);
-    assert_eq!(offset_of!(Offsets, xc_ret), 27 * 4);
+    assert_eq!(offset_of!(Offsets, rl_sk), 20 * 4);
+    assert_eq!(offset_of!(Offsets, rl_flags), 24 * 4);
+    assert_eq!(offset_of!(Offsets, rr_skaddr), 25 * 4);
+    assert_eq!(offset_of!(Offsets, rt_err), 28 * 4);
+    assert_eq!(offset_of!(Offsets, xc_ret), 32 * 4);
 }

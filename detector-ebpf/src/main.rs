@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use detector_common::{AF_INET, AF_INET6};
 
-use probes::{connect, ondemand, process, tcp, udp};
+use probes::{connect, ondemand, process, sendrecv, tcp};
 
 const ALLOW: i32 = 1;
 
@@ -67,8 +67,14 @@ pub fn sg_retransmit(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn sg_udp_send(ctx: TracePointContext) -> u32 {
-    let _ = udp::send_length(&ctx);
+pub fn sg_send_length(ctx: TracePointContext) -> u32 {
+    let _ = sendrecv::send_length(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sg_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = sendrecv::recv_length(&ctx);
     0
 }
 
@@ -91,8 +97,8 @@ pub fn sg_exit(ctx: TracePointContext) -> u32 {
 }
 
 #[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sg_sys_enter(_ctx: RawTracePointContext) -> i32 {
-    let _ = ondemand::sys_enter();
+pub fn sg_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let _ = ondemand::sys_enter(&ctx);
     0
 }
 

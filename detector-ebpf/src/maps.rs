@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use detector_common::{Event, MsgDest, TupleKey, UdpDest, capacity, stat};
+use detector_common::{Conn, Event, Fingerprint, MsgDest, TupleKey, UdpDest, capacity, stat};
 
 /// Per-attempt records to user space.
 #[map]
@@ -47,3 +47,15 @@ pub static SUSPECTS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::SUSP
 #[map]
 pub static SYSCALLS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(capacity::SUSPECTS, 0);
+
+/// Client TCP connections (went through SYN_SENT) from ESTABLISHED until
+/// they end, keyed by socket address: request/response bookkeeping.
+#[map]
+pub static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(capacity::CONNS, 0);
+
+/// Content fingerprint of the send a suspect thread is making, keyed by
+/// thread id; left by the on-demand sys_enter probe, consumed by the
+/// socket send tracepoint in the same syscall.
+#[map]
+pub static FINGERPRINTS: LruHashMap<u32, Fingerprint> =
+    LruHashMap::with_max_entries(capacity::SUSPECTS, 0);

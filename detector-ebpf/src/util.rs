@@ -1,7 +1,10 @@
 //! Small helpers every probe uses: the clock, the current task, offsets,
 //! and emitting a record with its loss counted.
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    },
     programs::TracePointContext,
 };
 use detector_common::{Event, Offsets, stat};
@@ -31,6 +34,11 @@ pub static OFFSETS: Offsets = Offsets {
     sl_family: 0,
     sl_protocol: 0,
     sl_ret: 0,
+    rl_sk: 0,
+    rl_family: 0,
+    rl_protocol: 0,
+    rl_ret: 0,
+    rl_flags: 0,
     rr_skaddr: 0,
     rt_skaddr: 0,
     rt_state: 0,
@@ -70,6 +78,13 @@ pub fn now() -> u64 {
 pub fn current() -> (u32, u32) {
     let id = bpf_get_current_pid_tgid();
     ((id >> 32) as u32, id as u32)
+}
+
+/// cgroup v2 id of the current task, for roll-ups per service/container.
+#[inline(always)]
+pub fn cgroup() -> u64 {
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 #[inline(always)]

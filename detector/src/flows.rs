@@ -27,6 +27,10 @@ pub struct FlowCounts {
     pub udp_connects: u64,
     pub udp_sends: u64,
     pub udp_bytes: u64,
+    /// Datagrams received on a connected UDP socket (replies).
+    pub udp_recvs: u64,
+    /// Request/response exchanges on client TCP connections.
+    pub exchanges: u64,
     /// RSTs received while connecting.
     pub resets: u64,
     pub syn_retransmits: u64,
@@ -135,7 +139,17 @@ impl FlowTable {
                 c.udp_sends += 1;
                 c.udp_bytes += u64::from(bytes);
             }
-            Observation::Fork { .. } | Observation::Exec { .. } | Observation::Exit { .. } => {}
+            Observation::UdpRecv {
+                pid, comm, dest, ..
+            } => self.entry(pid, dest, comm).udp_recvs += 1,
+            Observation::Exchange {
+                pid, comm, dest, ..
+            } => self.entry(pid, dest, comm).exchanges += 1,
+            Observation::ConnEnd { .. }
+            | Observation::Syscalls { .. }
+            | Observation::Fork { .. }
+            | Observation::Exec { .. }
+            | Observation::Exit { .. } => {}
         }
     }
 
@@ -194,6 +208,7 @@ mod tests {
             start_ns: 0,
             pid,
             comm: Comm::from("client"),
+            cgroup: 1,
             dest: dest(port),
             outcome,
             rst: matches!(
@@ -249,6 +264,7 @@ mod tests {
             ts_ns: 0,
             pid: 3,
             comm: Comm::from("dig"),
+            cgroup: 1,
             dest: d,
         });
         for _ in 0..3 {
@@ -256,8 +272,10 @@ mod tests {
                 ts_ns: 0,
                 pid: 3,
                 comm: Comm::from("dig"),
+                cgroup: 1,
                 dest: d,
                 bytes: 40,
+                fingerprint: 0,
             });
         }
         let rows = t.take_interval();

@@ -265,3 +265,112 @@ fn connects_failing_before_syn_are_counted() {
 fn connects_failing_before_syn_get_their_errno_when_probed() {
     unreachable(true, "unreachable_probed");
 }
+
+#[test]
+fn keep_alive_requests_are_one_exchange_each_with_their_lengths() {
+    let Some(mut cap) = Capture::start("keep_alive_exchanges") else {
+        return;
+    };
+    const REPLY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        // Answer every request; the client closes after its last one.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => s.write_all(REPLY).unwrap(),
+            }
+        }
+    });
+    let c = client(&[
+        "http",
+        "--addr",
+        &dest.to_string(),
+        "--count",
+        "150",
+        "--reply-len",
+        &REPLY.len().to_string(),
+    ]);
+    let pid = c.pid();
+    c.finish(Duration::from_secs(60));
+    server.join().unwrap();
+    cap.settle();
+    let request_len = "GET /api HTTP/1.1\r\nHost: test\r\n\r\n".len() as u32;
+    let exchanges: Vec<(u32, u32)> = cap
+        .observations
+        .iter()
+        .filter_map(|o| match o {
+            stormguard::ingest::Observation::Exchange {
+                pid: p,
+                sent,
+                received,
+                ..
+            } if *p == pid => Some((*sent, *received)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(exchanges.len(), 150);
+    assert!(
+        exchanges
+            .iter()
+            .all(|e| *e == (request_len, REPLY.len() as u32)),
+        "{exchanges:?}"
+    );
+    let ends: Vec<(u32, u32)> = cap
+        .observations
+        .iter()
+        .filter_map(|o| match o {
+            stormguard::ingest::Observation::ConnEnd {
+                pid: p,
+                sent,
+                received,
+                ..
+            } if *p == pid => Some((*sent, *received)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        vec![(150 * request_len, 150 * REPLY.len() as u32)],
+        "one connection end with its totals"
+    );
+    // The server's side of the connection is not a client connection.
+    assert_eq!(cap.connects_by(std::process::id()), 0);
+}
+
+#[test]
+fn udp_replies_on_a_connected_socket_are_counted() {
+    let Some(mut cap) = Capture::start("udp_replies") else {
+        return;
+    };
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dest = server.local_addr().unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..120 {
+            let (n, from) = server.recv_from(&mut buf).unwrap();
+            server.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    let c = client(&[
+        "udp",
+        "--addr",
+        &dest.to_string(),
+        "--count",
+        "120",
+        "--connected",
+        "--replies",
+    ]);
+    let pid = c.pid();
+    c.finish(Duration::from_secs(60));
+    echo.join().unwrap();
+    cap.settle();
+    let f = cap.flow(pid, Proto::Udp, dest);
+    assert_eq!((f.udp_sends, f.udp_recvs, f.udp_connects), (120, 120, 1));
+}

@@ -11,7 +11,7 @@ use detector_common::{AF_INET, Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest
 
 use crate::{
     maps::{MSG_DEST, PRE_SYN, UDP_DEST},
-    util::{comm, current, emit, now},
+    util::{cgroup, comm, current, emit, now},
 };
 
 /// The destination the caller asked for, in the shared layout.
@@ -74,6 +74,7 @@ pub fn connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     ev.family = family;
     ev.daddr = dest.daddr;
     ev.comm = comm();
+    ev.cgroup = cgroup();
     if proto == IPPROTO_TCP {
         // A note for SYN_SENT. If this thread's previous connect left one,
         // that connect never reached SYN_SENT: it failed before the SYN.

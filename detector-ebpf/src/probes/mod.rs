@@ -5,4 +5,4 @@ pub mod floor;
 pub mod ondemand;
 pub mod process;
 pub mod tcp;
-pub mod udp;
+pub mod sendrecv;

@@ -8,13 +8,13 @@
 //! process is the one recorded at SYN_SENT, never the current one.
 use aya_ebpf::programs::TracePointContext;
 use detector_common::{
-    AF_INET, AF_INET6, Event, FIELD_ABSENT, IPPROTO_TCP, TupleKey, flags, kind, outcome, stat,
-    tcp_state,
+    AF_INET, AF_INET6, Conn, Event, FIELD_ABSENT, IPPROTO_TCP, TupleKey, conn_phase, flags, kind,
+    outcome, stat, tcp_state,
 };
 
 use crate::{
-    maps::{CLOSED, INFLIGHT, PRE_SYN},
-    util::{comm, count, current, emit, field, now, off},
+    maps::{CLOSED, CONNS, INFLIGHT, PRE_SYN},
+    util::{cgroup, comm, count, current, emit, field, now, off},
 };
 
 /// Destination address of a `sock:` record, in the shared 16-byte layout.
@@ -41,6 +41,10 @@ pub fn set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
         return attempt_started(ctx, sk);
     }
+    if old == tcp_state::ESTABLISHED {
+        connection_ended(sk);
+        return Ok(());
+    }
     if old != tcp_state::SYN_SENT {
         return Ok(());
     }
@@ -56,6 +60,7 @@ pub fn set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if new == tcp_state::ESTABLISHED {
         ev.outcome = outcome::ESTABLISHED;
         emit(&ev);
+        connection_established(sk, &ev);
         return Ok(());
     }
     // Closed (or an unusual transition): the errno arrives next in
@@ -73,6 +78,62 @@ pub fn set_state(ctx: &TracePointContext) -> Result<(), i64> {
         emit(&ev);
     }
     Ok(())
+}
+
+/// Starts request/response bookkeeping for a client connection.
+fn connection_established(sk: u64, attempt: &Event) {
+    let mut tmpl = *attempt;
+    tmpl.start_ns = attempt.ts_ns;
+    let conn = Conn {
+        tmpl,
+        req_hash: 0,
+        req_sent: 0,
+        req_recv: 0,
+        total_sent: 0,
+        total_recv: 0,
+        phase: conn_phase::IDLE,
+        _pad: 0,
+    };
+    if CONNS.insert(sk, conn, 0).is_err() {
+        count(stat::MAP_FULL);
+    }
+}
+
+/// ESTABLISHED → anything: the connection is ending. Reports the request
+/// still open (a response may never have come) and the connection's life.
+fn connection_ended(sk: u64) {
+    let Some(p) = CONNS.get_ptr(sk) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let conn = unsafe { *p };
+    if CONNS.remove(sk).is_err() {
+        return;
+    }
+    let ts = now();
+    if conn.req_sent > 0 {
+        emit(&exchange(&conn, ts));
+    }
+    let mut end = conn.tmpl;
+    end.kind = kind::TCP_CONN_END;
+    end.ts_ns = ts;
+    end.aux = conn.total_sent;
+    end.aux2 = conn.total_recv;
+    end.outcome = 0;
+    emit(&end);
+}
+
+/// The record of the connection's current request/response.
+#[inline(always)]
+pub fn exchange(conn: &Conn, ts: u64) -> Event {
+    let mut ev = conn.tmpl;
+    ev.kind = kind::TCP_EXCHANGE;
+    ev.ts_ns = ts;
+    ev.aux = conn.req_sent;
+    ev.aux2 = conn.req_recv;
+    ev.hash = conn.req_hash;
+    ev.outcome = 0;
+    ev
 }
 
 /// CLOSE→SYN_SENT runs in the connecting task: one connect() of one socket.
@@ -100,6 +161,7 @@ fn attempt_started(ctx: &TracePointContext, sk: u64) -> Result<(), i64> {
     ev.dport = field(ctx, off!(ss_dport))?;
     ev.daddr = daddr(ctx, family, off!(ss_daddr), off!(ss_daddr_v6))?;
     ev.comm = comm();
+    ev.cgroup = cgroup();
     if INFLIGHT.insert(sk, ev, 0).is_err() {
         count(stat::MAP_FULL);
     }

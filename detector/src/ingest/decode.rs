@@ -114,6 +114,8 @@ pub enum Observation {
         start_ns: u64,
         pid: u32,
         comm: Comm,
+        /// cgroup v2 id of the connecting task.
+        cgroup: u64,
         dest: Destination,
         outcome: ConnectOutcome,
         rst: bool,
@@ -124,6 +126,7 @@ pub enum Observation {
         ts_ns: u64,
         pid: u32,
         comm: Comm,
+        cgroup: u64,
         dest: Destination,
     },
     /// One UDP datagram sent.
@@ -131,8 +134,50 @@ pub enum Observation {
         ts_ns: u64,
         pid: u32,
         comm: Comm,
+        cgroup: u64,
         dest: Destination,
         bytes: u32,
+        /// Content fingerprint (DNS transaction id skipped); 0 = not taken.
+        fingerprint: u64,
+    },
+    /// One datagram received on a connected UDP socket.
+    UdpRecv {
+        ts_ns: u64,
+        pid: u32,
+        comm: Comm,
+        cgroup: u64,
+        dest: Destination,
+        bytes: u32,
+    },
+    /// One request and its response on a client TCP connection.
+    Exchange {
+        ts_ns: u64,
+        pid: u32,
+        comm: Comm,
+        cgroup: u64,
+        dest: Destination,
+        sent: u32,
+        received: u32,
+        /// Content fingerprint of the request; 0 = not taken.
+        fingerprint: u64,
+    },
+    /// A client TCP connection ended.
+    ConnEnd {
+        ts_ns: u64,
+        /// When it was established.
+        start_ns: u64,
+        pid: u32,
+        comm: Comm,
+        cgroup: u64,
+        dest: Destination,
+        sent: u32,
+        received: u32,
+    },
+    /// Syscalls a probed process made since the last such record.
+    Syscalls {
+        ts_ns: u64,
+        pid: u32,
+        count: u64,
     },
     Fork {
         ts_ns: u64,
@@ -159,6 +204,10 @@ impl Observation {
             Observation::Connect { ts_ns, .. }
             | Observation::UdpConnect { ts_ns, .. }
             | Observation::UdpSend { ts_ns, .. }
+            | Observation::UdpRecv { ts_ns, .. }
+            | Observation::Exchange { ts_ns, .. }
+            | Observation::ConnEnd { ts_ns, .. }
+            | Observation::Syscalls { ts_ns, .. }
             | Observation::Fork { ts_ns, .. }
             | Observation::Exec { ts_ns, .. }
             | Observation::Exit { ts_ns, .. } => *ts_ns,
@@ -208,6 +257,7 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             start_ns: ev.start_ns,
             pid: ev.tgid,
             comm,
+            cgroup: ev.cgroup,
             dest: destination(ev, Proto::Tcp)?,
             outcome: match ev.outcome {
                 outcome::ESTABLISHED => ConnectOutcome::Established,
@@ -223,6 +273,7 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             start_ns: ev.start_ns,
             pid: ev.tgid,
             comm,
+            cgroup: ev.cgroup,
             dest: destination(ev, Proto::Tcp)?,
             outcome: ConnectOutcome::FailedBeforeSyn { errno },
             rst: false,
@@ -232,14 +283,45 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             ts_ns: ev.ts_ns,
             pid: ev.tgid,
             comm,
+            cgroup: ev.cgroup,
             dest: destination(ev, Proto::Udp)?,
         },
         kind::UDP_SEND => Observation::UdpSend {
             ts_ns: ev.ts_ns,
             pid: ev.tgid,
             comm,
+            cgroup: ev.cgroup,
             dest: destination(ev, Proto::Udp)?,
             bytes: ev.aux,
+            fingerprint: ev.hash,
+        },
+        kind::UDP_RECV => Observation::UdpRecv {
+            ts_ns: ev.ts_ns,
+            pid: ev.tgid,
+            comm,
+            cgroup: ev.cgroup,
+            dest: destination(ev, Proto::Udp)?,
+            bytes: ev.aux,
+        },
+        kind::TCP_EXCHANGE => Observation::Exchange {
+            ts_ns: ev.ts_ns,
+            pid: ev.tgid,
+            comm,
+            cgroup: ev.cgroup,
+            dest: destination(ev, Proto::Tcp)?,
+            sent: ev.aux,
+            received: ev.aux2,
+            fingerprint: ev.hash,
+        },
+        kind::TCP_CONN_END => Observation::ConnEnd {
+            ts_ns: ev.ts_ns,
+            start_ns: ev.start_ns,
+            pid: ev.tgid,
+            comm,
+            cgroup: ev.cgroup,
+            dest: destination(ev, Proto::Tcp)?,
+            sent: ev.aux,
+            received: ev.aux2,
         },
         kind::PROC_FORK => Observation::Fork {
             ts_ns: ev.ts_ns,
@@ -301,6 +383,7 @@ mod tests {
         ev.dport = 8080;
         ev.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         ev.comm[..4].copy_from_slice(b"wget");
+        ev.cgroup = 77;
         ev
     }
 
@@ -318,6 +401,7 @@ mod tests {
                 start_ns: 1_000,
                 pid: 4242,
                 comm: Comm::from("wget"),
+                cgroup: 77,
                 dest: Destination {
                     proto: Proto::Tcp,
                     addr: "127.0.0.1".parse().unwrap(),
@@ -342,7 +426,13 @@ mod tests {
         ev.dport = 53;
         ev.aux = 33;
         match decode(&event_bytes(&ev)).unwrap() {
-            Observation::UdpSend { dest, bytes, .. } => {
+            Observation::UdpSend {
+                dest,
+                bytes,
+                fingerprint,
+                ..
+            } => {
+                assert_eq!(fingerprint, 0);
                 assert_eq!(dest.to_string(), "[::1]:53");
                 assert_eq!(dest.proto, Proto::Udp);
                 assert_eq!(bytes, 33);
@@ -392,6 +482,39 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn decodes_exchanges_and_connection_ends() {
+        let mut ev = tcp_event();
+        ev.kind = kind::TCP_EXCHANGE;
+        ev.aux = 78;
+        ev.aux2 = 1024;
+        ev.hash = 0xfeed;
+        match decode(&event_bytes(&ev)).unwrap() {
+            Observation::Exchange {
+                sent,
+                received,
+                fingerprint,
+                cgroup,
+                ..
+            } => assert_eq!(
+                (sent, received, fingerprint, cgroup),
+                (78, 1024, 0xfeed, 77)
+            ),
+            other => panic!("{other:?}"),
+        }
+        ev.kind = kind::TCP_CONN_END;
+        match decode(&event_bytes(&ev)).unwrap() {
+            Observation::ConnEnd {
+                start_ns,
+                ts_ns,
+                sent,
+                received,
+                ..
+            } => assert_eq!((start_ns, ts_ns, sent, received), (1_000, 2_000, 78, 1024)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -94,12 +94,13 @@ fn fmt_caps(caps: &[Capability]) -> String {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stormguard"));
 
 /// Always-on tracepoint programs and where they attach.
-const ALWAYS_ON_TRACEPOINTS: [(&str, Tracepoint); 8] = [
+const ALWAYS_ON_TRACEPOINTS: [(&str, Tracepoint); 9] = [
     ("sg_set_state", tracefs::SET_STATE),
     ("sg_error_report", tracefs::ERROR_REPORT),
     ("sg_recv_reset", tracefs::RECEIVE_RESET),
     ("sg_retransmit", tracefs::RETRANSMIT),
-    ("sg_udp_send", tracefs::SEND_LENGTH),
+    ("sg_send_length", tracefs::SEND_LENGTH),
+    ("sg_recv_length", tracefs::RECV_LENGTH),
     ("sg_fork", tracefs::FORK),
     ("sg_exec", tracefs::EXEC),
     ("sg_exit", tracefs::EXIT),

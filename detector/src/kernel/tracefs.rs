@@ -172,6 +172,16 @@ impl Formats {
                 ("ret", 4, &mut o.sl_ret),
             ],
         )?;
+        tp(
+            RECV_LENGTH,
+            &mut [
+                ("sk", 8, &mut o.rl_sk),
+                ("family", 2, &mut o.rl_family),
+                ("protocol", 2, &mut o.rl_protocol),
+                ("ret", 4, &mut o.rl_ret),
+                ("flags", 4, &mut o.rl_flags),
+            ],
+        )?;
         tp(RECEIVE_RESET, &mut [("skaddr", 8, &mut o.rr_skaddr)])?;
         tp(
             RETRANSMIT,
@@ -208,6 +218,10 @@ pub const ERROR_REPORT: Tracepoint = Tracepoint {
 pub const SEND_LENGTH: Tracepoint = Tracepoint {
     category: "sock",
     name: "sock_send_length",
+};
+pub const RECV_LENGTH: Tracepoint = Tracepoint {
+    category: "sock",
+    name: "sock_recv_length",
 };
 pub const RECEIVE_RESET: Tracepoint = Tracepoint {
     category: "tcp",

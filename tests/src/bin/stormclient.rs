@@ -45,6 +45,29 @@ enum Cmd {
         count: u64,
         #[arg(long)]
         connected: bool,
+        /// Wait for a reply to each datagram (connected sockets only).
+        #[arg(long)]
+        replies: bool,
+    },
+    /// One keep-alive connection: `count` times, send `request` and read
+    /// a reply of `reply_len` bytes, with `gap_ms` between requests.
+    Http {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value = "GET /api HTTP/1.1\r\nHost: test\r\n\r\n")]
+        request: String,
+        /// Make each request distinct (a counter in the path), same length.
+        #[arg(long)]
+        distinct: bool,
+        #[arg(long)]
+        reply_len: usize,
+        #[arg(long, default_value_t = 0)]
+        gap_ms: u64,
+        /// Stop after this many seconds even if `count` is not reached.
+        #[arg(long, default_value_t = 30.0)]
+        max_secs: f64,
     },
     /// Refused connects in a tight loop for `secs` seconds (at most
     /// `max` attempts): a retry storm.
@@ -106,6 +129,35 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Http {
+            addr,
+            count,
+            request,
+            distinct,
+            reply_len,
+            gap_ms,
+            max_secs,
+        } => {
+            let request = request.replace("\\r\\n", "\r\n");
+            let mut s = TcpStream::connect(addr)?;
+            tally.ok += 1;
+            let mut reply = vec![0u8; reply_len];
+            let end = Instant::now() + Duration::from_secs_f64(max_secs);
+            for i in 0..count {
+                if Instant::now() >= end {
+                    break;
+                }
+                if distinct {
+                    s.write_all(request.replace("/api", &format!("/{i:08}")).as_bytes())?;
+                } else {
+                    s.write_all(request.as_bytes())?;
+                }
+                s.read_exact(&mut reply)?;
+                if gap_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(gap_ms));
+                }
+            }
+        }
         Cmd::Timeout { addr } => {
             let r = connect_with_syncnt(addr, 1);
             tally.add(&r);
@@ -114,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             addr,
             count,
             connected,
+            replies,
         } => {
             let bind: SocketAddr = if addr.is_ipv4() {
                 "0.0.0.0:0".parse()?
@@ -128,6 +181,10 @@ fn main() -> anyhow::Result<()> {
                 let msg = format!("query {i}");
                 if connected {
                     s.send(msg.as_bytes())?;
+                    if replies {
+                        let mut buf = [0u8; 512];
+                        s.recv(&mut buf)?;
+                    }
                 } else {
                     s.send_to(msg.as_bytes(), addr)?;
                 }

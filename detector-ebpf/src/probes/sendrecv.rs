@@ -1,0 +1,168 @@
+//! Socket sends and receives from `sock:sock_send_length` and
+//! `sock:sock_recv_length`, which fire in the calling task for every socket
+//! and cost unrelated syscalls nothing.
+//!
+//! - UDP: one record per datagram sent (connected or not; glibc's resolver
+//!   connects, then uses send/sendmmsg, which the cgroup sendmsg hooks
+//!   miss) and per datagram received on a connected socket.
+//! - TCP: for client connections only (they went through SYN_SENT), the
+//!   lengths of each request (consecutive sends) and its response
+//!   (consecutive receives), one record per exchange. A retried request and
+//!   its error reply keep their lengths, even through TLS.
+use aya_ebpf::programs::TracePointContext;
+use detector_common::{
+    AF_INET, AF_INET6, Event, IPPROTO_TCP, IPPROTO_UDP, UdpDest, conn_phase, kind,
+};
+
+use super::tcp::exchange;
+use crate::{
+    maps::{CONNS, FINGERPRINTS, MSG_DEST, UDP_DEST},
+    util::{cgroup, comm, current, emit, field, now, off},
+};
+
+/// MSG_PEEK: a peek is read again later; count it once, then.
+const MSG_PEEK: i32 = 2;
+/// DNS: its first two bytes are a transaction id that changes per retry.
+const DNS_PORT: u16 = 53;
+
+/// The fingerprint the on-demand probe left for this thread's send.
+#[inline(always)]
+fn take_fingerprint(tid: u32, dport: u16) -> u64 {
+    let Some(p) = FINGERPRINTS.get_ptr(tid) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let fp = unsafe { *p };
+    let _ = FINGERPRINTS.remove(tid);
+    if dport == DNS_PORT {
+        fp.skip2
+    } else {
+        fp.whole
+    }
+}
+
+pub fn send_length(ctx: &TracePointContext) -> Result<(), i64> {
+    let family: u16 = field(ctx, off!(sl_family))?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let protocol: u16 = field(ctx, off!(sl_protocol))?;
+    let sk: u64 = field(ctx, off!(sl_sk))?;
+    let ret: i32 = field(ctx, off!(sl_ret))?;
+    match protocol {
+        IPPROTO_UDP => udp_send(sk, ret, family),
+        IPPROTO_TCP if ret > 0 => {
+            tcp_send(sk, ret as u32);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn tcp_send(sk: u64, bytes: u32) {
+    let Some(conn) = CONNS.get_ptr_mut(sk) else {
+        return;
+    };
+    let (_, tid) = current();
+    // SAFETY: pointer into the map value. Sends and receives of one
+    // connection are serialised by the socket lock in practice; a racing
+    // update could only misplace a few bytes between two exchanges.
+    let conn = unsafe { &mut *conn };
+    if conn.phase == conn_phase::RECEIVING {
+        // A response came: the previous exchange is complete.
+        emit(&exchange(conn, now()));
+        conn.req_sent = 0;
+        conn.req_recv = 0;
+    }
+    if conn.req_sent == 0 {
+        conn.req_hash = take_fingerprint(tid, conn.tmpl.dport);
+    }
+    conn.phase = conn_phase::SENDING;
+    conn.req_sent = conn.req_sent.saturating_add(bytes);
+    conn.total_sent = conn.total_sent.saturating_add(bytes);
+}
+
+fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
+    let (tgid, tid) = current();
+    // An unconnected send: the sendmsg hook left this thread a note with
+    // the destination. Consume it whether or not the send succeeded.
+    let mut dest = None;
+    if let Some(p) = MSG_DEST.get_ptr(tid) {
+        // SAFETY: pointer from a successful lookup, copied at once.
+        let note = unsafe { *p };
+        let _ = MSG_DEST.remove(tid);
+        if note.sk == sk {
+            dest = Some(note.dest);
+        }
+    }
+    if ret < 0 {
+        let _ = FINGERPRINTS.remove(tid);
+        return Ok(());
+    }
+    // Otherwise a connected socket: the destination its connect() named.
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let dest = dest.or_else(|| UDP_DEST.get_ptr(sk).map(|p| unsafe { *p }));
+    let mut ev = Event::zeroed();
+    ev.kind = kind::UDP_SEND;
+    ev.aux = ret as u32;
+    fill(&mut ev, tgid, family, dest);
+    ev.hash = take_fingerprint(tid, ev.dport);
+    emit(&ev);
+    Ok(())
+}
+
+/// Process and destination of a UDP record. A socket connected before
+/// stormguard started has no known destination; it is still counted, as
+/// port 0 of the unspecified address.
+#[inline(always)]
+fn fill(ev: &mut Event, tgid: u32, family: u16, dest: Option<UdpDest>) {
+    ev.ts_ns = now();
+    ev.tgid = tgid;
+    ev.family = family;
+    ev.comm = comm();
+    ev.cgroup = cgroup();
+    if let Some(d) = dest {
+        ev.netns = d.netns;
+        ev.dport = d.dport;
+        ev.family = d.family;
+        ev.daddr = d.daddr;
+    }
+}
+
+pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
+    let family: u16 = field(ctx, off!(rl_family))?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let ret: i32 = field(ctx, off!(rl_ret))?;
+    if ret <= 0 {
+        return Ok(());
+    }
+    let flags: i32 = field(ctx, off!(rl_flags))?;
+    if flags & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    let protocol: u16 = field(ctx, off!(rl_protocol))?;
+    let sk: u64 = field(ctx, off!(rl_sk))?;
+    if protocol == IPPROTO_TCP {
+        if let Some(conn) = CONNS.get_ptr_mut(sk) {
+            // SAFETY: pointer into the map value; see tcp_send.
+            let conn = unsafe { &mut *conn };
+            conn.phase = conn_phase::RECEIVING;
+            conn.req_recv = conn.req_recv.saturating_add(ret as u32);
+            conn.total_recv = conn.total_recv.saturating_add(ret as u32);
+        }
+    } else if protocol == IPPROTO_UDP {
+        // Replies are counted only on connected sockets, whose peer is known.
+        if let Some(p) = UDP_DEST.get_ptr(sk) {
+            // SAFETY: pointer from a successful lookup, copied at once.
+            let dest = unsafe { *p };
+            let mut ev = Event::zeroed();
+            ev.kind = kind::UDP_RECV;
+            ev.aux = ret as u32;
+            fill(&mut ev, current().0, family, Some(dest));
+            emit(&ev);
+        }
+    }
+    Ok(())
+}
