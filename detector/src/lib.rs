@@ -9,14 +9,18 @@
 //!    ▼
 //! ingest/   decode records into observations; process table from /proc
 //!    ▼
-//! flows     per process × destination counts per interval
+//! pipeline  observations → flows (per-interval counts), detect (engine),
+//!    │      record (JSON lines); ticks attach/detach on-demand probes
 //!    ▼
-//! suspect   which processes look like a storm → on-demand probes
+//! detect/   pure engine: signals, verdicts, explanations; injected clock
 //!    ▼
-//! cli/      `stormguard watch`: the table, JSON rows
+//! cli/      `stormguard watch | record | replay`
 //! ```
 pub mod cli;
+pub mod config;
+pub mod detect;
 pub mod flows;
 pub mod ingest;
 pub mod kernel;
-pub mod suspect;
+pub mod pipeline;
+pub mod record;

@@ -1,9 +1,13 @@
 //! Command-line interface: one module per command.
+pub mod record;
+pub mod replay;
 pub mod watch;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
-use crate::kernel::KernelError;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{config::Config, kernel::KernelError};
 
 /// stormguard finds runaway retry loops from inside the kernel.
 #[derive(Debug, Parser)]
@@ -16,8 +20,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the probes and print, each interval, what every process is
-    /// connecting to and how it fails. Ctrl-C detaches cleanly.
+    /// connecting to, how it fails and the verdict. Ctrl-C detaches cleanly.
     Watch(watch::WatchArgs),
+    /// Like watch, but write every observation to FILE (JSON lines) for
+    /// `replay`, and print verdict changes as they happen.
+    Record(record::RecordArgs),
+    /// Replay a recording through the detection engine and print its
+    /// verdict changes. Needs no kernel and no privileges.
+    Replay(replay::ReplayArgs),
+}
+
+/// Options every engine-running command shares.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Configuration file (TOML; every field optional).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(self.config.as_deref())?)
+    }
 }
 
 /// Runs a parsed command line.
@@ -27,13 +51,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Watch(args) => rt.block_on(watch::run(args)),
+        Command::Record(args) => rt.block_on(record::run(args)),
+        Command::Replay(args) => replay::run(args),
     }
 }
 
-/// 2 for problems with the environment the user must fix (capabilities,
-/// tracefs, kernel features), 1 for anything else.
+/// 2 for problems the user must fix (capabilities, tracefs, kernel
+/// features, configuration), 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<KernelError>().is_some() {
+    if e.downcast_ref::<KernelError>().is_some()
+        || e.downcast_ref::<crate::config::ConfigError>().is_some()
+    {
         2
     } else {
         1

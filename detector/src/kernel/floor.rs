@@ -29,15 +29,17 @@ impl std::fmt::Display for Hook {
         match self {
             Hook::Tracepoint(tp) => write!(f, "{tp}"),
             Hook::Cgroup(name) => f.write_str(name),
-            Hook::RawSysEnter => f.write_str("raw_tracepoint:sys_enter"),
+            // Named as the sensors name it, so the bench can match lists.
+            Hook::RawSysEnter => write!(f, "{}", tracefs::SYS_ENTER),
         }
     }
 }
 
 /// Floor programs in slot order (the slot is the index here; it must match
 /// the constants in `detector-ebpf/src/probes/floor.rs`), and whether each
-/// belongs to the on-demand set.
-const FLOOR_PROGRAMS: [(&str, Hook, bool); 14] = [
+/// belongs to the on-demand set. The test below keeps it covering every
+/// hook the sensors attach.
+const FLOOR_PROGRAMS: [(&str, Hook, bool); 15] = [
     (
         "floor_set_state",
         Hook::Tracepoint(tracefs::SET_STATE),
@@ -75,6 +77,11 @@ const FLOOR_PROGRAMS: [(&str, Hook, bool); 14] = [
         "floor_exit_connect",
         Hook::Tracepoint(tracefs::EXIT_CONNECT),
         true,
+    ),
+    (
+        "floor_recv_length",
+        Hook::Tracepoint(tracefs::RECV_LENGTH),
+        false,
     ),
 ];
 
@@ -171,5 +178,39 @@ impl FloorProbes {
             out.push((hook.to_string(), per_cpu.iter().sum()));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sensor hook without a floor program would make the bench compare
+    /// stormguard against a floor that skips part of its work.
+    #[test]
+    fn the_floor_covers_every_sensor_hook_and_nothing_else() {
+        let floor = |on_demand: bool| -> Vec<String> {
+            let mut v: Vec<String> = FLOOR_PROGRAMS
+                .iter()
+                .filter(|p| p.2 == on_demand)
+                .map(|p| p.1.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let mut always_on: Vec<String> = super::super::ALWAYS_ON_TRACEPOINTS
+            .iter()
+            .map(|(_, tp)| tp.to_string())
+            .chain(
+                super::super::CGROUP_HOOKS
+                    .iter()
+                    .map(|(_, h)| h.to_string()),
+            )
+            .collect();
+        always_on.sort();
+        let mut on_demand = super::super::Sensors::on_demand_hooks().to_vec();
+        on_demand.sort();
+        assert_eq!(floor(false), always_on);
+        assert_eq!(floor(true), on_demand);
     }
 }

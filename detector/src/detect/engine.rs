@@ -1,0 +1,595 @@
+//! The engine: observations in, verdict changes out, on an injected clock.
+//! Deterministic — the same observations and ticks give the same changes —
+//! which is what makes a recording replayable.
+use std::collections::HashMap;
+
+use super::{
+    config::DetectConfig,
+    signals::{Assessment, Signals, label},
+    verdict::{State, Subject, Verdict, VerdictChange, explain},
+    window::WINDOW_NS,
+};
+use crate::ingest::{Comm, ConnectOutcome, Destination, Observation};
+
+/// A flow: one process towards one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub pid: u32,
+    pub dest: Destination,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum RollupKey {
+    Parent(u32, Destination),
+    Cgroup(u64, Destination),
+}
+
+/// Signals plus the verdict state built on them.
+#[derive(Debug, Clone)]
+struct Tracked {
+    sig: Signals,
+    state: State,
+    /// When the state last changed.
+    since: u64,
+    /// Since when the criteria to leave the current state hold.
+    calm_since: Option<u64>,
+    comm: Comm,
+    score: u8,
+    persistent: bool,
+}
+
+impl Tracked {
+    fn new(comm: Comm, now: u64) -> Self {
+        Tracked {
+            sig: Signals::default(),
+            state: State::Healthy,
+            since: now,
+            calm_since: None,
+            comm,
+            score: 0,
+            persistent: false,
+        }
+    }
+
+    /// Moves the state machine; returns the previous state if it changed.
+    fn step(&mut self, a: &Assessment, now: u64, cfg: &DetectConfig) -> Option<State> {
+        let from = self.state;
+        let calm_for = |calm_since: &mut Option<u64>, ok: bool| -> u64 {
+            if ok {
+                now - *calm_since.get_or_insert(now)
+            } else {
+                *calm_since = None;
+                0
+            }
+        };
+        let to = match from {
+            State::Healthy | State::Resolved if a.storm => State::Storm,
+            State::Healthy | State::Resolved if a.suspect => State::Suspect,
+            State::Healthy | State::Resolved => from,
+            State::Suspect if a.storm => State::Storm,
+            State::Suspect => {
+                if calm_for(&mut self.calm_since, !a.suspect) >= cfg.calm_ms * 1_000_000 {
+                    State::Healthy
+                } else {
+                    State::Suspect
+                }
+            }
+            State::Storm if a.calm => State::Recovering,
+            State::Storm => State::Storm,
+            State::Recovering if a.storm => State::Storm,
+            State::Recovering => {
+                if calm_for(&mut self.calm_since, a.calm) >= cfg.resolve_ms * 1_000_000 {
+                    State::Resolved
+                } else {
+                    State::Recovering
+                }
+            }
+        };
+        self.score = a.score(cfg);
+        if to == from {
+            return None;
+        }
+        self.state = to;
+        self.since = now;
+        self.calm_since = None;
+        Some(from)
+    }
+}
+
+/// A roll-up: the attempts of several processes sharing a parent or a
+/// cgroup, towards one destination.
+#[derive(Debug, Clone)]
+struct Rollup {
+    t: Tracked,
+    /// Recent member pids with when they last attempted.
+    members: [(u32, u64); 8],
+}
+
+impl Rollup {
+    fn touch(&mut self, pid: u32, ts: u64) {
+        if let Some(m) = self.members.iter_mut().find(|m| m.0 == pid && m.1 > 0) {
+            m.1 = m.1.max(ts);
+        } else if let Some(m) = self.members.iter_mut().min_by_key(|m| m.1) {
+            *m = (pid, ts);
+        }
+    }
+
+    fn active_pids(&self, now: u64) -> usize {
+        self.members
+            .iter()
+            .filter(|(_, ts)| *ts > 0 && now.saturating_sub(*ts) <= WINDOW_NS)
+            .count()
+    }
+}
+
+/// The detection engine.
+pub struct Engine {
+    cfg: DetectConfig,
+    flows: HashMap<FlowKey, Tracked>,
+    by_pid: HashMap<u32, Vec<Destination>>,
+    /// Flows of processes that exited, kept until their verdict settles.
+    ended: Vec<(FlowKey, Tracked)>,
+    rollups: HashMap<RollupKey, Rollup>,
+    parents: HashMap<u32, u32>,
+    /// Syscalls per second of probed processes, with when last measured.
+    syscalls: HashMap<u32, (u64, f64)>,
+    now: u64,
+}
+
+/// Most parent links remembered (a fork bomb must not grow the engine).
+const MAX_PARENTS: usize = 65_536;
+
+impl Engine {
+    pub fn new(cfg: DetectConfig) -> Self {
+        Engine {
+            cfg,
+            flows: HashMap::new(),
+            by_pid: HashMap::new(),
+            ended: Vec::new(),
+            rollups: HashMap::new(),
+            parents: HashMap::new(),
+            syscalls: HashMap::new(),
+            now: 0,
+        }
+    }
+
+    pub fn config(&self) -> &DetectConfig {
+        &self.cfg
+    }
+
+    /// Flows tracked now.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Feeds one observation.
+    pub fn observe(&mut self, obs: &Observation) {
+        self.now = self.now.max(obs.ts_ns());
+        match *obs {
+            Observation::Connect {
+                ts_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                outcome,
+                ..
+            } => {
+                let failure = match outcome {
+                    ConnectOutcome::Established => None,
+                    ConnectOutcome::Failed { errno } => Some(errno),
+                    ConnectOutcome::Closed => Some(label::CLOSED),
+                    ConnectOutcome::FailedBeforeSyn { errno } => {
+                        Some(errno.unwrap_or(label::BEFORE_SYN))
+                    }
+                };
+                self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
+                    s.attempt(ts_ns, failure, cfg)
+                });
+            }
+            Observation::UdpSend {
+                ts_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                bytes,
+                fingerprint,
+            } => {
+                self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
+                    s.attempt(ts_ns, None, cfg);
+                    s.request(ts_ns, bytes, 0, fingerprint);
+                });
+            }
+            Observation::Exchange {
+                ts_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                sent,
+                received,
+                fingerprint,
+            } => {
+                self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
+                    s.attempt(ts_ns, None, cfg);
+                    s.request(ts_ns, sent, received, fingerprint);
+                });
+            }
+            Observation::UdpRecv {
+                ts_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                ..
+            } => self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| s.reply(ts_ns)),
+            Observation::ConnEnd {
+                ts_ns,
+                start_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                received,
+                ..
+            } => {
+                if received == 0
+                    && ts_ns.saturating_sub(start_ns) < self.cfg.short_lived_ms * 1_000_000
+                {
+                    self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| {
+                        s.failure(ts_ns, label::NO_RESPONSE)
+                    });
+                }
+            }
+            Observation::Syscalls { ts_ns, pid, count } => {
+                let prev = self.syscalls.get(&pid).map(|(t, _)| *t);
+                if let Some(prev) = prev.filter(|p| *p < ts_ns) {
+                    let rate = count as f64 * 1e9 / (ts_ns - prev) as f64;
+                    self.syscalls.insert(pid, (ts_ns, rate));
+                } else {
+                    self.syscalls.insert(pid, (ts_ns, 0.0));
+                }
+            }
+            Observation::Fork { parent, child, .. } => {
+                if self.parents.len() < MAX_PARENTS || self.parents.contains_key(&child) {
+                    self.parents.insert(child, parent);
+                }
+            }
+            Observation::Exit {
+                pid,
+                group_dead: true,
+                ..
+            } => self.process_exited(pid),
+            Observation::Exit { .. }
+            | Observation::Exec { .. }
+            | Observation::UdpConnect { .. } => {}
+        }
+    }
+
+    /// Updates the flow and the roll-ups it belongs to.
+    fn apply(
+        &mut self,
+        pid: u32,
+        comm: Comm,
+        cgroup: u64,
+        dest: Destination,
+        ts: u64,
+        f: impl Fn(&mut Signals, &DetectConfig),
+    ) {
+        let key = FlowKey { pid, dest };
+        let now = self.now;
+        let flow = self.flows.entry(key).or_insert_with(|| {
+            self.by_pid.entry(pid).or_default().push(dest);
+            Tracked::new(comm, now)
+        });
+        flow.comm = comm;
+        f(&mut flow.sig, &self.cfg);
+        if let Some(&ppid) = self.parents.get(&pid) {
+            let r = self
+                .rollups
+                .entry(RollupKey::Parent(ppid, dest))
+                .or_insert_with(|| Rollup {
+                    t: Tracked::new(comm, now),
+                    members: [(0, 0); 8],
+                });
+            r.touch(pid, ts);
+            r.t.comm = comm;
+            f(&mut r.t.sig, &self.cfg);
+        }
+        if cgroup != 0 {
+            let r = self
+                .rollups
+                .entry(RollupKey::Cgroup(cgroup, dest))
+                .or_insert_with(|| Rollup {
+                    t: Tracked::new(comm, now),
+                    members: [(0, 0); 8],
+                });
+            r.touch(pid, ts);
+            r.t.comm = comm;
+            f(&mut r.t.sig, &self.cfg);
+        }
+    }
+
+    /// A process is gone: its flows leave the table (a reused pid starts
+    /// fresh) but stay in `ended` until their verdict settles.
+    fn process_exited(&mut self, pid: u32) {
+        for dest in self.by_pid.remove(&pid).unwrap_or_default() {
+            let key = FlowKey { pid, dest };
+            if let Some(t) = self.flows.remove(&key)
+                && t.state != State::Healthy
+            {
+                self.ended.push((key, t));
+            }
+        }
+        self.parents.remove(&pid);
+        self.syscalls.remove(&pid);
+    }
+
+    /// Syscalls per second of a probed process.
+    pub fn syscall_rate(&self, pid: u32) -> Option<f64> {
+        self.syscalls
+            .get(&pid)
+            .map(|(_, r)| *r)
+            .filter(|r| *r > 0.0)
+    }
+
+    /// Evaluates every flow and roll-up at `now`; returns what changed,
+    /// in a stable order.
+    pub fn tick(&mut self, now: u64) -> Vec<VerdictChange> {
+        self.now = self.now.max(now);
+        let now = self.now;
+        let mut changes = Vec::new();
+        let cfg = self.cfg.clone();
+
+        for (key, t) in self.flows.iter_mut() {
+            let a = t.sig.assess(now, &cfg);
+            let rate = self
+                .syscalls
+                .get(&key.pid)
+                .map(|(_, r)| *r)
+                .filter(|r| *r > 0.0);
+            let who = format!("{} (pid {})", t_comm(t), key.pid);
+            report(
+                &mut changes,
+                t,
+                &a,
+                now,
+                &cfg,
+                Subject::Flow {
+                    pid: key.pid,
+                    dest: key.dest,
+                },
+                || who.clone(),
+                rate,
+            );
+        }
+        for (key, t) in self.ended.iter_mut() {
+            let a = t.sig.assess(now, &cfg);
+            let who = format!("{} (pid {}, exited)", t_comm(t), key.pid);
+            report(
+                &mut changes,
+                t,
+                &a,
+                now,
+                &cfg,
+                Subject::Flow {
+                    pid: key.pid,
+                    dest: key.dest,
+                },
+                || who.clone(),
+                None,
+            );
+        }
+        self.ended
+            .retain(|(_, t)| !matches!(t.state, State::Healthy | State::Resolved));
+
+        for (key, r) in self.rollups.iter_mut() {
+            let mut a = r.t.sig.assess(now, &cfg);
+            let pids = r.active_pids(now);
+            // One process is its own flow; a roll-up needs several.
+            if pids < cfg.rollup_min_pids {
+                a.storm = false;
+                a.suspect = false;
+            }
+            let (subject, who) = match *key {
+                RollupKey::Parent(ppid, dest) => (
+                    Subject::Parent { ppid, dest },
+                    format!("{pids} child processes of pid {ppid} ({})", t_comm(&r.t)),
+                ),
+                RollupKey::Cgroup(cgroup, dest) => (
+                    Subject::Cgroup { cgroup, dest },
+                    format!("{pids} processes of cgroup {cgroup}"),
+                ),
+            };
+            report(
+                &mut changes,
+                &mut r.t,
+                &a,
+                now,
+                &cfg,
+                subject,
+                || who.clone(),
+                None,
+            );
+        }
+        self.evict(now);
+        changes.sort_by_key(|a| a.subject);
+        changes
+    }
+
+    /// Drops idle healthy flows and roll-ups, and the least recently active
+    /// healthy flows beyond `max_flows`.
+    fn evict(&mut self, now: u64) {
+        let idle = |t: &Tracked| {
+            matches!(t.state, State::Healthy | State::Resolved)
+                && now.saturating_sub(t.sig.last_ns) > self.cfg.run_gap_ms * 1_000_000
+        };
+        let mut gone = Vec::new();
+        self.flows.retain(|k, t| {
+            let keep = !idle(t);
+            if !keep {
+                gone.push(*k);
+            }
+            keep
+        });
+        self.rollups.retain(|_, r| !idle(&r.t));
+        if self.flows.len() > self.cfg.max_flows {
+            let mut healthy: Vec<(u64, FlowKey)> = self
+                .flows
+                .iter()
+                .filter(|(_, t)| matches!(t.state, State::Healthy | State::Resolved))
+                .map(|(k, t)| (t.sig.last_ns, *k))
+                .collect();
+            healthy.sort_unstable();
+            let excess = self.flows.len() - self.cfg.max_flows;
+            for (_, k) in healthy.into_iter().take(excess) {
+                self.flows.remove(&k);
+                gone.push(k);
+            }
+        }
+        for k in gone {
+            if let Some(v) = self.by_pid.get_mut(&k.pid) {
+                v.retain(|d| *d != k.dest);
+                if v.is_empty() {
+                    self.by_pid.remove(&k.pid);
+                }
+            }
+        }
+    }
+
+    /// The current verdict of a flow, if it is tracked.
+    pub fn verdict(&self, pid: u32, dest: &Destination) -> Option<Verdict> {
+        let t = self.flows.get(&FlowKey { pid, dest: *dest })?;
+        let a = t.sig.assess(self.now, &self.cfg);
+        Some(Verdict {
+            state: t.state,
+            score: t.score,
+            persistent_failure: t.persistent,
+            explanation: explain(
+                &format!("{} (pid {pid})", t_comm(t)),
+                dest,
+                &t.sig,
+                &a,
+                self.syscall_rate(pid),
+                &self.cfg,
+            ),
+        })
+    }
+
+    /// Every flow and roll-up that is not healthy, highest score first.
+    pub fn alerts(&self) -> Vec<(Subject, Verdict)> {
+        let now = self.now;
+        let mut out = Vec::new();
+        for (k, t) in &self.flows {
+            if (t.state != State::Healthy || t.persistent)
+                && let Some(v) = self.verdict(k.pid, &k.dest)
+            {
+                out.push((
+                    Subject::Flow {
+                        pid: k.pid,
+                        dest: k.dest,
+                    },
+                    v,
+                ));
+            }
+        }
+        for (key, r) in &self.rollups {
+            if r.t.state == State::Healthy {
+                continue;
+            }
+            let a = r.t.sig.assess(now, &self.cfg);
+            let pids = r.active_pids(now);
+            let (subject, who) = match *key {
+                RollupKey::Parent(ppid, dest) => (
+                    Subject::Parent { ppid, dest },
+                    format!("{pids} child processes of pid {ppid} ({})", t_comm(&r.t)),
+                ),
+                RollupKey::Cgroup(cgroup, dest) => (
+                    Subject::Cgroup { cgroup, dest },
+                    format!("{pids} processes of cgroup {cgroup}"),
+                ),
+            };
+            out.push((
+                subject,
+                Verdict {
+                    state: r.t.state,
+                    score: r.t.score,
+                    persistent_failure: r.t.persistent,
+                    explanation: explain(&who, &subject.dest(), &r.t.sig, &a, None, &self.cfg),
+                },
+            ));
+        }
+        out.sort_by(|a, b| b.1.score.cmp(&a.1.score).then(a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Processes that are suspect or storming, alone or as members of a
+    /// suspect roll-up: the ones the on-demand probes should look at.
+    pub fn suspects(&self) -> Vec<u32> {
+        let hot = |s: State| matches!(s, State::Suspect | State::Storm);
+        let mut v: Vec<u32> = self
+            .flows
+            .iter()
+            .filter(|(_, t)| hot(t.state))
+            .map(|(k, _)| k.pid)
+            .collect();
+        for r in self.rollups.values().filter(|r| hot(r.t.state)) {
+            v.extend(
+                r.members
+                    .iter()
+                    .filter(|(p, ts)| {
+                        *ts > 0 && self.now.saturating_sub(*ts) <= WINDOW_NS && *p > 0
+                    })
+                    .map(|(p, _)| *p),
+            );
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Bytes one tracked flow costs, table overhead included (for the bench).
+    pub fn bytes_per_flow() -> usize {
+        // Entry plus hashbrown's control byte, at its worst load factor (7/8).
+        (std::mem::size_of::<(FlowKey, Tracked)>() + 1) * 8 / 7 + std::mem::size_of::<Destination>()
+    }
+}
+
+fn t_comm(t: &Tracked) -> String {
+    t.comm.to_string()
+}
+
+/// Steps the state machine and records a change (or a newly persistent
+/// failure) with its explanation. Explanations are built only here, so the
+/// per-observation path never allocates.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    changes: &mut Vec<VerdictChange>,
+    t: &mut Tracked,
+    a: &Assessment,
+    now: u64,
+    cfg: &DetectConfig,
+    subject: Subject,
+    who: impl Fn() -> String,
+    syscalls: Option<f64>,
+) {
+    let changed = t.step(a, now, cfg);
+    let newly_persistent = a.persistent && !t.persistent;
+    t.persistent = a.persistent;
+    if changed.is_none() && !newly_persistent {
+        return;
+    }
+    let from = changed.unwrap_or(t.state);
+    changes.push(VerdictChange {
+        ts_ns: now,
+        subject,
+        comm: t.comm,
+        from,
+        to: t.state,
+        score: t.score,
+        run_start_ns: t.sig.run_start_ns,
+        persistent_failure: t.persistent,
+        explanation: explain(&who(), &subject.dest(), &t.sig, a, syscalls, cfg),
+    });
+}

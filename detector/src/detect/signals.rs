@@ -1,0 +1,257 @@
+//! What one flow (or roll-up) did: windowed counts, gaps, run totals, the
+//! failure mix and the last request, and the assessment made from them.
+use super::{
+    config::DetectConfig,
+    window::{Counts, Gaps, WINDOW_NS, Window},
+};
+
+/// A failure that has no errno of its own.
+pub mod label {
+    /// Closed in SYN_SENT without an error report.
+    pub const CLOSED: i32 = -1;
+    /// Never reached SYN_SENT, errno unknown.
+    pub const BEFORE_SYN: i32 = -2;
+    /// Established, then closed young with no response bytes.
+    pub const NO_RESPONSE: i32 = -3;
+
+    /// How a failure code reads in an explanation.
+    pub fn name(code: i32) -> String {
+        match code {
+            CLOSED => crate::flows::CLOSED_IN_SYN_SENT.to_string(),
+            BEFORE_SYN => crate::flows::FAILED_BEFORE_SYN.to_string(),
+            NO_RESPONSE => "closed with no response".to_string(),
+            errno => crate::flows::errno_name(errno),
+        }
+    }
+}
+
+/// The most frequent failure kinds, at most four (plus "other").
+#[derive(Debug, Clone, Default)]
+pub struct ErrorMix {
+    top: [(i32, u32); 4],
+    other: u32,
+}
+
+impl ErrorMix {
+    pub fn add(&mut self, code: i32) {
+        if let Some(slot) = self.top.iter_mut().find(|(c, n)| *c == code && *n > 0) {
+            slot.1 = slot.1.saturating_add(1);
+        } else if let Some(slot) = self.top.iter_mut().find(|(_, n)| *n == 0) {
+            *slot = (code, 1);
+        } else {
+            self.other = self.other.saturating_add(1);
+        }
+    }
+
+    /// The most frequent kind and its count.
+    pub fn main(&self) -> Option<(i32, u32)> {
+        self.top
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .max_by_key(|(c, n)| (*n, std::cmp::Reverse(*c)))
+            .copied()
+    }
+
+    /// Every kind with its count, most frequent first.
+    pub fn all(&self) -> Vec<(i32, u32)> {
+        let mut v: Vec<(i32, u32)> = self.top.iter().copied().filter(|(_, n)| *n > 0).collect();
+        v.sort_by_key(|(c, n)| (std::cmp::Reverse(*n), *c));
+        v
+    }
+}
+
+/// The last request seen, to tell a repeat from a new one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Request {
+    sent: u32,
+    received: u32,
+    fingerprint: u64,
+}
+
+/// Accumulated signals of one flow or roll-up.
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    pub window: Window,
+    pub gaps: Gaps,
+    pub errors: ErrorMix,
+    /// First and last attempt of the current run (a run ends after a gap
+    /// longer than `run_gap_ms`).
+    pub run_start_ns: u64,
+    pub last_ns: u64,
+    pub run_attempts: u64,
+    pub run_failures: u64,
+    pub run_requests: u64,
+    last_request: Option<Request>,
+    /// Lengths of the last request and its response, for explanations.
+    pub last_sent: u32,
+    pub last_received: u32,
+}
+
+impl Signals {
+    /// One attempt (connect, request, datagram); `failure` is its failure
+    /// code if it failed.
+    pub fn attempt(&mut self, ts: u64, failure: Option<i32>, cfg: &DetectConfig) {
+        if self.run_attempts == 0 || ts.saturating_sub(self.last_ns) > cfg.run_gap_ms * 1_000_000 {
+            self.run_start_ns = ts;
+            self.run_attempts = 0;
+            self.run_failures = 0;
+            self.run_requests = 0;
+            self.errors = ErrorMix::default();
+            self.gaps.clear();
+            self.last_request = None;
+        } else {
+            self.gaps.push(ts.saturating_sub(self.last_ns));
+        }
+        self.last_ns = self.last_ns.max(ts);
+        self.run_attempts += 1;
+        let c = self.window.at(ts);
+        c.attempts = c.attempts.saturating_add(1);
+        if let Some(code) = failure {
+            c.failures = c.failures.saturating_add(1);
+            self.run_failures += 1;
+            self.errors.add(code);
+        }
+    }
+
+    /// A failure that is not an attempt of its own (a connection that
+    /// ended young with no response: the connect was already counted).
+    pub fn failure(&mut self, ts: u64, code: i32) {
+        let c = self.window.at(ts);
+        c.failures = c.failures.saturating_add(1);
+        self.run_failures += 1;
+        self.errors.add(code);
+    }
+
+    /// The lengths (and fingerprint, 0 if none) of a request and its
+    /// response, compared with the one before. Call after `attempt`.
+    pub fn request(&mut self, ts: u64, sent: u32, received: u32, fingerprint: u64) {
+        let req = Request {
+            sent,
+            received,
+            fingerprint,
+        };
+        let c = self.window.at(ts);
+        c.requests = c.requests.saturating_add(1);
+        if let Some(prev) = self.last_request
+            && prev.sent == sent
+            && prev.received == received
+        {
+            c.same_length = c.same_length.saturating_add(1);
+            if fingerprint != 0 && prev.fingerprint == fingerprint {
+                c.same_content = c.same_content.saturating_add(1);
+            }
+        }
+        self.last_request = Some(req);
+        self.run_requests += 1;
+        self.last_sent = sent;
+        self.last_received = received;
+    }
+
+    /// A UDP reply.
+    pub fn reply(&mut self, ts: u64) {
+        let c = self.window.at(ts);
+        c.replies = c.replies.saturating_add(1);
+    }
+
+    /// What the signals say at `now`.
+    pub fn assess(&self, now: u64, cfg: &DetectConfig) -> Assessment {
+        let w: Counts = self.window.sum(now);
+        let rate = w.attempts as f64 * 1e9 / WINDOW_NS as f64;
+        let ratio = |n: u32, d: u32| {
+            if d == 0 {
+                0.0
+            } else {
+                (n as f64 / d as f64).min(1.0)
+            }
+        };
+        let fail_ratio = ratio(w.failures, w.attempts);
+        let enough_requests = w.requests >= 5;
+        let same_length = if enough_requests {
+            ratio(w.same_length, w.requests)
+        } else {
+            0.0
+        };
+        let same_content = if enough_requests {
+            ratio(w.same_content, w.requests)
+        } else {
+            0.0
+        };
+        let growth = self.gaps.growth();
+        let backoff = growth.is_some_and(|g| g >= cfg.backoff_growth);
+        let active = now.saturating_sub(self.last_ns) <= WINDOW_NS;
+        let span_ns = if active {
+            self.last_ns.saturating_sub(self.run_start_ns)
+        } else {
+            0
+        };
+        let failing = fail_ratio >= cfg.failure_ratio;
+        let repeating = same_content >= cfg.repeat_ratio;
+        let looks_failing = fail_ratio >= 0.5 || same_length >= cfg.repeat_ratio;
+        let storm = rate >= cfg.storm_rate
+            && span_ns >= cfg.min_span_ms * 1_000_000
+            && (failing || repeating)
+            && !backoff;
+        let suspect = rate >= cfg.suspect_rate && looks_failing && !backoff;
+        let calm = rate < cfg.storm_rate / 2.0 || !looks_failing || backoff;
+        let run_span = self.last_ns.saturating_sub(self.run_start_ns);
+        let persistent = self.run_attempts >= 3
+            && run_span >= cfg.persistent_ms * 1_000_000
+            && self.run_failures as f64 >= cfg.failure_ratio * self.run_attempts as f64;
+        Assessment {
+            window: w,
+            rate,
+            fail_ratio,
+            same_length,
+            same_content,
+            growth,
+            backoff,
+            span_ns,
+            storm,
+            suspect,
+            calm,
+            persistent,
+            repeating,
+        }
+    }
+}
+
+/// The signals of a flow at one instant, and what they amount to.
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    pub window: Counts,
+    /// Attempts per second over the last second.
+    pub rate: f64,
+    pub fail_ratio: f64,
+    pub same_length: f64,
+    pub same_content: f64,
+    pub growth: Option<f64>,
+    pub backoff: bool,
+    pub span_ns: u64,
+    /// Storm criteria met.
+    pub storm: bool,
+    /// Suspect criteria met.
+    pub suspect: bool,
+    /// Clearly below storm criteria (the way out of a storm is wider than
+    /// the way in, so a flow does not flap).
+    pub calm: bool,
+    /// Failing for a long time, at any rate.
+    pub persistent: bool,
+    /// The same request (by content) over and over.
+    pub repeating: bool,
+}
+
+impl Assessment {
+    /// 0–100: how storm-like, for ranking.
+    pub fn score(&self, cfg: &DetectConfig) -> u8 {
+        let rate = (self.rate / cfg.storm_rate).min(1.0);
+        let evidence = self
+            .fail_ratio
+            .max(self.same_content)
+            .max(self.same_length * 0.5);
+        let mut s = rate * 50.0 + evidence * 50.0;
+        if self.backoff {
+            s /= 2.0;
+        }
+        s.round().clamp(0.0, 100.0) as u8
+    }
+}

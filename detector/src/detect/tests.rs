@@ -1,0 +1,336 @@
+//! Engine behaviour on synthetic traces, with exact times on the injected
+//! clock.
+use super::{
+    DetectConfig, Engine, State, Subject,
+    synthetic::{dest, failing_client, refused, run, time_to_storm, times},
+};
+use crate::ingest::{Comm, Observation, Proto};
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000_000_000;
+
+#[test]
+fn a_tight_refused_loop_is_a_storm_within_a_second_with_an_explanation() {
+    let changes = failing_client(std::iter::repeat_n(MS, 3000));
+    let t = time_to_storm(&changes).expect("storm");
+    assert!(t <= SEC, "flagged after {} ms", t / MS);
+    let storm = changes.iter().find(|c| c.to == State::Storm).unwrap();
+    assert_eq!(storm.from, State::Suspect);
+    assert!(
+        storm
+            .explanation
+            .starts_with("client (pid 4242) → 127.0.0.1:8080: "),
+        "{}",
+        storm.explanation
+    );
+    assert!(
+        storm
+            .explanation
+            .ends_with("100% ECONNREFUSED, median gap 1 ms, no backoff"),
+        "{}",
+        storm.explanation
+    );
+    // It stops: recovering, then resolved 5 s later.
+    let states: Vec<State> = changes.iter().map(|c| c.to).collect();
+    assert_eq!(
+        states,
+        [
+            State::Suspect,
+            State::Storm,
+            State::Recovering,
+            State::Resolved
+        ]
+    );
+}
+
+#[test]
+fn a_fixed_10ms_retry_is_a_storm_within_two_seconds() {
+    let t = time_to_storm(&failing_client(std::iter::repeat_n(10 * MS, 400))).expect("storm");
+    assert!(t <= 2 * SEC, "{} ms", t / MS);
+}
+
+#[test]
+fn a_1s_retry_forever_is_a_persistent_failure_never_a_storm() {
+    let changes = failing_client(std::iter::repeat_n(SEC, 20));
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+    let p = changes
+        .iter()
+        .find(|c| c.persistent_failure)
+        .expect("flagged as persistent");
+    assert!(
+        p.explanation.ends_with(": persistent failure"),
+        "{}",
+        p.explanation
+    );
+    assert!(
+        p.explanation.contains("median gap 1.0 s"),
+        "{}",
+        p.explanation
+    );
+}
+
+#[test]
+fn exponential_backoff_is_never_a_storm() {
+    // 100 ms ×2 with ±20% jitter from a fixed pseudo-random sequence.
+    let jitter = [0.9, 1.15, 0.82, 1.2, 1.0, 0.85, 1.1, 0.95];
+    let gaps = (0..8).map(|i| (100.0 * 2f64.powi(i) * jitter[i as usize]) as u64 * MS);
+    let changes = failing_client(gaps);
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn a_burst_that_stops_is_not_a_storm() {
+    // 50 connections refused at once (a pool after a restart), then nothing.
+    let changes = failing_client(std::iter::repeat_n(100_000, 49));
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn busy_healthy_traffic_is_never_suspect() {
+    let d = dest(80);
+    let obs: Vec<Observation> = times(SEC, std::iter::repeat_n(500_000, 10_000))
+        .into_iter()
+        .map(|t| Observation::Connect {
+            ts_ns: t,
+            start_ns: t,
+            pid: 1,
+            comm: Comm::from("ok"),
+            cgroup: 1,
+            dest: d,
+            outcome: crate::ingest::ConnectOutcome::Established,
+            rst: false,
+            syn_retransmits: 0,
+        })
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &obs, SEC);
+    assert!(changes.is_empty(), "{changes:#?}");
+}
+
+fn exchange(ts: u64, pid: u32, fingerprint: u64, sent: u32) -> Observation {
+    Observation::Exchange {
+        ts_ns: ts,
+        pid,
+        comm: Comm::from("http"),
+        cgroup: 1,
+        dest: dest(80),
+        sent,
+        received: 57,
+        fingerprint,
+    }
+}
+
+#[test]
+fn the_same_request_and_response_repeated_is_a_storm_once_fingerprinted() {
+    let ts = times(SEC, std::iter::repeat_n(MS, 3000));
+    // Lengths only (probes not attached yet): suspect, never storm.
+    let unprobed: Vec<Observation> = ts.iter().map(|t| exchange(*t, 7, 0, 35)).collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &unprobed, SEC);
+    assert_eq!(changes[0].to, State::Suspect);
+    assert!(time_to_storm(&changes).is_none());
+    assert!(
+        changes[0]
+            .explanation
+            .contains("same-length 35 B request answered with 57 B")
+    );
+    // With fingerprints, identical content: storm.
+    let same: Vec<Observation> = ts.iter().map(|t| exchange(*t, 7, 0xabc, 35)).collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &same, SEC);
+    let t = time_to_storm(&changes).expect("storm");
+    assert!(t <= SEC, "{} ms", t / MS);
+    let storm = changes.iter().find(|c| c.to == State::Storm).unwrap();
+    assert!(
+        storm
+            .explanation
+            .contains("100% the same 35 B request answered with 57 B"),
+        "{}",
+        storm.explanation
+    );
+    // Distinct content of the same length: healthy keep-alive.
+    let distinct: Vec<Observation> = ts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| exchange(*t, 7, i as u64 + 1, 35))
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &distinct, SEC);
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn short_lived_children_roll_up_to_their_parent_and_cgroup() {
+    let d = dest(9000);
+    let mut obs = Vec::new();
+    // A parent (pid 100) starts a child every 25 ms; each connects once.
+    for (i, t) in times(SEC, std::iter::repeat_n(25 * MS, 120))
+        .into_iter()
+        .enumerate()
+    {
+        let child = 1000 + i as u32;
+        obs.push(Observation::Fork {
+            ts_ns: t,
+            parent: 100,
+            child,
+            comm: Comm::from("spawner"),
+        });
+        obs.push(refused(t + MS, child, d));
+        obs.push(Observation::Exit {
+            ts_ns: t + 2 * MS,
+            pid: child,
+            tid: child,
+            group_dead: true,
+        });
+    }
+    let changes = run(&mut Engine::new(DetectConfig::default()), &obs, SEC);
+    let storms: Vec<&Subject> = changes
+        .iter()
+        .filter(|c| c.to == State::Storm)
+        .map(|c| &c.subject)
+        .collect();
+    assert_eq!(
+        storms,
+        vec![
+            &Subject::Parent { ppid: 100, dest: d },
+            &Subject::Cgroup { cgroup: 1, dest: d }
+        ],
+        "{changes:#?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .all(|c| !matches!(c.subject, Subject::Flow { .. })),
+        "no single child is a storm"
+    );
+}
+
+#[test]
+fn an_exited_storm_resolves_and_a_reused_pid_starts_fresh() {
+    let d = dest(8080);
+    let mut obs: Vec<Observation> = times(SEC, std::iter::repeat_n(MS, 1500))
+        .into_iter()
+        .map(|t| refused(t, 42, d))
+        .collect();
+    let end = obs.last().unwrap().ts_ns();
+    obs.push(Observation::Exit {
+        ts_ns: end + MS,
+        pid: 42,
+        tid: 42,
+        group_dead: true,
+    });
+    let mut engine = Engine::new(DetectConfig::default());
+    let changes = run(&mut engine, &obs, 7 * SEC);
+    let states: Vec<State> = changes.iter().map(|c| c.to).collect();
+    assert_eq!(
+        states,
+        [
+            State::Suspect,
+            State::Storm,
+            State::Recovering,
+            State::Resolved
+        ]
+    );
+    assert!(
+        changes[2].explanation.contains("exited"),
+        "{}",
+        changes[2].explanation
+    );
+    assert_eq!(engine.flow_count(), 0);
+    assert!(
+        engine.verdict(42, &d).is_none(),
+        "the pid's state was dropped"
+    );
+}
+
+#[test]
+fn flows_are_capped_evicting_the_oldest_healthy() {
+    let cfg = DetectConfig {
+        max_flows: 100,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(cfg);
+    for pid in 0..500u32 {
+        engine.observe(&Observation::UdpSend {
+            ts_ns: SEC + pid as u64 * MS,
+            pid,
+            comm: Comm::from("x"),
+            cgroup: 0,
+            dest: crate::ingest::Destination {
+                proto: Proto::Udp,
+                ..dest(53)
+            },
+            bytes: 10,
+            fingerprint: 0,
+        });
+    }
+    engine.tick(2 * SEC);
+    assert_eq!(engine.flow_count(), 100);
+    // The newest survive.
+    let d = crate::ingest::Destination {
+        proto: Proto::Udp,
+        ..dest(53)
+    };
+    assert!(engine.verdict(499, &d).is_some());
+    assert!(engine.verdict(0, &d).is_none());
+}
+
+#[test]
+fn same_input_same_output() {
+    let a = failing_client(std::iter::repeat_n(3 * MS, 1000));
+    let b = failing_client(std::iter::repeat_n(3 * MS, 1000));
+    assert_eq!(a, b);
+    assert!(!a.is_empty());
+}
+
+#[test]
+fn a_flow_costs_less_than_a_kilobyte() {
+    let bytes = Engine::bytes_per_flow();
+    assert!(bytes <= 1024, "{bytes} bytes per flow");
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Any always-failing client that backs off — base 10 ms to 1 s,
+        /// factor 1.5 to 3, with up to ±20% jitter — is never a storm.
+        #[test]
+        fn backing_off_is_never_a_storm(
+            base_ms in 10u64..=1000,
+            factor in 1.5f64..=3.0,
+            jitter in proptest::collection::vec(0.8f64..=1.2, 12),
+        ) {
+            let mut gap = base_ms as f64 * MS as f64;
+            let mut gaps = Vec::new();
+            let mut total = 0u64;
+            for j in &jitter {
+                let g = (gap * j) as u64;
+                total += g;
+                if total > 60 * SEC {
+                    break;
+                }
+                gaps.push(g);
+                gap *= factor;
+            }
+            let changes = failing_client(gaps);
+            prop_assert!(time_to_storm(&changes).is_none(), "{:#?}", changes);
+        }
+
+        /// Any failing loop without backoff at ≥ 20 attempts/s for ≥ 2 s —
+        /// steady or jittered ±30% — is always a storm, within those 2 s.
+        #[test]
+        fn a_loop_without_backoff_is_always_a_storm(
+            rate in 20.0f64..=2000.0,
+            secs in 2.0f64..=4.0,
+            jitter in proptest::collection::vec(0.7f64..=1.3, 64),
+        ) {
+            let gap = 1e9 / rate;
+            let n = (rate * secs) as usize;
+            let gaps: Vec<u64> = (0..n).map(|i| (gap * jitter[i % jitter.len()]) as u64).collect();
+            let changes = failing_client(gaps);
+            let t = time_to_storm(&changes);
+            prop_assert!(t.is_some_and(|t| t <= 2 * SEC), "rate {} → {:?}", rate, t);
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Verdicts: the state of a flow or roll-up, and the one line that says why.
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    config::DetectConfig,
+    signals::{Assessment, Signals, label},
+};
+use crate::ingest::{Comm, Destination, Proto};
+
+/// Where a flow is in its life. healthy → suspect → storm → recovering →
+/// resolved; a resolved flow that storms again is a new storm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Healthy,
+    Suspect,
+    Storm,
+    Recovering,
+    Resolved,
+}
+
+impl State {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::Suspect => "suspect",
+            State::Storm => "storm",
+            State::Recovering => "recovering",
+            State::Resolved => "resolved",
+        }
+    }
+}
+
+/// What a verdict is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Subject {
+    /// One process towards one destination.
+    Flow { pid: u32, dest: Destination },
+    /// All children of one parent towards one destination.
+    Parent { ppid: u32, dest: Destination },
+    /// All processes of one cgroup towards one destination.
+    Cgroup { cgroup: u64, dest: Destination },
+}
+
+impl Subject {
+    pub fn dest(&self) -> Destination {
+        match *self {
+            Subject::Flow { dest, .. }
+            | Subject::Parent { dest, .. }
+            | Subject::Cgroup { dest, .. } => dest,
+        }
+    }
+}
+
+/// A change of state, as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictChange {
+    pub ts_ns: u64,
+    pub subject: Subject,
+    pub comm: Comm,
+    pub from: State,
+    pub to: State,
+    pub score: u8,
+    /// Start of the run of attempts this verdict is about (time to flag =
+    /// `ts_ns - run_start_ns`).
+    pub run_start_ns: u64,
+    pub persistent_failure: bool,
+    pub explanation: String,
+}
+
+/// A verdict as shown by `watch`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub state: State,
+    pub score: u8,
+    pub persistent_failure: bool,
+    pub explanation: String,
+}
+
+fn duration(ns: u64) -> String {
+    let s = ns as f64 / 1e9;
+    if s >= 1.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{:.0} ms", s * 1e3)
+    }
+}
+
+fn gap(us: u32) -> String {
+    if us >= 1_000_000 {
+        format!("{:.1} s", us as f64 / 1e6)
+    } else if us >= 1_000 {
+        format!("{} ms", us / 1_000)
+    } else {
+        format!("{:.1} ms", us as f64 / 1e3)
+    }
+}
+
+/// The one line: who, where, how many in how long, failing how, how fast,
+/// and whether it backs off. Numbers are the current run's.
+pub fn explain(
+    who: &str,
+    dest: &Destination,
+    sig: &Signals,
+    a: &Assessment,
+    syscalls_per_s: Option<f64>,
+    cfg: &DetectConfig,
+) -> String {
+    let mut s = String::with_capacity(160);
+    let noun = match (dest.proto, sig.run_requests > 0) {
+        (Proto::Udp, _) => "datagrams",
+        (Proto::Tcp, true) => "requests",
+        (Proto::Tcp, false) => "attempts",
+    };
+    let span = sig.last_ns.saturating_sub(sig.run_start_ns);
+    let _ = write!(
+        s,
+        "{who} → {dest}: {} {noun} in {}",
+        sig.run_attempts,
+        duration(span.max(1))
+    );
+    if a.repeating || (a.same_length >= cfg.repeat_ratio && sig.run_failures == 0) {
+        let what = if a.repeating {
+            "the same"
+        } else {
+            "same-length"
+        };
+        match dest.proto {
+            Proto::Tcp => {
+                let _ = write!(
+                    s,
+                    ", {:.0}% {what} {} B request answered with {} B",
+                    a.same_content.max(a.same_length) * 100.0,
+                    sig.last_sent,
+                    sig.last_received
+                );
+            }
+            Proto::Udp => {
+                let _ = write!(
+                    s,
+                    ", {:.0}% {what} {} B datagram, {} replies in the last second",
+                    a.same_content.max(a.same_length) * 100.0,
+                    sig.last_sent,
+                    a.window.replies
+                );
+            }
+        }
+    } else if sig.run_failures > 0 {
+        let pct = 100.0 * sig.run_failures as f64 / sig.run_attempts.max(1) as f64;
+        let main = sig
+            .errors
+            .main()
+            .map(|(c, _)| label::name(c))
+            .unwrap_or_default();
+        if pct >= 99.5 {
+            let _ = write!(s, ", 100% {main}");
+        } else {
+            let _ = write!(s, ", {pct:.0}% failed, mostly {main}");
+        }
+    } else {
+        let _ = write!(s, ", no failures");
+    }
+    if let Some(g) = sig.gaps.median_us() {
+        let _ = write!(s, ", median gap {}", gap(g));
+    }
+    match a.growth {
+        Some(g) if g >= cfg.backoff_growth => {
+            let _ = write!(s, ", backing off (gaps ×{g:.1})");
+        }
+        Some(g) if g >= 1.15 => {
+            let _ = write!(s, ", gaps growing slowly (×{g:.1})");
+        }
+        Some(_) => s.push_str(", no backoff"),
+        None => {}
+    }
+    if let Some(r) = syscalls_per_s {
+        let _ = write!(s, ", {:.0} syscalls/s", r);
+    }
+    if a.persistent && !a.storm {
+        s.push_str(": persistent failure");
+    }
+    s
+}

@@ -1,0 +1,212 @@
+//! Fixed-size signal windows: counts per 100 ms over the last second, and
+//! the last gaps between attempts. No allocation, so a flow costs the same
+//! few hundred bytes however busy it is.
+
+/// Width of one bucket.
+pub const BUCKET_NS: u64 = 100_000_000;
+/// Buckets in the window: the window is one second.
+pub const BUCKETS: usize = 10;
+/// Length of the window.
+pub const WINDOW_NS: u64 = BUCKET_NS * BUCKETS as u64;
+
+/// Counts of one 100 ms slice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Connects, requests and datagrams sent.
+    pub attempts: u32,
+    /// Attempts that failed (errno, RST, timeout, closed before an answer)
+    /// and connections that ended young with no response.
+    pub failures: u32,
+    /// Requests (TCP exchanges, UDP datagrams) that had lengths to compare.
+    pub requests: u32,
+    /// Requests with the same lengths as the one before.
+    pub same_length: u32,
+    /// Requests with the same content fingerprint as the one before.
+    pub same_content: u32,
+    /// UDP replies received.
+    pub replies: u32,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.attempts = self.attempts.saturating_add(o.attempts);
+        self.failures = self.failures.saturating_add(o.failures);
+        self.requests = self.requests.saturating_add(o.requests);
+        self.same_length = self.same_length.saturating_add(o.same_length);
+        self.same_content = self.same_content.saturating_add(o.same_content);
+        self.replies = self.replies.saturating_add(o.replies);
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Which 100 ms slice of time this bucket holds (ts / BUCKET_NS).
+    slice: u32,
+    counts: Counts,
+}
+
+/// Counts over the last second, in 100 ms buckets reused in a ring.
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    buckets: [Bucket; BUCKETS],
+}
+
+impl Window {
+    /// The bucket for time `ts`, cleared if it held an older slice.
+    pub fn at(&mut self, ts: u64) -> &mut Counts {
+        let slice = (ts / BUCKET_NS) as u32;
+        let b = &mut self.buckets[slice as usize % BUCKETS];
+        if b.slice != slice {
+            *b = Bucket {
+                slice,
+                counts: Counts::default(),
+            };
+        }
+        &mut b.counts
+    }
+
+    /// Sum of the buckets within the second ending at `now`.
+    pub fn sum(&self, now: u64) -> Counts {
+        let newest = (now / BUCKET_NS) as u32;
+        let oldest = newest.saturating_sub(BUCKETS as u32 - 1);
+        let mut total = Counts::default();
+        for b in &self.buckets {
+            if b.slice >= oldest && b.slice <= newest {
+                total.add(&b.counts);
+            }
+        }
+        total
+    }
+}
+
+/// How many gaps are kept.
+pub const GAPS: usize = 32;
+
+/// The last gaps between attempts, in microseconds.
+#[derive(Debug, Clone)]
+pub struct Gaps {
+    gaps: [u32; GAPS],
+    next: u8,
+    len: u8,
+}
+
+impl Default for Gaps {
+    fn default() -> Self {
+        Gaps {
+            gaps: [0; GAPS],
+            next: 0,
+            len: 0,
+        }
+    }
+}
+
+impl Gaps {
+    pub fn push(&mut self, gap_ns: u64) {
+        self.gaps[self.next as usize] = (gap_ns / 1_000).min(u32::MAX as u64) as u32;
+        self.next = ((self.next as usize + 1) % GAPS) as u8;
+        self.len = (self.len as usize + 1).min(GAPS) as u8;
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.next = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Gaps oldest first.
+    fn ordered(&self, out: &mut [u32; GAPS]) -> usize {
+        let n = self.len as usize;
+        let start = (self.next as usize + GAPS - n) % GAPS;
+        for (i, slot) in out.iter_mut().enumerate().take(n) {
+            *slot = self.gaps[(start + i) % GAPS];
+        }
+        n
+    }
+
+    /// Median gap in microseconds.
+    pub fn median_us(&self) -> Option<u32> {
+        let mut buf = [0u32; GAPS];
+        let n = self.ordered(&mut buf);
+        median(&mut buf[..n])
+    }
+
+    /// Growth of the gaps: median of the newer half over the older half.
+    /// Near 1 for a steady loop (with or without jitter), ≥ 1.5 for
+    /// exponential backoff. None with fewer than 6 gaps.
+    pub fn growth(&self) -> Option<f64> {
+        let mut buf = [0u32; GAPS];
+        let n = self.ordered(&mut buf);
+        if n < 6 {
+            return None;
+        }
+        let (older, newer) = buf[..n].split_at_mut(n / 2);
+        let old = median(older)? as f64;
+        let new = median(newer)? as f64;
+        Some((new + 1.0) / (old + 1.0))
+    }
+}
+
+fn median(v: &mut [u32]) -> Option<u32> {
+    if v.is_empty() {
+        return None;
+    }
+    let mid = v.len() / 2;
+    let (_, m, _) = v.select_nth_unstable(mid);
+    Some(*m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_sums_the_last_second_only() {
+        let mut w = Window::default();
+        for i in 0..30u64 {
+            // one attempt every 100 ms for 3 s
+            w.at(i * BUCKET_NS).attempts += 1;
+        }
+        let now = 29 * BUCKET_NS + 1;
+        assert_eq!(w.sum(now).attempts, 10);
+        // 5 s later nothing is left.
+        assert_eq!(w.sum(now + 5 * WINDOW_NS).attempts, 0);
+    }
+
+    #[test]
+    fn steady_gaps_do_not_grow_and_backoff_does() {
+        let mut steady = Gaps::default();
+        for i in 0..20 {
+            // 10 ms ± 2 ms of jitter
+            steady.push(10_000_000 + (i % 5) * 1_000_000 - 2_000_000);
+        }
+        let g = steady.growth().unwrap();
+        assert!((0.8..1.25).contains(&g), "{g}");
+        assert_eq!(steady.median_us(), Some(10_000));
+
+        let mut backoff = Gaps::default();
+        let mut gap = 100_000_000u64;
+        for _ in 0..8 {
+            backoff.push(gap);
+            gap *= 2;
+        }
+        assert!(backoff.growth().unwrap() > 4.0);
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_gaps() {
+        let mut g = Gaps::default();
+        for i in 0..100u64 {
+            g.push(i * 1_000);
+        }
+        assert_eq!(g.len(), GAPS);
+        assert_eq!(g.median_us(), Some(84));
+        assert!(Gaps::default().growth().is_none());
+    }
+}
