@@ -198,6 +198,12 @@ pub fn floor_exit_connect(_ctx: TracePointContext) -> u32 {
     0
 }
 
+#[tracepoint]
+pub fn floor_recv_length(_ctx: TracePointContext) -> u32 {
+    floor::hit(floor::RECV_LENGTH);
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
