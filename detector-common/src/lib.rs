@@ -76,7 +76,7 @@ pub mod tcp_state {
 }
 
 /// One record in the `EVENTS` ring buffer. Fixed size: one reserve per event,
-/// no length field to trust. 96 bytes, align 8.
+/// no length field to trust. 104 bytes, align 8.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -91,6 +91,9 @@ pub struct Event {
     pub cgroup: u64,
     /// Content fingerprint of a request, 0 when none was taken.
     pub hash: u64,
+    /// Which socket (a salted hash of its kernel address, so no kernel
+    /// pointer leaves the kernel): repetition is judged per connection.
+    pub sock: u64,
     /// Process (thread group) id.
     pub tgid: u32,
     /// Kind-specific: child pid (fork), thread id (exit), bytes (UDP send),
@@ -126,6 +129,7 @@ impl Event {
             netns: 0,
             cgroup: 0,
             hash: 0,
+            sock: 0,
             tgid: 0,
             aux: 0,
             aux2: 0,

@@ -8,25 +8,26 @@ use detector_common::{Conn, Event, Fingerprint, MsgDest, Offsets, TupleKey, UdpD
 
 #[test]
 fn event_layout() {
-    assert_eq!(size_of::<Event>(), 96);
+    assert_eq!(size_of::<Event>(), 104);
     assert_eq!(align_of::<Event>(), 8, "ring buffer items must align ≤ 8");
     assert_eq!(offset_of!(Event, ts_ns), 0);
     assert_eq!(offset_of!(Event, start_ns), 8);
     assert_eq!(offset_of!(Event, netns), 16);
     assert_eq!(offset_of!(Event, cgroup), 24);
     assert_eq!(offset_of!(Event, hash), 32);
-    assert_eq!(offset_of!(Event, tgid), 40);
-    assert_eq!(offset_of!(Event, aux), 44);
-    assert_eq!(offset_of!(Event, aux2), 48);
-    assert_eq!(offset_of!(Event, errno), 52);
-    assert_eq!(offset_of!(Event, dport), 56);
-    assert_eq!(offset_of!(Event, family), 58);
-    assert_eq!(offset_of!(Event, kind), 60);
-    assert_eq!(offset_of!(Event, outcome), 61);
-    assert_eq!(offset_of!(Event, flags), 62);
-    assert_eq!(offset_of!(Event, _pad), 63);
-    assert_eq!(offset_of!(Event, daddr), 64);
-    assert_eq!(offset_of!(Event, comm), 80);
+    assert_eq!(offset_of!(Event, sock), 40);
+    assert_eq!(offset_of!(Event, tgid), 48);
+    assert_eq!(offset_of!(Event, aux), 52);
+    assert_eq!(offset_of!(Event, aux2), 56);
+    assert_eq!(offset_of!(Event, errno), 60);
+    assert_eq!(offset_of!(Event, dport), 64);
+    assert_eq!(offset_of!(Event, family), 66);
+    assert_eq!(offset_of!(Event, kind), 68);
+    assert_eq!(offset_of!(Event, outcome), 69);
+    assert_eq!(offset_of!(Event, flags), 70);
+    assert_eq!(offset_of!(Event, _pad), 71);
+    assert_eq!(offset_of!(Event, daddr), 72);
+    assert_eq!(offset_of!(Event, comm), 88);
 }
 
 #[test]
@@ -49,15 +50,15 @@ fn map_key_and_value_layouts_have_no_implicit_padding() {
     assert_eq!(offset_of!(MsgDest, sk), 0);
     assert_eq!(offset_of!(MsgDest, dest), 8);
 
-    assert_eq!(size_of::<Conn>(), 96 + 32);
+    assert_eq!(size_of::<Conn>(), 104 + 32);
     assert_eq!(offset_of!(Conn, tmpl), 0);
-    assert_eq!(offset_of!(Conn, req_hash), 96);
-    assert_eq!(offset_of!(Conn, req_sent), 104);
-    assert_eq!(offset_of!(Conn, req_recv), 108);
-    assert_eq!(offset_of!(Conn, total_sent), 112);
-    assert_eq!(offset_of!(Conn, total_recv), 116);
-    assert_eq!(offset_of!(Conn, phase), 120);
-    assert_eq!(offset_of!(Conn, _pad), 124);
+    assert_eq!(offset_of!(Conn, req_hash), 104);
+    assert_eq!(offset_of!(Conn, req_sent), 112);
+    assert_eq!(offset_of!(Conn, req_recv), 116);
+    assert_eq!(offset_of!(Conn, total_sent), 120);
+    assert_eq!(offset_of!(Conn, total_recv), 124);
+    assert_eq!(offset_of!(Conn, phase), 128);
+    assert_eq!(offset_of!(Conn, _pad), 132);
 
     assert_eq!(size_of::<Fingerprint>(), 16);
     assert_eq!(offset_of!(Fingerprint, whole), 0);

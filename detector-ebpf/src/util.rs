@@ -49,6 +49,22 @@ pub static OFFSETS: Offsets = Offsets {
     xc_ret: 0,
 };
 
+/// Salt for socket ids, random per load (the loader overwrites it), so a
+/// socket id reveals nothing of the kernel address it is made from.
+#[unsafe(no_mangle)]
+pub static SOCK_SALT: u64 = 0;
+
+/// A stable, opaque id for a socket: its address salted and mixed
+/// (splitmix64's finaliser).
+#[inline(always)]
+pub fn sock_id(sk: u64) -> u64 {
+    // SAFETY: SOCK_SALT is a valid static; volatile so the loader's value is read.
+    let mut x = sk ^ unsafe { core::ptr::read_volatile(&SOCK_SALT) };
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) | 1
+}
+
 /// The offset of one tracepoint field, e.g. `off!(ss_skaddr)`. The read is
 /// volatile, or the compiler would fold in the zero default.
 macro_rules! off {

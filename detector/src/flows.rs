@@ -276,6 +276,7 @@ mod tests {
                 dest: d,
                 bytes: 40,
                 fingerprint: 0,
+                sock: 9,
             });
         }
         let rows = t.take_interval();

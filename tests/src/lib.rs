@@ -322,3 +322,142 @@ pub fn lines(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rece
     });
     rx
 }
+
+/// The live pipeline under the real sensors, recorded to a file, ticked
+/// every 100 ms like `watch` — for scenario tests that compare live
+/// verdicts with the replay of the recording.
+pub struct LiveRun {
+    pub sensors: Sensors,
+    ring: EventRing,
+    pub pipe: stormguard::pipeline::Pipeline,
+    pub recording: PathBuf,
+    pub changes: Vec<stormguard::detect::VerdictChange>,
+    next_tick: u64,
+}
+
+impl LiveRun {
+    pub fn start(what: &str) -> Option<LiveRun> {
+        let mut sensors = match Sensors::load() {
+            Ok(s) => s,
+            Err(e) => {
+                skip_or_fail(what, &e);
+                return None;
+            }
+        };
+        let ring = sensors.take_events().expect("ring buffer");
+        let mut pipe = stormguard::pipeline::Pipeline::new(
+            stormguard::detect::DetectConfig::default(),
+            stormguard::detect::probes::ProbeConfig::default(),
+            stormguard::pipeline::OnDemand::Auto,
+        );
+        let recording = std::env::temp_dir().join(format!(
+            "sg-{what}-{}-{}.jsonl",
+            std::process::id(),
+            monotonic_ns()
+        ));
+        let file = std::fs::File::create(&recording).expect("recording file");
+        pipe.record_to(Box::new(std::io::BufWriter::new(file)));
+        Some(LiveRun {
+            sensors,
+            ring,
+            pipe,
+            recording,
+            changes: Vec::new(),
+            next_tick: monotonic_ns() + stormguard::pipeline::TICK_NS,
+        })
+    }
+
+    /// Drains and ticks until `done` says so or `bound` passes; returns
+    /// whether `done` held.
+    pub fn run_until(
+        &mut self,
+        bound: Duration,
+        mut done: impl FnMut(&[stormguard::detect::VerdictChange]) -> bool,
+    ) -> bool {
+        let end = Instant::now() + bound;
+        while Instant::now() < end {
+            let pipe = &mut self.pipe;
+            self.ring.drain(|r| match r {
+                Ok(o) => pipe.observe(&o),
+                Err(_) => pipe.decode_errors += 1,
+            });
+            let now = monotonic_ns();
+            if now >= self.next_tick {
+                let changes = self.pipe.tick(&mut self.sensors, now).expect("tick");
+                self.changes.extend(changes);
+                self.next_tick = now + stormguard::pipeline::TICK_NS;
+                if done(&self.changes) {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Ends the run: flushes the recording and replays it through a fresh
+    /// engine. Returns (live changes, replayed changes).
+    pub fn finish(
+        mut self,
+    ) -> (
+        Vec<stormguard::detect::VerdictChange>,
+        Vec<stormguard::detect::VerdictChange>,
+    ) {
+        let _ = self.sensors.detach_on_demand();
+        drop(self.pipe); // flushes and closes the recording
+        let file = std::fs::File::open(&self.recording).expect("recording");
+        let replayed = stormguard::record::replay(
+            std::io::BufReader::new(file),
+            stormguard::detect::DetectConfig::default(),
+        )
+        .expect("replay");
+        let _ = std::fs::remove_file(&self.recording);
+        (self.changes, replayed)
+    }
+}
+
+/// A cgroup v2 directory for one test, removed when dropped.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(tag: &str) -> Cgroup {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+        let root = stormguard::kernel::find_cgroup2(&mounts).expect("cgroup2 mount");
+        let path = root.join(format!("sg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create cgroup");
+        Cgroup { path }
+    }
+
+    /// The cgroup id, as `bpf_get_current_cgroup_id` reports it.
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).expect("cgroup").ino()
+    }
+
+    /// A shell command line that moves itself into this cgroup, then execs.
+    pub fn exec_in(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                self.path.display()
+            ))
+            .arg(program)
+            .args(args);
+        c
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Members must be gone first; give stragglers a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

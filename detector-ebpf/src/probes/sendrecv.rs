@@ -17,7 +17,7 @@ use detector_common::{
 use super::tcp::exchange;
 use crate::{
     maps::{CONNS, FINGERPRINTS, MSG_DEST, UDP_DEST},
-    util::{cgroup, comm, current, emit, field, now, off},
+    util::{cgroup, comm, current, emit, field, now, off, sock_id},
 };
 
 /// MSG_PEEK: a peek is read again later; count it once, then.
@@ -105,6 +105,7 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
     let mut ev = Event::zeroed();
     ev.kind = kind::UDP_SEND;
     ev.aux = ret as u32;
+    ev.sock = sock_id(sk);
     fill(&mut ev, tgid, family, dest);
     ev.hash = take_fingerprint(tid, ev.dport);
     emit(&ev);
@@ -160,6 +161,7 @@ pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
             let mut ev = Event::zeroed();
             ev.kind = kind::UDP_RECV;
             ev.aux = ret as u32;
+            ev.sock = sock_id(sk);
             fill(&mut ev, current().0, family, Some(dest));
             emit(&ev);
         }

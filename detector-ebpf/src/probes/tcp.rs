@@ -14,7 +14,7 @@ use detector_common::{
 
 use crate::{
     maps::{CLOSED, CONNS, INFLIGHT, PRE_SYN},
-    util::{cgroup, comm, count, current, emit, field, now, off},
+    util::{cgroup, comm, count, current, emit, field, now, off, sock_id},
 };
 
 /// Destination address of a `sock:` record, in the shared 16-byte layout.
@@ -84,6 +84,7 @@ pub fn set_state(ctx: &TracePointContext) -> Result<(), i64> {
 fn connection_established(sk: u64, attempt: &Event) {
     let mut tmpl = *attempt;
     tmpl.start_ns = attempt.ts_ns;
+    tmpl.sock = sock_id(sk);
     let conn = Conn {
         tmpl,
         req_hash: 0,

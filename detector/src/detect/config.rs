@@ -21,9 +21,12 @@ pub struct DetectConfig {
     /// Share of requests in the last second identical to the one before
     /// (same lengths, and same content fingerprint once probed).
     pub repeat_ratio: f64,
-    /// Growth of the gaps between attempts (median of the newer half over
-    /// the older half) that counts as backoff.
+    /// Growth of the gaps between attempts (median of the newest third
+    /// over the oldest, rising through the middle one) that counts as backoff.
     pub backoff_growth: f64,
+    /// …and by at least this much: in a tight loop the gaps are tens of
+    /// microseconds and scheduling noise alone can double them.
+    pub backoff_min_step_ms: u64,
     /// A connection that ends this soon with no response bytes is a failed try.
     pub short_lived_ms: u64,
     /// A storm below its criteria this long is resolved.
@@ -51,6 +54,7 @@ impl Default for DetectConfig {
             failure_ratio: 0.8,
             repeat_ratio: 0.9,
             backoff_growth: 1.4,
+            backoff_min_step_ms: 2,
             short_lived_ms: 100,
             resolve_ms: 5_000,
             calm_ms: 2_000,

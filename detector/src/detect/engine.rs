@@ -195,10 +195,11 @@ impl Engine {
                 dest,
                 bytes,
                 fingerprint,
+                sock,
             } => {
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
                     s.attempt(ts_ns, None, cfg);
-                    s.request(ts_ns, bytes, 0, fingerprint);
+                    s.request(ts_ns, sock, bytes, 0, fingerprint);
                 });
             }
             Observation::Exchange {
@@ -210,10 +211,11 @@ impl Engine {
                 sent,
                 received,
                 fingerprint,
+                sock,
             } => {
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
                     s.attempt(ts_ns, None, cfg);
-                    s.request(ts_ns, sent, received, fingerprint);
+                    s.request(ts_ns, sock, sent, received, fingerprint);
                 });
             }
             Observation::UdpRecv {

@@ -63,6 +63,7 @@ impl ErrorMix {
 /// The last request seen, to tell a repeat from a new one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Request {
+    sock: u64,
     sent: u32,
     received: u32,
     fingerprint: u64,
@@ -123,9 +124,13 @@ impl Signals {
     }
 
     /// The lengths (and fingerprint, 0 if none) of a request and its
-    /// response, compared with the one before. Call after `attempt`.
-    pub fn request(&mut self, ts: u64, sent: u32, received: u32, fingerprint: u64) {
+    /// response on socket `sock`, compared with the one before on the same
+    /// socket: a client that opens a new connection per request is not
+    /// repeating itself, one that resends on the same connection is.
+    /// Call after `attempt`.
+    pub fn request(&mut self, ts: u64, sock: u64, sent: u32, received: u32, fingerprint: u64) {
         let req = Request {
+            sock,
             sent,
             received,
             fingerprint,
@@ -133,6 +138,7 @@ impl Signals {
         let c = self.window.at(ts);
         c.requests = c.requests.saturating_add(1);
         if let Some(prev) = self.last_request
+            && prev.sock == sock
             && prev.sent == sent
             && prev.received == received
         {
@@ -177,7 +183,12 @@ impl Signals {
             0.0
         };
         let growth = self.gaps.growth();
-        let backoff = growth.is_some_and(|g| g >= cfg.backoff_growth);
+        let backoff = growth.is_some_and(|g| {
+            g.rising
+                && g.ratio >= cfg.backoff_growth
+                && g.step_us as u64 >= cfg.backoff_min_step_ms * 1_000
+        });
+        let growth = growth.map(|g| g.ratio);
         let active = now.saturating_sub(self.last_ns) <= WINDOW_NS;
         let span_ns = if active {
             self.last_ns.saturating_sub(self.run_start_ns)

@@ -116,6 +116,7 @@ fn exchange(ts: u64, pid: u32, fingerprint: u64, sent: u32) -> Observation {
         sent,
         received: 57,
         fingerprint,
+        sock: 1,
     }
 }
 
@@ -145,6 +146,37 @@ fn the_same_request_and_response_repeated_is_a_storm_once_fingerprinted() {
         "{}",
         storm.explanation
     );
+    // The same request on a new connection each time: not a repeat.
+    let per_conn: Vec<Observation> = ts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match exchange(*t, 7, 0xabc, 35) {
+            Observation::Exchange {
+                ts_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                sent,
+                received,
+                fingerprint,
+                ..
+            } => Observation::Exchange {
+                ts_ns,
+                pid,
+                comm,
+                cgroup,
+                dest,
+                sent,
+                received,
+                fingerprint,
+                sock: i as u64 + 1,
+            },
+            other => other,
+        })
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &per_conn, SEC);
+    assert!(changes.is_empty(), "{changes:#?}");
     // Distinct content of the same length: healthy keep-alive.
     let distinct: Vec<Observation> = ts
         .iter()
@@ -258,6 +290,7 @@ fn flows_are_capped_evicting_the_oldest_healthy() {
             },
             bytes: 10,
             fingerprint: 0,
+            sock: pid as u64,
         });
     }
     engine.tick(2 * SEC);

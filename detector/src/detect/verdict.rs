@@ -167,10 +167,10 @@ pub fn explain(
         let _ = write!(s, ", median gap {}", gap(g));
     }
     match a.growth {
-        Some(g) if g >= cfg.backoff_growth => {
+        Some(g) if a.backoff => {
             let _ = write!(s, ", backing off (gaps ×{g:.1})");
         }
-        Some(g) if g >= 1.15 => {
+        Some(g) if g >= 1.15 && a.window.attempts < 100 => {
             let _ = write!(s, ", gaps growing slowly (×{g:.1})");
         }
         Some(_) => s.push_str(", no backoff"),

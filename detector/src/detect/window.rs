@@ -137,20 +137,36 @@ impl Gaps {
         median(&mut buf[..n])
     }
 
-    /// Growth of the gaps: median of the newer half over the older half.
-    /// Near 1 for a steady loop (with or without jitter), ≥ 1.5 for
-    /// exponential backoff. None with fewer than 6 gaps.
-    pub fn growth(&self) -> Option<f64> {
+    /// Growth of the gaps, from the medians of the oldest, middle and
+    /// newest third of the kept gaps: (newest / oldest, newest − oldest in
+    /// microseconds, whether the three medians rise steadily). Near 1 for a
+    /// steady loop with or without jitter; ≥ 1.5 and rising for exponential
+    /// backoff. A loop starved of CPU can show a large ratio, but rarely a
+    /// steady rise. None with fewer than 6 gaps.
+    pub fn growth(&self) -> Option<Growth> {
         let mut buf = [0u32; GAPS];
         let n = self.ordered(&mut buf);
         if n < 6 {
             return None;
         }
-        let (older, newer) = buf[..n].split_at_mut(n / 2);
-        let old = median(older)? as f64;
-        let new = median(newer)? as f64;
-        Some((new + 1.0) / (old + 1.0))
+        let third = n / 3;
+        let (a, rest) = buf[..n].split_at_mut(third);
+        let (b, c) = rest.split_at_mut(third);
+        let (m1, m2, m3) = (median(a)?, median(b)?, median(c)?);
+        Some(Growth {
+            ratio: (m3 as f64 + 1.0) / (m1 as f64 + 1.0),
+            step_us: m3.saturating_sub(m1),
+            rising: m1 <= m2 && m2 <= m3,
+        })
     }
+}
+
+/// How the gaps between attempts change; see [`Gaps::growth`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Growth {
+    pub ratio: f64,
+    pub step_us: u32,
+    pub rising: bool,
 }
 
 fn median(v: &mut [u32]) -> Option<u32> {
@@ -186,7 +202,7 @@ mod tests {
             // 10 ms ± 2 ms of jitter
             steady.push(10_000_000 + (i % 5) * 1_000_000 - 2_000_000);
         }
-        let g = steady.growth().unwrap();
+        let g = steady.growth().unwrap().ratio;
         assert!((0.8..1.25).contains(&g), "{g}");
         assert_eq!(steady.median_us(), Some(10_000));
 
@@ -196,7 +212,8 @@ mod tests {
             backoff.push(gap);
             gap *= 2;
         }
-        assert!(backoff.growth().unwrap() > 4.0);
+        let g = backoff.growth().unwrap();
+        assert!(g.ratio > 4.0 && g.step_us > 100_000 && g.rising, "{g:?}");
     }
 
     #[test]

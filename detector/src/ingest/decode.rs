@@ -139,6 +139,8 @@ pub enum Observation {
         bytes: u32,
         /// Content fingerprint (DNS transaction id skipped); 0 = not taken.
         fingerprint: u64,
+        /// Opaque id of the sending socket.
+        sock: u64,
     },
     /// One datagram received on a connected UDP socket.
     UdpRecv {
@@ -160,6 +162,8 @@ pub enum Observation {
         received: u32,
         /// Content fingerprint of the request; 0 = not taken.
         fingerprint: u64,
+        /// Opaque id of the connection's socket.
+        sock: u64,
     },
     /// A client TCP connection ended.
     ConnEnd {
@@ -294,6 +298,7 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             dest: destination(ev, Proto::Udp)?,
             bytes: ev.aux,
             fingerprint: ev.hash,
+            sock: ev.sock,
         },
         kind::UDP_RECV => Observation::UdpRecv {
             ts_ns: ev.ts_ns,
@@ -312,6 +317,7 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             sent: ev.aux,
             received: ev.aux2,
             fingerprint: ev.hash,
+            sock: ev.sock,
         },
         kind::TCP_CONN_END => Observation::ConnEnd {
             ts_ns: ev.ts_ns,

@@ -166,8 +166,10 @@ impl Sensors {
             })?;
         let cgroup = find_cgroup2(&mounts).ok_or(KernelError::NoCgroup2)?;
 
+        let salt = random_salt();
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("SOCK_SALT", &salt, true)
             .load(OBJECT)?;
         let mut always_on = Vec::new();
         for (name, tp) in ALWAYS_ON_TRACEPOINTS {
@@ -440,6 +442,19 @@ fn tracepoint<'a>(
     name: &'static str,
 ) -> Result<&'a mut TracePoint, KernelError> {
     program::<TracePoint>(ebpf, name)
+}
+
+/// A random salt for socket ids, from the kernel's random pool.
+fn random_salt() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 8 {
+        u64::from_ne_bytes(buf)
+    } else {
+        // Unsalted ids are still mixed; only their opacity is weaker.
+        monotonic_ns()
+    }
 }
 
 /// CLOCK_MONOTONIC now, the clock of `bpf_ktime_get_ns`.

@@ -30,6 +30,9 @@ enum Cmd {
         /// Pause between attempts, in milliseconds.
         #[arg(long, default_value_t = 0)]
         gap_ms: u64,
+        /// Pace attempts at this many per second instead.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// One connect with TCP_SYNCNT=1, expected to time out (~3 s).
     Timeout {
@@ -68,6 +71,51 @@ enum Cmd {
         /// Stop after this many seconds even if `count` is not reached.
         #[arg(long, default_value_t = 30.0)]
         max_secs: f64,
+        /// Pace requests at this many per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// DNS-style queries for one name on a connected UDP socket, each with
+    /// a fresh transaction id, for `secs` seconds with `gap_ms` between.
+    Dns {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 5)]
+        gap_ms: u64,
+    },
+    /// Starts `count` copies of this program, one every `gap_ms`, each
+    /// running the command after `--` (a new short-lived process per try).
+    Spawn {
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        gap_ms: u64,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Always-failing connects with exponential backoff: gaps of
+    /// base × factor^i, each scaled by a random 1 ± jitter.
+    Backoff {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        base_ms: f64,
+        #[arg(long)]
+        factor: f64,
+        #[arg(long, default_value_t = 0.2)]
+        jitter: f64,
+    },
+    /// A pool of `size` connections; when the server drops them, each
+    /// reconnects once.
+    Pool {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        size: usize,
     },
     /// Refused connects in a tight loop for `secs` seconds (at most
     /// `max` attempts): a retry storm.
@@ -99,15 +147,19 @@ impl Tally {
         }
     }
 
-    fn print(&self) {
+    /// One JSON line; the elapsed time goes to stderr so the counts stay
+    /// exact to compare.
+    fn print(&self, elapsed: Duration) {
         println!(
             "{{\"ok\":{},\"refused\":{},\"timed_out\":{},\"other\":{}}}",
             self.ok, self.refused, self.timed_out, self.other
         );
+        eprintln!("elapsed_s {}", elapsed.as_secs_f64());
     }
 }
 
 fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
     let mut tally = Tally::default();
     match Cli::parse().cmd {
         Cmd::Tcp {
@@ -115,8 +167,13 @@ fn main() -> anyhow::Result<()> {
             count,
             request,
             gap_ms,
+            rate,
         } => {
+            let mut pace = rate.map(Pacer::new);
             for _ in 0..count {
+                if let Some(p) = pace.as_mut() {
+                    p.wait();
+                }
                 let r = TcpStream::connect(addr);
                 tally.add(&r);
                 if let (Ok(mut s), true) = (r, request) {
@@ -137,7 +194,9 @@ fn main() -> anyhow::Result<()> {
             reply_len,
             gap_ms,
             max_secs,
+            rate,
         } => {
+            let mut pace = rate.map(Pacer::new);
             let request = request.replace("\\r\\n", "\r\n");
             let mut s = TcpStream::connect(addr)?;
             tally.ok += 1;
@@ -146,6 +205,9 @@ fn main() -> anyhow::Result<()> {
             for i in 0..count {
                 if Instant::now() >= end {
                     break;
+                }
+                if let Some(p) = pace.as_mut() {
+                    p.wait();
                 }
                 if distinct {
                     s.write_all(request.replace("/api", &format!("/{i:08}")).as_bytes())?;
@@ -156,6 +218,79 @@ fn main() -> anyhow::Result<()> {
                 if gap_ms > 0 {
                     std::thread::sleep(Duration::from_millis(gap_ms));
                 }
+            }
+        }
+        Cmd::Dns { addr, secs, gap_ms } => {
+            let s = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            s.connect(addr)?;
+            let end = Instant::now() + Duration::from_secs_f64(secs);
+            let mut id: u16 = std::process::id() as u16;
+            while Instant::now() < end {
+                // A cheap LCG: a different transaction id every query.
+                id = id.wrapping_mul(25173).wrapping_add(13849);
+                s.send(&dns_query(id, "service.example.com"))?;
+                tally.ok += 1;
+                std::thread::sleep(Duration::from_millis(gap_ms));
+            }
+        }
+        Cmd::Spawn {
+            count,
+            gap_ms,
+            args,
+        } => {
+            let exe = std::env::current_exe()?;
+            let mut children = Vec::new();
+            for _ in 0..count {
+                children.push(
+                    std::process::Command::new(&exe)
+                        .args(&args)
+                        .stdout(std::process::Stdio::null())
+                        .spawn()?,
+                );
+                std::thread::sleep(Duration::from_millis(gap_ms));
+                // Reap as we go so the process table stays small.
+                children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+            }
+            for mut c in children {
+                c.wait()?;
+            }
+            tally.ok = count;
+        }
+        Cmd::Backoff {
+            addr,
+            count,
+            base_ms,
+            factor,
+            jitter,
+        } => {
+            let mut seed = std::process::id() as u64;
+            let mut gap = base_ms;
+            for _ in 0..count {
+                tally.add(&TcpStream::connect(addr));
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let r = (seed >> 33) as f64 / (1u64 << 31) as f64; // 0..1
+                let scale = 1.0 + jitter * (2.0 * r - 1.0);
+                std::thread::sleep(Duration::from_secs_f64(gap * scale / 1e3));
+                gap *= factor;
+            }
+        }
+        Cmd::Pool { addr, size } => {
+            let mut pool = Vec::new();
+            for _ in 0..size {
+                let r = TcpStream::connect(addr);
+                tally.add(&r);
+                pool.push(r?);
+            }
+            println!("ready");
+            std::io::stdout().flush()?;
+            // Wait for the server to drop each connection, then reconnect it once.
+            let mut again = Vec::new();
+            for mut s in pool {
+                let mut buf = [0u8; 1];
+                let _ = s.read(&mut buf);
+                let r = TcpStream::connect(addr);
+                tally.add(&r);
+                again.push(r);
             }
         }
         Cmd::Timeout { addr } => {
@@ -200,8 +335,44 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    tally.print();
+    tally.print(started.elapsed());
     Ok(())
+}
+
+/// Spaces operations evenly at a rate, catching up after a late one.
+struct Pacer {
+    period: Duration,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Self {
+        Pacer {
+            period: Duration::from_secs_f64(1.0 / rate),
+            next: Instant::now(),
+        }
+    }
+
+    fn wait(&mut self) {
+        let now = Instant::now();
+        if self.next > now {
+            std::thread::sleep(self.next - now);
+        }
+        self.next += self.period;
+    }
+}
+
+/// A DNS query for an A record (RFC 1035 §4.1).
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
 }
 
 /// A blocking connect with TCP_SYNCNT set first, which std cannot do.
