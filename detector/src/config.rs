@@ -16,17 +16,19 @@ pub struct Config {
 /// Why a configuration file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("invalid config {path}: {source}")]
+    /// Named `problem`, not `source`: the message already includes it, and
+    /// `{:#}` would print a source twice.
+    #[error("invalid config {path}: {problem}")]
     Invalid {
         path: PathBuf,
-        source: crate::detect::config::ConfigError,
+        problem: crate::detect::config::ConfigError,
     },
 }
 
@@ -36,9 +38,9 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.into(),
-            source,
+            cause,
         })?;
         Self::parse(&text, path)
     }
@@ -65,9 +67,9 @@ impl Config {
         config
             .detect
             .validate()
-            .map_err(|source| ConfigError::Invalid {
+            .map_err(|problem| ConfigError::Invalid {
                 path: path.into(),
-                source,
+                problem,
             })?;
         Ok(config)
     }

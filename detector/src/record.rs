@@ -24,12 +24,12 @@ pub enum Line {
 /// Why a recording could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("line {line}: {source}")]
+    #[error("line {line}: {cause}")]
     Parse {
         line: usize,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
-    #[error("reading the recording: {0}")]
+    #[error("reading the recording")]
     Io(#[from] std::io::Error),
 }
 
@@ -62,10 +62,9 @@ pub fn replay(input: impl BufRead, cfg: DetectConfig) -> Result<Vec<VerdictChang
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str(&line).map_err(|source| RecordError::Parse {
-            line: i + 1,
-            source,
-        })? {
+        match serde_json::from_str(&line)
+            .map_err(|cause| RecordError::Parse { line: i + 1, cause })?
+        {
             Line::Observation(o) => engine.observe(&o),
             Line::Tick { ts_ns } => changes.extend(engine.tick(ts_ns)),
         }

@@ -79,14 +79,22 @@ fn expect_storm(
 ) -> Option<(Vec<VerdictChange>, u64)> {
     let live = run.as_mut()?;
     let started = Instant::now();
-    let flagged = live.run_until(Duration::from_secs(15), |ch| first_storm(ch, &subject).is_some());
+    let flagged = live.run_until(Duration::from_secs(15), |ch| {
+        first_storm(ch, &subject).is_some()
+    });
     let live_time = started.elapsed();
     child.finish(Duration::from_secs(60));
     live.run_until(Duration::from_millis(300), |_| false);
     let (live_changes, replayed) = run.take()?.finish();
-    assert!(flagged, "{name}: no storm live within 15 s: {live_changes:#?}");
+    assert!(
+        flagged,
+        "{name}: no storm live within 15 s: {live_changes:#?}"
+    );
     println!("{name}: live run flagged the storm {live_time:?} after the client started");
-    assert_eq!(live_changes, replayed, "{name}: replay differs from the live run");
+    assert_eq!(
+        live_changes, replayed,
+        "{name}: replay differs from the live run"
+    );
     let storm = first_storm(&replayed, &subject).expect("storm in replay");
     let ttf = storm.ts_ns - storm.run_start_ns;
     println!("{name}: {}", storm.explanation);
@@ -95,7 +103,10 @@ fn expect_storm(
         "{name}: flagged after {} ms on the engine clock, bound {} ms; its verdicts: {:#?}",
         ttf / 1_000_000,
         bound_ns / 1_000_000,
-        replayed.iter().filter(|c| subject(&c.subject)).collect::<Vec<_>>()
+        replayed
+            .iter()
+            .filter(|c| subject(&c.subject))
+            .collect::<Vec<_>>()
     );
     Some((replayed, ttf))
 }
@@ -147,7 +158,10 @@ fn tight_loop(v6: bool) {
     let pid = c.pid();
     if let Some((_, ttf)) = expect_storm(name, SEC, flow_of(pid), &mut run, c) {
         row(
-            &format!("tight loop, connect refused, no sleep (IPv{})", if v6 { 6 } else { 4 }),
+            &format!(
+                "tight loop, connect refused, no sleep (IPv{})",
+                if v6 { 6 } else { 4 }
+            ),
             "storm within 1 s",
             "storm",
             Some(ttf),
@@ -218,7 +232,15 @@ fn identical_requests_answered_503_on_keep_alive_are_a_storm_within_2s() {
     let addr = reply_server(REPLY_503).to_string();
     let reply_len = REPLY_503.len().to_string();
     let c = client(&[
-        "http", "--addr", &addr, "--count", "10000000", "--max-secs", "4", "--reply-len", &reply_len,
+        "http",
+        "--addr",
+        &addr,
+        "--count",
+        "10000000",
+        "--max-secs",
+        "4",
+        "--reply-len",
+        &reply_len,
     ]);
     let pid = c.pid();
     if let Some((_, ttf)) = expect_storm("http_503", 2 * SEC, flow_of(pid), &mut run, c) {
@@ -285,7 +307,9 @@ fn a_new_short_lived_process_per_attempt_is_a_storm_of_the_parent_and_cgroup() {
     assert!(
         !changes
             .iter()
-            .any(|c| matches!(c.subject, Subject::Flow { .. }) && c.comm.as_str() == "stormclient" && c.to == State::Storm),
+            .any(|c| matches!(c.subject, Subject::Flow { .. })
+                && c.comm.as_str() == "stormclient"
+                && c.to == State::Storm),
         "no single short-lived child is a storm on its own"
     );
     println!("spawn: {}", cg_storm.explanation);
@@ -328,8 +352,17 @@ fn exponential_backoff_with_jitter_is_never_a_storm() {
     };
     let dest = closed_port(false).to_string();
     let c = client(&[
-        "backoff", "--addr", &dest, "--count", "6", "--base-ms", "100", "--factor", "2",
-        "--jitter", "0.2",
+        "backoff",
+        "--addr",
+        &dest,
+        "--count",
+        "6",
+        "--base-ms",
+        "100",
+        "--factor",
+        "2",
+        "--jitter",
+        "0.2",
     ]);
     let pid = c.pid();
     let (changes, _) = expect_no_storm("backoff", flow_of(pid), run, c, None);
@@ -354,13 +387,23 @@ fn healthy_2000_connects_per_second_with_responses_are_never_a_storm() {
     };
     let addr = reply_server(b"pong\n").to_string();
     let c = client(&[
-        "tcp", "--addr", &addr, "--count", "10000", "--request", "--rate", "2000",
+        "tcp",
+        "--addr",
+        &addr,
+        "--count",
+        "10000",
+        "--request",
+        "--rate",
+        "2000",
     ]);
     let pid = c.pid();
     let (changes, rate) = expect_no_storm("healthy_connects", flow_of(pid), run, c, Some(10_000.0));
     let rate = rate.unwrap();
     println!("healthy_connects: achieved {rate:.0} connects/s");
-    assert!(rate >= 1800.0, "only {rate:.0} connects/s: the row did not test 2,000/s");
+    assert!(
+        rate >= 1800.0,
+        "only {rate:.0} connects/s: the row did not test 2,000/s"
+    );
     let got = changes
         .iter()
         .rfind(|c| flow_of(pid)(&c.subject))
@@ -384,15 +427,26 @@ fn healthy_keep_alive_10000_distinct_requests_per_second_are_never_a_storm() {
     let addr = reply_server(REPLY).to_string();
     let reply_len = REPLY.len().to_string();
     let c = client(&[
-        "http", "--addr", &addr, "--count", "30000", "--distinct", "--rate", "10000",
-        "--reply-len", &reply_len,
+        "http",
+        "--addr",
+        &addr,
+        "--count",
+        "30000",
+        "--distinct",
+        "--rate",
+        "10000",
+        "--reply-len",
+        &reply_len,
     ]);
     let pid = c.pid();
     let (changes, rate) =
         expect_no_storm("healthy_keepalive", flow_of(pid), run, c, Some(30_000.0));
     let rate = rate.unwrap();
     println!("healthy_keepalive: achieved {rate:.0} requests/s");
-    assert!(rate >= 9000.0, "only {rate:.0} requests/s: the row did not test 10,000/s");
+    assert!(
+        rate >= 9000.0,
+        "only {rate:.0} requests/s: the row did not test 10,000/s"
+    );
     let got = changes
         .iter()
         .rfind(|c| flow_of(pid)(&c.subject))

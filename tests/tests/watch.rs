@@ -145,6 +145,22 @@ fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
         },
     );
 
+    // …and the verdict column says storm, with the one-line reason.
+    let storm_time = wait_for(
+        "a row with a storm verdict",
+        Duration::from_secs(10),
+        || {
+            rows_for(&stdout, storm_pid, &mut seen);
+            seen.iter().any(|r| {
+                r["verdict"] == "storm"
+                    && r["explanation"].as_str().is_some_and(|e| {
+                        e.contains("100% ECONNREFUSED") && e.contains("no backoff")
+                    })
+            })
+        },
+    );
+    println!("watch: storm verdict shown {storm_time:?} after the probed row");
+
     drop(storm);
     let detach_time = wait_for("on-demand probes detached", Duration::from_secs(20), || {
         none_attached(watch_pid)

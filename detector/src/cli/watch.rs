@@ -150,6 +150,7 @@ pub async fn drive(
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let json = args.json;
     let top = args.top;
+    let probe_max_secs = args.probe_max_secs;
     drive(
         Options {
             config: args.engine.load()?,
@@ -164,7 +165,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             if json {
                 print_json(pipe, &iv)
             } else {
-                print_table(pipe, sensors, &iv, top)
+                print_table(pipe, sensors, &iv, top, probe_max_secs)
             }
         },
     )
@@ -255,13 +256,15 @@ fn print_table(
     sensors: &Sensors,
     iv: &Interval,
     top: usize,
+    probe_max_secs: u64,
 ) -> anyhow::Result<()> {
     let stats = sensors.stats()?;
     let probes = if sensors.on_demand_attached() {
         let since = pipe.plan.attached_since_ns.unwrap_or(0);
         format!(
-            "attached {}s of max for pids {:?}",
+            "attached {}s/{}s for pids {:?}",
             kernel::monotonic_ns().saturating_sub(since) / 1_000_000_000,
+            probe_max_secs,
             pipe.plan.suspects
         )
     } else if pipe.plan.cooling_down_until_ns.is_some() {

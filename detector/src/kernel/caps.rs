@@ -52,9 +52,9 @@ pub fn missing(mask: u64) -> Vec<Capability> {
 
 /// Fails with every missing capability named.
 pub fn check() -> Result<(), KernelError> {
-    let status = fs::read_to_string("/proc/self/status").map_err(|source| KernelError::Read {
+    let status = fs::read_to_string("/proc/self/status").map_err(|cause| KernelError::Read {
         path: "/proc/self/status".into(),
-        source,
+        cause,
     })?;
     let mask = effective(&status).unwrap_or(0);
     let missing = missing(mask);

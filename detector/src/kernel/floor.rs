@@ -105,9 +105,9 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
     // sensors and is loaded the same way, so a kernel the sensors reject is
     // rejected here too instead of producing a floor nobody could use.
     let offsets: Offsets = tracefs::Formats::new(&tracefs_root).offsets()?;
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| KernelError::Read {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|cause| KernelError::Read {
         path: "/proc/mounts".into(),
-        source,
+        cause,
     })?;
     let cgroup = find_cgroup2(&mounts).ok_or(KernelError::NoCgroup2)?;
 
@@ -119,10 +119,10 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
         if on_demand && !on_demand_too {
             continue;
         }
-        let err = |source| KernelError::Program {
+        let err = |cause| KernelError::Program {
             program: name,
             hook: hook.to_string(),
-            source,
+            cause,
         };
         match hook {
             Hook::Tracepoint(tp) => {
@@ -133,9 +133,9 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
             Hook::Cgroup(_) => {
                 let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 prog.load().map_err(err)?;
-                let dir = File::open(&cgroup).map_err(|source| KernelError::Read {
+                let dir = File::open(&cgroup).map_err(|cause| KernelError::Read {
                     path: cgroup.clone(),
-                    source,
+                    cause,
                 })?;
                 // aya 0.14 attaches with bpf_link_create, which rejects the
                 // other modes' flags; links are multi-attach anyway.
@@ -160,9 +160,9 @@ impl FloorProbes {
     /// Hits per attached hook so far, summed over CPUs: proof that the
     /// floor really ran on the workload it was measured with.
     pub fn hits(&self) -> Result<Vec<(String, u64)>, KernelError> {
-        let map_err = |source| KernelError::Map {
+        let map_err = |cause| KernelError::Map {
             name: "FLOOR_HITS",
-            source,
+            cause,
         };
         let map = self
             .ebpf

@@ -57,26 +57,26 @@ pub enum KernelError {
     )]
     NoCgroup2,
     /// A file the preflight reads could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The kernel refused the object (verifier, map creation).
-    #[error("loading the eBPF object failed: {0}")]
+    #[error("loading the eBPF object failed")]
     Load(#[from] aya::EbpfError),
     /// One program could not be loaded or attached.
-    #[error("program {program} ({hook}): {source}")]
+    #[error("program {program} ({hook}): {cause}")]
     Program {
         program: &'static str,
         hook: String,
-        source: aya::programs::ProgramError,
+        cause: aya::programs::ProgramError,
     },
     /// A map is missing from the object or has an unexpected type.
-    #[error("map {name}: {source}")]
+    #[error("map {name}: {cause}")]
     Map {
         name: &'static str,
-        source: aya::maps::MapError,
+        cause: aya::maps::MapError,
     },
     /// A map was already taken or never built into the object.
     #[error("map {0} is not in the loaded object (already taken?)")]
@@ -160,9 +160,9 @@ impl Sensors {
         }
         let offsets: Offsets = formats.offsets()?;
         let mounts =
-            std::fs::read_to_string("/proc/mounts").map_err(|source| KernelError::Read {
+            std::fs::read_to_string("/proc/mounts").map_err(|cause| KernelError::Read {
                 path: "/proc/mounts".into(),
-                source,
+                cause,
             })?;
         let cgroup = find_cgroup2(&mounts).ok_or(KernelError::NoCgroup2)?;
 
@@ -174,26 +174,26 @@ impl Sensors {
         let mut always_on = Vec::new();
         for (name, tp) in ALWAYS_ON_TRACEPOINTS {
             let prog = tracepoint(&mut ebpf, name)?;
-            let err = |source| KernelError::Program {
+            let err = |cause| KernelError::Program {
                 program: name,
                 hook: tp.to_string(),
-                source,
+                cause,
             };
             prog.load().map_err(err)?;
             prog.attach(tp.category, tp.name).map_err(err)?;
             always_on.push(tp.to_string());
         }
         for (name, hook) in CGROUP_HOOKS {
-            let err = |source| KernelError::Program {
+            let err = |cause| KernelError::Program {
                 program: name,
                 hook: hook.to_string(),
-                source,
+                cause,
             };
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(err)?;
-            let dir = File::open(&cgroup).map_err(|source| KernelError::Read {
+            let dir = File::open(&cgroup).map_err(|cause| KernelError::Read {
                 path: cgroup.clone(),
-                source,
+                cause,
             })?;
             prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
             always_on.push(hook.to_string());
@@ -201,17 +201,17 @@ impl Sensors {
         // Loaded now, attached only while something is suspect.
         tracepoint(&mut ebpf, "sg_exit_connect")?
             .load()
-            .map_err(|source| KernelError::Program {
+            .map_err(|cause| KernelError::Program {
                 program: "sg_exit_connect",
                 hook: tracefs::EXIT_CONNECT.to_string(),
-                source,
+                cause,
             })?;
         program::<RawTracePoint>(&mut ebpf, "sg_sys_enter")?
             .load()
-            .map_err(|source| KernelError::Program {
+            .map_err(|cause| KernelError::Program {
                 program: "sg_sys_enter",
                 hook: tracefs::SYS_ENTER.to_string(),
-                source,
+                cause,
             })?;
         Ok(Sensors {
             ebpf,
@@ -226,9 +226,9 @@ impl Sensors {
             .ebpf
             .take_map("EVENTS")
             .ok_or(KernelError::NoMap("EVENTS"))?;
-        let ring = RingBuf::try_from(map).map_err(|source| KernelError::Map {
+        let ring = RingBuf::try_from(map).map_err(|cause| KernelError::Map {
             name: "EVENTS",
-            source,
+            cause,
         })?;
         Ok(EventRing { ring })
     }
@@ -253,23 +253,23 @@ impl Sensors {
         }
         let sys_enter = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")?
             .attach(tracefs::SYS_ENTER.name)
-            .map_err(|source| KernelError::Program {
+            .map_err(|cause| KernelError::Program {
                 program: "sg_sys_enter",
                 hook: tracefs::SYS_ENTER.to_string(),
-                source,
+                cause,
             })?;
         let exit_connect = match tracepoint(&mut self.ebpf, "sg_exit_connect")?
             .attach(tracefs::EXIT_CONNECT.category, tracefs::EXIT_CONNECT.name)
         {
             Ok(id) => id,
-            Err(source) => {
+            Err(cause) => {
                 // Leave nothing half-attached.
                 let _ = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")
                     .map(|p| p.detach(sys_enter));
                 return Err(KernelError::Program {
                     program: "sg_exit_connect",
                     hook: tracefs::EXIT_CONNECT.to_string(),
-                    source,
+                    cause,
                 });
             }
         };
@@ -287,17 +287,17 @@ impl Sensors {
         };
         let a = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")?
             .detach(links.sys_enter)
-            .map_err(|source| KernelError::Program {
+            .map_err(|cause| KernelError::Program {
                 program: "sg_sys_enter",
                 hook: tracefs::SYS_ENTER.to_string(),
-                source,
+                cause,
             });
         let b = tracepoint(&mut self.ebpf, "sg_exit_connect")?
             .detach(links.exit_connect)
-            .map_err(|source| KernelError::Program {
+            .map_err(|cause| KernelError::Program {
                 program: "sg_exit_connect",
                 hook: tracefs::EXIT_CONNECT.to_string(),
-                source,
+                cause,
             });
         self.set_suspects(&[])?;
         a.and(b)
@@ -305,9 +305,9 @@ impl Sensors {
 
     /// Replaces the set of processes whose syscalls are counted.
     pub fn set_suspects(&mut self, pids: &[u32]) -> Result<(), KernelError> {
-        let map_err = |source| KernelError::Map {
+        let map_err = |cause| KernelError::Map {
             name: "SUSPECTS",
-            source,
+            cause,
         };
         let mut suspects: HashMap<_, u32, u8> =
             HashMap::try_from(self.map_mut("SUSPECTS")?).map_err(map_err)?;
@@ -319,10 +319,10 @@ impl Sensors {
             suspects.insert(pid, 1, 0).map_err(map_err)?;
         }
         let mut counts: PerCpuHashMap<_, u32, u64> =
-            PerCpuHashMap::try_from(self.map_mut("SYSCALLS")?).map_err(|source| {
+            PerCpuHashMap::try_from(self.map_mut("SYSCALLS")?).map_err(|cause| {
                 KernelError::Map {
                     name: "SYSCALLS",
-                    source,
+                    cause,
                 }
             })?;
         for pid in old.iter().filter(|p| !pids.contains(p)) {
@@ -334,9 +334,9 @@ impl Sensors {
     /// Cumulative syscalls per suspect process, summed over CPUs.
     pub fn syscall_counts(&self) -> Result<StdHashMap<u32, u64>, KernelError> {
         let counts: PerCpuHashMap<_, u32, u64> = PerCpuHashMap::try_from(self.map("SYSCALLS")?)
-            .map_err(|source| KernelError::Map {
+            .map_err(|cause| KernelError::Map {
                 name: "SYSCALLS",
-                source,
+                cause,
             })?;
         Ok(counts
             .iter()
@@ -347,9 +347,9 @@ impl Sensors {
 
     /// What the kernel side lost so far.
     pub fn stats(&self) -> Result<KernelStats, KernelError> {
-        let map_err = |source| KernelError::Map {
+        let map_err = |cause| KernelError::Map {
             name: "STATS",
-            source,
+            cause,
         };
         let stats: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.map("STATS")?).map_err(map_err)?;
@@ -367,9 +367,9 @@ impl Sensors {
     /// removed from the map and returned, each exactly once — the kernel
     /// reports an entry only when its own removal succeeds, and so do we.
     pub fn sweep_closed(&mut self, now_ns: u64, age_ns: u64) -> Result<Vec<Event>, KernelError> {
-        let map_err = |source| KernelError::Map {
+        let map_err = |cause| KernelError::Map {
             name: "CLOSED",
-            source,
+            cause,
         };
         let mut closed: HashMap<_, TupleKey, Event> =
             HashMap::try_from(self.map_mut("CLOSED")?).map_err(map_err)?;
@@ -428,12 +428,12 @@ where
     let prog = ebpf.program_mut(name).ok_or(KernelError::Program {
         program: name,
         hook: "-".into(),
-        source: aya::programs::ProgramError::UnexpectedProgramType,
+        cause: aya::programs::ProgramError::UnexpectedProgramType,
     })?;
-    prog.try_into().map_err(|source| KernelError::Program {
+    prog.try_into().map_err(|cause| KernelError::Program {
         program: name,
         hook: "-".into(),
-        source,
+        cause,
     })
 }
 

@@ -29,9 +29,9 @@ pub fn find_mount(mounts: &str) -> Option<PathBuf> {
 
 /// The mounted tracefs, or the error that tells how to mount it.
 pub fn mount_point() -> Result<PathBuf, KernelError> {
-    let mounts = fs::read_to_string("/proc/mounts").map_err(|source| KernelError::Read {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|cause| KernelError::Read {
         path: "/proc/mounts".into(),
-        source,
+        cause,
     })?;
     find_mount(&mounts).ok_or(KernelError::TracefsNotMounted)
 }
@@ -111,7 +111,7 @@ impl Formats {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(KernelError::MissingTracepoint(tp.to_string()))
             }
-            Err(source) => Err(KernelError::Read { path, source }),
+            Err(cause) => Err(KernelError::Read { path, cause }),
         }
     }
 

@@ -221,7 +221,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Dns { addr, secs, gap_ms } => {
-            let s = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            let s = UdpSocket::bind(if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            })?;
             s.connect(addr)?;
             let end = Instant::now() + Duration::from_secs_f64(secs);
             let mut id: u16 = std::process::id() as u16;
@@ -267,7 +271,9 @@ fn main() -> anyhow::Result<()> {
             let mut gap = base_ms;
             for _ in 0..count {
                 tally.add(&TcpStream::connect(addr));
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let r = (seed >> 33) as f64 / (1u64 << 31) as f64; // 0..1
                 let scale = 1.0 + jitter * (2.0 * r - 1.0);
                 std::thread::sleep(Duration::from_secs_f64(gap * scale / 1e3));
