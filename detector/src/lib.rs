@@ -16,11 +16,16 @@
 //!    ▼
 //! cli/      `stormguard watch | record | replay`
 //! ```
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod detect;
 pub mod flows;
+pub mod incident;
 pub mod ingest;
 pub mod kernel;
+pub mod metrics;
 pub mod pipeline;
 pub mod record;
+pub mod store;

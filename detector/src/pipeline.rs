@@ -40,6 +40,8 @@ pub struct Pipeline {
     last_syscalls: HashMap<u32, u64>,
     exited: Vec<u32>,
     pub decode_errors: u64,
+    /// Observations seen so far (for the event rate).
+    pub observed: u64,
 }
 
 impl Pipeline {
@@ -57,6 +59,7 @@ impl Pipeline {
             last_syscalls: HashMap::new(),
             exited: Vec::new(),
             decode_errors: 0,
+            observed: 0,
         }
     }
 
@@ -66,6 +69,7 @@ impl Pipeline {
     }
 
     pub fn observe(&mut self, obs: &Observation) {
+        self.observed += 1;
         if let Some(r) = self.recorder.as_mut()
             && r.write(&Line::Observation(obs.clone())).is_err()
         {

@@ -1,6 +1,14 @@
 //! Command-line interface: one module per command.
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod explain;
+pub mod incidents;
 pub mod record;
 pub mod replay;
+pub mod status;
+pub mod top;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -28,6 +36,21 @@ pub enum Command {
     /// Replay a recording through the detection engine and print its
     /// verdict changes. Needs no kernel and no privileges.
     Replay(replay::ReplayArgs),
+    /// Run as the system service: probes, engine, incident history, local
+    /// API and Prometheus metrics.
+    Daemon(daemon::DaemonArgs),
+    /// Ask the daemon how it is doing.
+    Status(status::StatusArgs),
+    /// Live view of flows by attempts/s with verdicts.
+    Top(top::TopArgs),
+    /// List incidents (storms) the daemon recorded.
+    Incidents(incidents::IncidentsArgs),
+    /// Explain one incident: rate, errors, gaps, backoff, process.
+    Explain(explain::ExplainArgs),
+    /// Print verdict changes as they happen.
+    Events(events::EventsArgs),
+    /// Check or show the configuration.
+    Config(config::ConfigArgs),
 }
 
 /// Options every engine-running command shares.
@@ -46,21 +69,35 @@ impl EngineArgs {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
     match cli.command {
-        Command::Watch(args) => rt.block_on(watch::run(args)),
-        Command::Record(args) => rt.block_on(record::run(args)),
+        Command::Watch(args) => rt()?.block_on(watch::run(args)),
+        Command::Record(args) => rt()?.block_on(record::run(args)),
         Command::Replay(args) => replay::run(args),
+        Command::Daemon(args) => rt()?.block_on(daemon::run(args)),
+        Command::Status(args) => status::run(args),
+        Command::Top(args) => top::run(args),
+        Command::Incidents(args) => incidents::run(args),
+        Command::Explain(args) => explain::run(args),
+        Command::Events(args) => events::run(args),
+        Command::Config(args) => config::run(args),
     }
 }
 
 /// 2 for problems the user must fix (capabilities, tracefs, kernel
 /// features, configuration), 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    use crate::api::client::ClientError;
     if e.downcast_ref::<KernelError>().is_some()
         || e.downcast_ref::<crate::config::ConfigError>().is_some()
+        || matches!(
+            e.downcast_ref::<ClientError>(),
+            Some(ClientError::NotRunning { .. } | ClientError::PermissionDenied { .. })
+        )
     {
         2
     } else {
@@ -68,12 +105,24 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default: info).
+/// Logs to journald when started by systemd with its journal (JOURNAL_STREAM
+/// set), else readable lines on stderr. `RUST_LOG` filters (default: info).
 pub fn init_logging() {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        let _ = registry.with(journald).try_init();
+        return;
+    }
+    let _ = registry
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .try_init();
 }

@@ -38,6 +38,7 @@ pub async fn run(args: RecordArgs) -> anyhow::Result<()> {
             on_demand: args.on_demand,
             probe_max_secs: 60,
             record: Some(out),
+            on_ready: None,
         },
         move |_, changes| {
             for c in changes {

@@ -53,7 +53,12 @@ pub struct Options {
     pub on_demand: OnDemand,
     pub probe_max_secs: u64,
     pub record: Option<Box<dyn std::io::Write + Send>>,
+    /// Called once the probes are loaded and attached.
+    pub on_ready: Option<OnReady>,
 }
+
+/// What `Options::on_ready` holds.
+pub type OnReady = Box<dyn FnOnce(&Sensors)>;
 
 /// One finished reporting interval.
 pub struct Interval {
@@ -66,7 +71,7 @@ pub struct Interval {
 /// 100 ms (`on_changes`), a report every interval (`on_interval`).
 pub async fn drive(
     opts: Options,
-    mut on_changes: impl FnMut(&Pipeline, &[VerdictChange]) -> anyhow::Result<()>,
+    mut on_changes: impl FnMut(&mut Pipeline, &[VerdictChange]) -> anyhow::Result<()>,
     mut on_interval: impl FnMut(&mut Pipeline, &Sensors, Interval) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut sensors = Sensors::load()?;
@@ -88,6 +93,9 @@ pub async fn drive(
     }
     if opts.on_demand == OnDemand::Always {
         sensors.attach_on_demand()?;
+    }
+    if let Some(ready) = opts.on_ready {
+        ready(&sensors);
     }
     eprintln!(
         "stormguard: watching; always-on hooks: {}; on-demand ({}): {}",
@@ -126,7 +134,7 @@ pub async fn drive(
                     Err(_) => pipe.decode_errors += 1,
                 });
                 let changes = pipe.tick(&mut sensors, kernel::monotonic_ns())?;
-                on_changes(&pipe, &changes)?;
+                on_changes(&mut pipe, &changes)?;
             }
             _ = reporter.tick() => {
                 let now = kernel::monotonic_ns();
@@ -159,6 +167,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             on_demand: args.on_demand,
             probe_max_secs: args.probe_max_secs,
             record: None,
+            on_ready: None,
         },
         |_, _| Ok(()),
         move |pipe, sensors, iv| {

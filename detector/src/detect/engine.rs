@@ -7,7 +7,7 @@ use super::{
     config::DetectConfig,
     signals::{Assessment, Signals, label},
     verdict::{State, Subject, Verdict, VerdictChange, explain},
-    window::WINDOW_NS,
+    window::{GAP_BUCKETS, WINDOW_NS},
 };
 use crate::ingest::{Comm, ConnectOutcome, Destination, Observation};
 
@@ -114,12 +114,45 @@ impl Rollup {
         }
     }
 
+    fn member_pids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .members
+            .iter()
+            .filter(|(p, ts)| *ts > 0 && *p > 0)
+            .map(|(p, _)| *p)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     fn active_pids(&self, now: u64) -> usize {
         self.members
             .iter()
             .filter(|(_, ts)| *ts > 0 && now.saturating_sub(*ts) <= WINDOW_NS)
             .count()
     }
+}
+
+/// A subject's numbers, as an incident records them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectStats {
+    pub state: State,
+    pub comm: Comm,
+    /// Attempts per second over the last second.
+    pub rate: f64,
+    pub run_attempts: u64,
+    pub run_failures: u64,
+    /// Failure kinds by name, most frequent first.
+    pub errors: Vec<(String, u32)>,
+    /// The last gaps between attempts, by size.
+    pub gap_histogram: Vec<(String, u32)>,
+    pub median_gap_us: Option<u32>,
+    pub backoff: String,
+    pub explanation: String,
+    /// Processes in it (one for a flow).
+    pub members: Vec<u32>,
+    pub persistent: bool,
+    pub syscalls_per_s: Option<f64>,
 }
 
 /// The detection engine.
@@ -524,6 +557,76 @@ impl Engine {
         }
         out.sort_by(|a, b| b.1.score.cmp(&a.1.score).then(a.0.cmp(&b.0)));
         out
+    }
+
+    /// Everything known of one subject now, for incidents.
+    pub fn subject_stats(&self, subject: &Subject) -> Option<SubjectStats> {
+        let (t, who, members, syscalls) = match *subject {
+            Subject::Flow { pid, dest } => {
+                let key = FlowKey { pid, dest };
+                let t = self
+                    .flows
+                    .get(&key)
+                    .or_else(|| self.ended.iter().find(|(k, _)| *k == key).map(|(_, t)| t))?;
+                (
+                    t,
+                    format!("{} (pid {pid})", t_comm(t)),
+                    vec![pid],
+                    self.syscall_rate(pid),
+                )
+            }
+            Subject::Parent { ppid, dest } => {
+                let r = self.rollups.get(&RollupKey::Parent(ppid, dest))?;
+                let n = r.active_pids(self.now);
+                (
+                    &r.t,
+                    format!("{n} child processes of pid {ppid} ({})", t_comm(&r.t)),
+                    r.member_pids(),
+                    None,
+                )
+            }
+            Subject::Cgroup { cgroup, dest } => {
+                let r = self.rollups.get(&RollupKey::Cgroup(cgroup, dest))?;
+                let n = r.active_pids(self.now);
+                (
+                    &r.t,
+                    format!("{n} processes of cgroup {cgroup}"),
+                    r.member_pids(),
+                    None,
+                )
+            }
+        };
+        let a = t.sig.assess(self.now, &self.cfg);
+        let hist = t.sig.gaps.histogram();
+        Some(SubjectStats {
+            state: t.state,
+            comm: t.comm,
+            rate: a.rate,
+            run_attempts: t.sig.run_attempts,
+            run_failures: t.sig.run_failures,
+            errors: t
+                .sig
+                .errors
+                .all()
+                .into_iter()
+                .map(|(c, n)| (label::name(c), n))
+                .collect(),
+            gap_histogram: GAP_BUCKETS
+                .iter()
+                .zip(hist)
+                .map(|(l, n)| (l.to_string(), n))
+                .collect(),
+            median_gap_us: t.sig.gaps.median_us(),
+            backoff: match a.growth {
+                Some(g) if a.backoff => format!("backing off (gaps ×{g:.1})"),
+                Some(_) => "no backoff".into(),
+                None => "too few attempts to tell".into(),
+            },
+            explanation: explain(&who, &subject.dest(), &t.sig, &a, syscalls, &self.cfg),
+            members,
+            persistent: t.persistent,
+            syscalls_per_s: syscalls,
+        })
     }
 
     /// Processes that are suspect or storming, alone or as members of a

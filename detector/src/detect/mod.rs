@@ -21,7 +21,7 @@ pub mod verdict;
 pub mod window;
 
 pub use config::DetectConfig;
-pub use engine::{Engine, FlowKey};
+pub use engine::{Engine, FlowKey, SubjectStats};
 pub use verdict::{State, Subject, Verdict, VerdictChange};
 
 #[cfg(test)]

@@ -79,6 +79,9 @@ impl Window {
     }
 }
 
+/// Labels of [`Gaps::histogram`].
+pub const GAP_BUCKETS: [&str; 5] = ["<1 ms", "1-10 ms", "10-100 ms", "0.1-1 s", ">=1 s"];
+
 /// How many gaps are kept.
 pub const GAPS: usize = 32;
 
@@ -128,6 +131,24 @@ impl Gaps {
             *slot = self.gaps[(start + i) % GAPS];
         }
         n
+    }
+
+    /// Counts of the kept gaps in [`GAP_BUCKETS`].
+    pub fn histogram(&self) -> [u32; 5] {
+        let mut buf = [0u32; GAPS];
+        let n = self.ordered(&mut buf);
+        let mut h = [0u32; 5];
+        for g in &buf[..n] {
+            let i = match *g {
+                0..1_000 => 0,
+                1_000..10_000 => 1,
+                10_000..100_000 => 2,
+                100_000..1_000_000 => 3,
+                _ => 4,
+            };
+            h[i] += 1;
+        }
+        h
     }
 
     /// Median gap in microseconds.

@@ -22,6 +22,10 @@ pub struct ProcessInfo {
     pub cgroup: Option<String>,
     pub exe: Option<String>,
     pub cmdline: Option<String>,
+    pub uid: Option<u32>,
+    /// Start time in clock ticks since boot (/proc/PID/stat field 22): with
+    /// the pid, it names one process even after the pid is reused.
+    pub start_time: Option<u64>,
     #[serde(skip)]
     details_read: bool,
     #[serde(skip)]
@@ -45,6 +49,33 @@ pub fn parse_stat(stat: &str) -> Option<(Comm, u32)> {
     let _state = rest.next()?;
     let ppid = rest.next()?.parse().ok()?;
     Some((comm, ppid))
+}
+
+/// Field 22 of /proc/PID/stat: start time in clock ticks after boot.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let close = stat.rfind(')')?;
+    // Fields after the comm start at field 3 (state).
+    stat[close + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The systemd unit and the container id a cgroup path names, if any:
+/// "/system.slice/nginx.service" → unit nginx.service;
+/// ".../docker-<64 hex>.scope" or ".../cri-containerd-<id>.scope" or
+/// "/docker/<id>" → that container.
+pub fn unit_and_container(cgroup: &str) -> (Option<String>, Option<String>) {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut unit = None;
+    let mut container = None;
+    for part in cgroup.split('/') {
+        let stem = part.strip_suffix(".scope").unwrap_or(part);
+        let id = stem.rsplit(['-', ':']).next().unwrap_or(stem);
+        if is_id(id) {
+            container = Some(id.to_string());
+        } else if part.ends_with(".service") || part.ends_with(".scope") {
+            unit = Some(part.to_string());
+        }
+    }
+    (unit, container)
 }
 
 /// The cgroup v2 path from /proc/PID/cgroup (the "0::" line).
@@ -198,6 +229,16 @@ fn read_details(root: &Path, info: &mut ProcessInfo) {
     if let Ok(exe) = fs::read_link(root.join("exe")) {
         info.exe = Some(exe.to_string_lossy().into_owned());
     }
+    if let Ok(status) = fs::read_to_string(root.join("status")) {
+        info.uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok());
+    }
+    if let Ok(stat) = fs::read_to_string(root.join("stat")) {
+        info.start_time = parse_start_time(&stat);
+    }
     if let Ok(raw) = fs::read(root.join("cmdline")) {
         let args: Vec<String> = raw
             .split(|&b| b == 0)
@@ -228,6 +269,28 @@ mod tests {
         let (comm, ppid) = parse_stat("42 (my (odd) name) S 7 42 42 0 -1").unwrap();
         assert_eq!(comm.as_str(), "my (odd) name");
         assert_eq!(ppid, 7);
+    }
+
+    #[test]
+    fn start_time_unit_and_container() {
+        let stat = "42 (a b) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 200";
+        assert_eq!(parse_start_time(stat), Some(98765));
+        assert_eq!(
+            unit_and_container("/system.slice/nginx.service"),
+            (Some("nginx.service".into()), None)
+        );
+        let id = "a".repeat(64);
+        assert_eq!(
+            unit_and_container(&format!("/system.slice/docker-{id}.scope")),
+            (None, Some(id.clone()))
+        );
+        assert_eq!(
+            unit_and_container(&format!(
+                "/kubepods/burstable/pod1/cri-containerd-{id}.scope"
+            )),
+            (None, Some(id.clone()))
+        );
+        assert_eq!(unit_and_container("/user.slice"), (None, None));
     }
 
     #[test]

@@ -444,6 +444,65 @@ fn tracepoint<'a>(
     program::<TracePoint>(ebpf, name)
 }
 
+/// Kernel features stormguard looks for, and what it found, for `status`.
+/// Only tracepoints, cgroup hooks and (optionally) uprobes are used;
+/// kprobes, fentry and BPF LSM are reported because production kernels
+/// usually have them and a later version may use them.
+pub fn features() -> Vec<(String, String)> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let found = |ok: bool, yes: String, no: &str| if ok { yes } else { no.to_string() };
+    let tracefs = tracefs::find_mount(&mounts);
+    let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    vec![
+        (
+            "tracefs".into(),
+            found(
+                tracefs.is_some(),
+                format!(
+                    "mounted at {}",
+                    tracefs
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                ),
+                "not mounted",
+            ),
+        ),
+        (
+            "cgroup2".into(),
+            find_cgroup2(&mounts)
+                .map(|p| format!("mounted at {}", p.display()))
+                .unwrap_or_else(|| "not mounted".into()),
+        ),
+        (
+            "btf".into(),
+            found(
+                std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+                "available (/sys/kernel/btf/vmlinux)".into(),
+                "not available",
+            ),
+        ),
+        (
+            "kprobes".into(),
+            found(
+                tracefs
+                    .as_ref()
+                    .is_some_and(|t| t.join("kprobe_events").exists()),
+                "available (not used)".into(),
+                "not available (not needed)",
+            ),
+        ),
+        (
+            "bpf_lsm".into(),
+            found(
+                lsm.split(',').any(|l| l.trim() == "bpf"),
+                "enabled (not used)".into(),
+                "not enabled (not needed)",
+            ),
+        ),
+    ]
+}
+
 /// A random salt for socket ids, from the kernel's random pool.
 fn random_salt() -> u64 {
     let mut buf = [0u8; 8];

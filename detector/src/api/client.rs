@@ -1,0 +1,146 @@
+//! The CLI side of the API: blocking, one request per call.
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+
+use super::{Request, Response, VERSION};
+
+/// Why a call failed, worded for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "the stormguard daemon is not running (nothing listening on {}); start it with `systemctl start stormguard` or `sudo stormguard daemon`",
+        .socket.display()
+    )]
+    NotRunning { socket: PathBuf },
+    #[error(
+        "permission denied on {}: only root and members of group `{group}` may query stormguard (add yourself with `sudo usermod -aG {group} $USER`, then log in again)",
+        .socket.display()
+    )]
+    PermissionDenied { socket: PathBuf, group: String },
+    #[error("{message}")]
+    Api { code: String, message: String },
+    #[error("talking to the daemon on {}: {cause}", .socket.display())]
+    Io {
+        socket: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("the daemon sent something that is not a response: {0}")]
+    Protocol(String),
+}
+
+pub struct Client {
+    socket: PathBuf,
+    group: String,
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects; `group` is only used to word a permission error.
+    pub fn connect(socket: &Path, group: &str) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning {
+                    socket: socket.into(),
+                }
+            }
+            std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+                socket: socket.into(),
+                group: group.into(),
+            },
+            _ => ClientError::Io {
+                socket: socket.into(),
+                cause: e,
+            },
+        })?;
+        let reader = stream.try_clone().map_err(|cause| ClientError::Io {
+            socket: socket.into(),
+            cause,
+        })?;
+        Ok(Client {
+            socket: socket.into(),
+            group: group.into(),
+            writer: stream,
+            reader: BufReader::new(reader),
+        })
+    }
+
+    fn io(&self, cause: std::io::Error) -> ClientError {
+        ClientError::Io {
+            socket: self.socket.clone(),
+            cause,
+        }
+    }
+
+    fn send(&mut self, method: &str, params: Value) -> Result<(), ClientError> {
+        let mut line = serde_json::to_vec(&Request {
+            v: VERSION,
+            method: method.into(),
+            params,
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        self.writer.write_all(&line).map_err(|e| self.io(e))
+    }
+
+    fn receive(&mut self) -> Result<Value, ClientError> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(ClientError::Protocol(
+                "the daemon closed the connection".into(),
+            ));
+        }
+        let resp: Response = serde_json::from_str(&line)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {line}")))?;
+        if resp.ok {
+            Ok(resp.result.unwrap_or(Value::Null))
+        } else {
+            let e = resp.error.unwrap_or(super::ApiError {
+                code: "internal".into(),
+                message: "error without details".into(),
+            });
+            if e.code == "permission_denied" {
+                return Err(ClientError::PermissionDenied {
+                    socket: self.socket.clone(),
+                    group: self.group.clone(),
+                });
+            }
+            Err(ClientError::Api {
+                code: e.code,
+                message: e.message,
+            })
+        }
+    }
+
+    /// One request, one response.
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+        self.send(method, params)?;
+        self.receive()
+    }
+
+    /// Subscribes to `events` and calls `f` with each until it returns false
+    /// or the daemon goes away.
+    pub fn follow(mut self, mut f: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+        self.send("events", Value::Null)?;
+        self.receive()?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.reader.read_line(&mut line).map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Ok(());
+            }
+            let v: Value = serde_json::from_str(&line)
+                .map_err(|e| ClientError::Protocol(format!("{e}: {line}")))?;
+            if !f(v) {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The local API: newline-delimited JSON over a Unix socket, versioned.
+//!
+//! Request: `{"v":1,"method":"status","params":{}}`. Response:
+//! `{"v":1,"ok":true,"result":…}` or `{"v":1,"ok":false,"error":{"code":…,
+//! "message":…}}`. Methods: `status`, `flows`, `incidents` (`since_secs`,
+//! `active`), `explain` (`id` or `pid`), `events` (then one verdict change
+//! per line until the client hangs up).
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; a request with another is refused.
+pub const VERSION: u32 = 1;
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    pub method: String,
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable, machine-readable: bad_request, request_too_large,
+    /// unsupported_version, unknown_method, not_found, permission_denied,
+    /// busy, internal.
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Response {
+            v: VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn err(code: &str, message: impl Into<String>) -> Self {
+        Response {
+            v: VERSION,
+            ok: false,
+            result: None,
+            error: Some(ApiError {
+                code: code.into(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// What `status` returns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub always_on: Vec<String>,
+    pub on_demand: OnDemandView,
+    /// Kernel features looked for at start-up, and what was found.
+    pub kernel_features: Vec<(String, String)>,
+    /// Records from the kernel per second, over the last second.
+    pub events_per_s: f64,
+    pub ring_drops: u64,
+    pub untracked: u64,
+    pub flows_tracked: usize,
+    pub storms_active: usize,
+    pub incidents_total: u64,
+    pub socket: String,
+    pub database: String,
+    pub metrics: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OnDemandView {
+    pub mode: String,
+    pub hooks: Vec<String>,
+    pub attached: bool,
+    pub attached_for_s: u64,
+    pub max_attached_s: u64,
+    pub cooling_down: bool,
+    pub suspects: Vec<u32>,
+}
+
+/// One row of `flows` (what `top` shows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    pub pid: u32,
+    pub comm: String,
+    pub proto: String,
+    pub destination: String,
+    pub attempts_per_s: f64,
+    pub failures_per_s: f64,
+    pub main_error: Option<String>,
+    pub verdict: String,
+    pub score: u8,
+    pub explanation: Option<String>,
+}

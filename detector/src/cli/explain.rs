@@ -1,0 +1,158 @@
+//! `stormguard explain <inc-id|pid>`: one incident in full.
+use clap::Args;
+use serde_json::json;
+
+use super::client::{ClientArgs, fmt_secs, fmt_time, print_json, sparkline};
+use crate::incident::{Incident, parse_id};
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// An incident id (inc-42) or a pid (its latest incident).
+    pub target: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
+    let params = if parse_id(&args.target).is_some() {
+        json!({"id": args.target})
+    } else if let Ok(pid) = args.target.parse::<u32>() {
+        json!({"pid": pid})
+    } else {
+        anyhow::bail!(
+            "`{}` is neither an incident id (inc-42) nor a pid",
+            args.target
+        );
+    };
+    let v = args.client.call("explain", params)?;
+    if args.client.json {
+        return print_json(&v);
+    }
+    let i: Incident = serde_json::from_value(v)?;
+    print!("{}", render(&i));
+    Ok(())
+}
+
+/// The text of `explain`.
+pub fn render(i: &Incident) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
+    let status = if i.active {
+        format!("{} (active)", i.state)
+    } else {
+        format!("ended ({})", i.end_reason.as_deref().unwrap_or("-"))
+    };
+    line(&i.id, format!("{status}, {} incident", i.kind));
+    line("why", i.explanation.clone());
+    let who = match (i.kind.as_str(), i.pid) {
+        ("flow", Some(p)) => format!("{} (pid {p})", i.comm),
+        ("parent", Some(p)) => format!("children of {} (pid {p})", i.comm),
+        _ => format!("processes of cgroup {}", i.cgroup_id.unwrap_or(0)),
+    };
+    line("process", who);
+    if let Some(u) = i.uid {
+        line("uid", u.to_string());
+    }
+    if let Some(p) = i.ppid {
+        line("parent", p.to_string());
+    }
+    if let Some(e) = &i.exe {
+        line("exe", e.clone());
+    }
+    if let Some(c) = &i.cmdline {
+        line("cmdline", c.clone());
+    }
+    line(
+        "cgroup",
+        format!(
+            "{}{}{}",
+            i.cgroup.as_deref().unwrap_or("-"),
+            i.unit
+                .as_ref()
+                .map(|u| format!(" (unit {u})"))
+                .unwrap_or_default(),
+            i.container
+                .as_ref()
+                .map(|c| format!(" (container {})", &c[..12.min(c.len())]))
+                .unwrap_or_default()
+        ),
+    );
+    line(
+        "target",
+        format!("{} {} (netns {})", i.proto, i.destination, i.netns),
+    );
+    let end = i.ended_at.unwrap_or(i.updated_at);
+    line(
+        "when",
+        format!(
+            "{} for {}",
+            fmt_time(i.started_at),
+            fmt_secs(((end - i.started_at).max(0) / 1000) as u64)
+        ),
+    );
+    line(
+        "attempts",
+        format!(
+            "{} ({} failed), peak {:.0}/s{}",
+            i.total_attempts,
+            i.total_failures,
+            i.peak_rate,
+            i.syscalls_per_s
+                .map(|r| format!(", {r:.0} syscalls/s while probed"))
+                .unwrap_or_default()
+        ),
+    );
+    let rates: Vec<f64> = i.timeline.iter().map(|r| *r as f64).collect();
+    line(
+        "rate/s",
+        format!("{} ({} s)", sparkline(&rates), rates.len()),
+    );
+    let total: u32 = i.failure_mix.iter().map(|(_, n)| n).sum();
+    let mix: Vec<String> = i
+        .failure_mix
+        .iter()
+        .map(|(e, n)| format!("{e} {n} ({:.0}%)", 100.0 * *n as f64 / total.max(1) as f64))
+        .collect();
+    line(
+        "errors",
+        if mix.is_empty() {
+            "-".into()
+        } else {
+            mix.join(", ")
+        },
+    );
+    let most = i
+        .gap_histogram
+        .iter()
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let gaps: Vec<String> = i
+        .gap_histogram
+        .iter()
+        .map(|(l, n)| format!("{l:>9} {:<16} {n}", "█".repeat((16 * n / most) as usize)))
+        .collect();
+    line("gaps", gaps.join("\n           "));
+    line(
+        "backoff",
+        format!(
+            "{}{}",
+            i.backoff,
+            i.median_gap_us
+                .map(|g| format!(", median gap {:.1} ms", g as f64 / 1000.0))
+                .unwrap_or_default()
+        ),
+    );
+    if i.kind != "flow" {
+        line(
+            "members",
+            i.members
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    out
+}

@@ -1,0 +1,57 @@
+//! `stormguard incidents [--since 1h] [--active]`.
+use clap::Args;
+use serde_json::json;
+
+use super::client::{ClientArgs, fmt_secs, fmt_time, print_json};
+use crate::incident::Incident;
+
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    /// Only incidents that started within this long (e.g. 30m, 1h, 2d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Only incidents still going on.
+    #[arg(long)]
+    pub active: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub fn run(args: IncidentsArgs) -> anyhow::Result<()> {
+    let v = args.client.call(
+        "incidents",
+        json!({"since_secs": args.since.map(|d| d.as_secs()), "active": args.active}),
+    )?;
+    if args.client.json {
+        return print_json(&v);
+    }
+    let list: Vec<Incident> = serde_json::from_value(v)?;
+    if list.is_empty() {
+        println!("no incidents");
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:<26} {:>9} {:>9} ERROR",
+        "ID", "STATE", "STARTED", "LASTED", "PID", "COMM", "DESTINATION", "PEAK/s", "ATTEMPTS"
+    );
+    for i in list {
+        let lasted = (i.ended_at.unwrap_or(i.updated_at) - i.started_at).max(0) / 1000;
+        println!(
+            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:<26} {:>9.0} {:>9} {}",
+            i.id,
+            if i.active { i.state.as_str() } else { "ended" },
+            fmt_time(i.started_at),
+            fmt_secs(lasted as u64),
+            i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            format!("{}{}", i.comm, if i.kind == "flow" { "" } else { "*" }),
+            i.destination,
+            i.peak_rate,
+            i.total_attempts,
+            i.failure_mix
+                .first()
+                .map(|(e, _)| e.as_str())
+                .unwrap_or("-"),
+        );
+    }
+    Ok(())
+}

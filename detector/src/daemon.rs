@@ -1,0 +1,453 @@
+//! `stormguard daemon`: the always-on service. Loads the probes, runs the
+//! engine, keeps incidents in SQLite, answers the local API, serves
+//! Prometheus metrics, and tells systemd when it is ready.
+//!
+//! Order matters for "nothing half-applied": the configuration is read and
+//! checked first, then the database, the socket and the metrics port are
+//! claimed, and only then are the eBPF programs loaded.
+use std::{
+    cell::RefCell,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    rc::Rc,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{net::UnixListener, sync::broadcast};
+
+use crate::{
+    api::{
+        FlowView, OnDemandView, StatusView,
+        server::{Access, Shared, now_ms},
+    },
+    cli::watch::{self, Interval, Options},
+    config::{Config, DaemonConfig},
+    detect::{State, VerdictChange},
+    flows::{CLOSED_IN_SYN_SENT, FAILED_BEFORE_SYN},
+    incident::IncidentTracker,
+    kernel::{self, Sensors},
+    metrics::Metrics,
+    pipeline::{OnDemand, Pipeline},
+    store::Store,
+};
+
+/// The daemon's state between ticks, shared by the two loop callbacks.
+struct Daemon {
+    config: Config,
+    store: Store,
+    tracker: IncidentTracker,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    limiter: LogLimiter,
+    started: Instant,
+    last_observed: u64,
+    last_retention: Instant,
+}
+
+/// At most `per_second` verdict-change log lines per second; the rest are
+/// counted and reported in one line.
+struct LogLimiter {
+    per_second: u32,
+    window: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn allow(&mut self) -> bool {
+        if self.window.elapsed().as_secs() >= 1 {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    suppressed = self.suppressed,
+                    "verdict changes not logged (rate limit)"
+                );
+            }
+            self.window = Instant::now();
+            self.used = 0;
+            self.suppressed = 0;
+        }
+        if self.used < self.per_second {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// The gid of a group, if it exists.
+fn group_gid(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: libc::group is plain data; all-zero is a valid value that
+    // getgrnam_r overwrites.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into grp and buf, both ours and sized as
+    // passed; result points at grp or is null.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
+}
+
+/// Claims the API socket: refuses if another daemon answers on it, removes
+/// a stale one, sets its mode and group.
+fn bind_socket(cfg: &DaemonConfig) -> anyhow::Result<(UnixListener, Access)> {
+    let socket = &cfg.socket;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!(
+                "another stormguard daemon is already serving {}; stop it first",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+    }
+    let listener = UnixListener::bind(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    // Validated at load.
+    let mode = u32::from_str_radix(&cfg.socket_mode, 8).unwrap_or(0o660);
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", socket.display()))?;
+    let gid = group_gid(&cfg.socket_group);
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(socket, None, Some(gid)).with_context(|| {
+            format!(
+                "cannot give {} to group {}",
+                socket.display(),
+                cfg.socket_group
+            )
+        })?;
+    } else {
+        tracing::info!(
+            group = %cfg.socket_group,
+            "group does not exist: only root may use the API"
+        );
+    }
+    Ok((
+        listener,
+        Access {
+            group_name: cfg.socket_group.clone(),
+            gid,
+        },
+    ))
+}
+
+/// Which config file to read: the one named, else the default if present.
+pub fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit.map(Path::to_path_buf).or_else(|| {
+        Path::new(crate::config::DEFAULT_PATH)
+            .exists()
+            .then(|| PathBuf::from(crate::config::DEFAULT_PATH))
+    })
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(state)
+    {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
+    let path = config_path(config_file);
+    let config = Config::load(path.as_deref())?;
+    tracing::info!(config = ?path, "starting");
+
+    let store = Store::open(&config.store.path)?;
+    let closed = store.close_dangling("daemon stopped")?;
+    if closed > 0 {
+        tracing::info!(closed, "closed incidents left open by the previous run");
+    }
+    store.retain(
+        now_ms(),
+        config.store.retention_days,
+        config.store.max_incidents,
+    )?;
+
+    let (listener, access) = bind_socket(&config.daemon)?;
+    let metrics = Arc::new(Metrics::new(
+        config.metrics.per_storm,
+        config.metrics.per_storm_max,
+    ));
+    let metrics_listener = match config.metrics.listen.as_str() {
+        "off" => None,
+        addr => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr} (metrics.listen)"))?,
+        ),
+    };
+
+    let (events, _) = broadcast::channel(1024);
+    let shared = Arc::new(Shared {
+        status: Mutex::new(StatusView::default()),
+        flows: Mutex::new(Vec::new()),
+        db_path: config.store.path.clone(),
+        events,
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api = tokio::spawn(crate::api::server::serve(
+        listener,
+        shared.clone(),
+        access,
+        wait_stop(stopped.clone()),
+    ));
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(
+            l,
+            metrics.clone(),
+            wait_stop(stopped.clone()),
+        ))
+    });
+
+    let state = Rc::new(RefCell::new(Daemon {
+        store,
+        tracker: IncidentTracker::new(),
+        shared: shared.clone(),
+        metrics,
+        limiter: LogLimiter {
+            per_second: 10,
+            window: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        },
+        started: Instant::now(),
+        last_observed: 0,
+        last_retention: Instant::now(),
+        config: config.clone(),
+    }));
+    let on_ready = {
+        let state = state.clone();
+        Box::new(move |sensors: &Sensors| {
+            let d = state.borrow();
+            if let Ok(mut s) = d.shared.status.lock() {
+                s.always_on = sensors.always_on.clone();
+            }
+            tracing::info!(
+                socket = %d.config.daemon.socket.display(),
+                metrics = %d.config.metrics.listen,
+                "ready"
+            );
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status("watching for retry storms"),
+            ]);
+        })
+    };
+    let changes_state = state.clone();
+    let interval_state = state.clone();
+    let result = watch::drive(
+        Options {
+            config: config.clone(),
+            interval_ms: 1000,
+            duration: None,
+            on_demand: config.on_demand(),
+            probe_max_secs: config.probes.max_attached_secs,
+            record: None,
+            on_ready: Some(on_ready),
+        },
+        move |pipe, changes| changes_state.borrow_mut().on_changes(pipe, changes),
+        move |pipe, sensors, iv| interval_state.borrow_mut().on_interval(pipe, sensors, iv),
+    )
+    .await;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop.send(true);
+    let _ = api.await;
+    if let Some(m) = metrics_task {
+        let _ = m.await;
+    }
+    {
+        let mut d = state.borrow_mut();
+        let Daemon { tracker, store, .. } = &mut *d;
+        tracker.close_all(store, now_ms(), "daemon stopped")?;
+    }
+    let _ = std::fs::remove_file(&config.daemon.socket);
+    tracing::info!("stopped");
+    result
+}
+
+impl Daemon {
+    fn on_changes(&mut self, pipe: &mut Pipeline, changes: &[VerdictChange]) -> anyhow::Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let opened = self.tracker.on_changes(
+            changes,
+            &pipe.engine,
+            &mut pipe.procs,
+            &self.store,
+            now_ms(),
+        )?;
+        for inc in opened {
+            tracing::warn!(id = %inc.id, comm = %inc.comm, destination = %inc.destination, "incident opened: {}", inc.explanation);
+        }
+        for c in changes {
+            let _ = self.shared.events.send(c.clone());
+            if self.limiter.allow() {
+                tracing::info!(
+                    from = c.from.as_str(),
+                    to = c.to.as_str(),
+                    score = c.score,
+                    subject = ?c.subject,
+                    "{}",
+                    c.explanation
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn on_interval(
+        &mut self,
+        pipe: &mut Pipeline,
+        sensors: &Sensors,
+        iv: Interval,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        self.tracker.every_second(&pipe.engine, &self.store, now)?;
+        if self.last_retention.elapsed().as_secs() >= 3600 {
+            self.last_retention = Instant::now();
+            self.store.retain(
+                now,
+                self.config.store.retention_days,
+                self.config.store.max_incidents,
+            )?;
+        }
+        let stats = sensors.stats()?;
+        let events = pipe.observed - self.last_observed;
+        self.last_observed = pipe.observed;
+        let storms = self.tracker.active().count();
+        let incidents_total = self.store.total()?;
+
+        // Flows for `top`, busiest first.
+        let flows: Vec<FlowView> = iv
+            .rows
+            .iter()
+            .take(200)
+            .map(|r| {
+                let v = pipe.engine.verdict(r.key.pid, &r.key.dest);
+                FlowView {
+                    pid: r.key.pid,
+                    comm: r.comm.to_string(),
+                    proto: match r.key.dest.proto {
+                        crate::ingest::Proto::Tcp => "tcp".into(),
+                        crate::ingest::Proto::Udp => "udp".into(),
+                    },
+                    destination: r.key.dest.to_string(),
+                    attempts_per_s: r.counts.attempts as f64 / iv.secs,
+                    failures_per_s: r.counts.failures as f64 / iv.secs,
+                    main_error: r.counts.main_error().map(str::to_string),
+                    verdict: v
+                        .as_ref()
+                        .map(|v| v.state)
+                        .unwrap_or(State::Healthy)
+                        .as_str()
+                        .into(),
+                    score: v.as_ref().map(|v| v.score).unwrap_or(0),
+                    explanation: v
+                        .filter(|v| v.state != State::Healthy || v.persistent_failure)
+                        .map(|v| v.explanation),
+                }
+            })
+            .collect();
+
+        // Metrics.
+        let mut by_outcome = [0u64; 4];
+        for r in &iv.rows {
+            by_outcome[0] += r.counts.established;
+            for (label, n) in &r.counts.errors {
+                match label.as_str() {
+                    CLOSED_IN_SYN_SENT => by_outcome[2] += n,
+                    FAILED_BEFORE_SYN => by_outcome[3] += n,
+                    _ => by_outcome[1] += n,
+                }
+            }
+        }
+        for (label, n) in ["established", "failed", "closed", "before_syn"]
+            .iter()
+            .zip(by_outcome)
+        {
+            self.metrics.add_connect_attempts(label, n);
+        }
+        self.metrics
+            .set_flows_tracked(pipe.engine.flow_count() as u64);
+        self.metrics.set_storms_active(storms as u64);
+        self.metrics
+            .set_events_dropped_total(stats.ring_drops + stats.map_full);
+        self.metrics.set_incidents_total(incidents_total);
+        let active: Vec<(String, String, f64)> = self
+            .tracker
+            .active()
+            .map(|i| {
+                (
+                    i.comm.clone(),
+                    i.destination.clone(),
+                    i.timeline.last().copied().unwrap_or(0.0) as f64,
+                )
+            })
+            .collect();
+        self.metrics.set_active_storms(&active);
+
+        // Status.
+        let status = StatusView {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            always_on: sensors.always_on.clone(),
+            on_demand: OnDemandView {
+                mode: match pipe.on_demand {
+                    OnDemand::Auto => "auto",
+                    OnDemand::Always => "always",
+                    OnDemand::Never => "never",
+                }
+                .into(),
+                hooks: Sensors::on_demand_hooks().to_vec(),
+                attached: sensors.on_demand_attached(),
+                attached_for_s: pipe
+                    .plan
+                    .attached_since_ns
+                    .map(|t| kernel::monotonic_ns().saturating_sub(t) / 1_000_000_000)
+                    .unwrap_or(0),
+                max_attached_s: self.config.probes.max_attached_secs,
+                cooling_down: pipe.plan.cooling_down_until_ns.is_some(),
+                suspects: pipe.plan.suspects.clone(),
+            },
+            kernel_features: kernel::features(),
+            events_per_s: events as f64 / iv.secs,
+            ring_drops: stats.ring_drops,
+            untracked: stats.map_full,
+            flows_tracked: pipe.engine.flow_count(),
+            storms_active: storms,
+            incidents_total,
+            socket: self.config.daemon.socket.display().to_string(),
+            database: self.config.store.path.display().to_string(),
+            metrics: self.config.metrics.listen.clone(),
+        };
+        if let Ok(mut s) = self.shared.status.lock() {
+            *s = status;
+        }
+        if let Ok(mut f) = self.shared.flows.lock() {
+            *f = flows;
+        }
+        Ok(())
+    }
+}
