@@ -195,8 +195,18 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     };
 
     let (events, _) = broadcast::channel(1024);
+    // Answerable from the first request, before the first second is over.
+    let initial = StatusView {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        kernel_features: kernel::features(),
+        socket: config.daemon.socket.display().to_string(),
+        database: config.store.path.display().to_string(),
+        metrics: config.metrics.listen.clone(),
+        ..Default::default()
+    };
     let shared = Arc::new(Shared {
-        status: Mutex::new(StatusView::default()),
+        status: Mutex::new(initial),
         flows: Mutex::new(Vec::new()),
         db_path: config.store.path.clone(),
         events,

@@ -461,3 +461,118 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// A real `stormguard daemon` on a temporary socket, database and metrics
+/// port, stopped (SIGTERM) when dropped.
+pub struct Daemon {
+    pub child: Option<ChildGuard>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub stderr: Option<std::sync::mpsc::Receiver<String>>,
+}
+
+impl Daemon {
+    /// Writes a config under `dir` (extra TOML appended) and starts the
+    /// daemon; None after [`skip_or_fail`] if eBPF cannot load.
+    pub fn start(what: &str, dir: &std::path::Path, extra: &str) -> Option<Daemon> {
+        std::fs::create_dir_all(dir).expect("daemon dir");
+        let socket = dir.join("sg.sock");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = \"{}\"\n[store]\npath = \"{}\"\n[metrics]\nlisten = \"{port}\"\n{extra}",
+                socket.display(),
+                dir.join("incidents.db").display()
+            ),
+        )
+        .expect("write config");
+        let mut d = Daemon {
+            child: None,
+            dir: dir.into(),
+            socket,
+            config,
+            metrics: Some(port),
+            stderr: None,
+        };
+        d.spawn(what).then_some(d)
+    }
+
+    /// (Re)starts the daemon process; false if skipped.
+    pub fn spawn(&mut self, what: &str) -> bool {
+        let mut child = ChildGuard::spawn(
+            Command::new(stormguard_bin())
+                .arg("daemon")
+                .arg("--config")
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let err = lines(child.0.stderr.take().expect("stderr"));
+        let started = Instant::now();
+        loop {
+            match err.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l.contains(" ready ") || l.ends_with(" ready") => break,
+                Ok(l)
+                    if l.starts_with("stormguard: ") && !l.starts_with("stormguard: watching") =>
+                {
+                    skip_or_fail(what, &l);
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("daemon not ready after {:?}: {e}", started.elapsed()),
+            }
+        }
+        println!("{what}: daemon ready in {:?}", started.elapsed());
+        self.child = Some(child);
+        self.stderr = Some(err);
+        true
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.pid() as i32, libc::SIGTERM) };
+            let status = c.0.wait().expect("wait for daemon");
+            assert!(status.success(), "daemon exited with {status}");
+        }
+    }
+
+    /// Runs a client command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(stormguard_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run stormguard")
+    }
+
+    /// A client command's JSON output, failing the test on an error.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "stormguard {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

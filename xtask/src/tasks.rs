@@ -36,12 +36,35 @@ pub fn build(env: &Env, release: bool) -> anyhow::Result<()> {
 }
 
 /// Tools the integration tests drive, and the Debian packages with them.
-const TEST_TOOLS: [(&str, &str); 4] = [
+const TEST_TOOLS: [(&str, &str); 6] = [
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("setpriv", "util-linux"),
+    ("curl", "curl"),
+    ("python3", "python3"),
 ];
+
+/// The metrics test parses /metrics with the Prometheus project's own
+/// Python parser.
+fn ensure_prometheus_parser() -> anyhow::Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    println!("xtask: installing the python prometheus_client parser");
+    status(Command::new("python3").args(["-m", "pip", "install", "-q", "prometheus_client"]))
+        .or_else(|_| {
+            ensure_packages(&[(
+                "python3-prometheus-client-check",
+                "python3-prometheus-client",
+            )])
+        })
+}
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -85,6 +108,7 @@ pub fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
 
 pub fn test(env: &Env) -> anyhow::Result<()> {
     ensure_packages(&TEST_TOOLS)?;
+    ensure_prometheus_parser()?;
     status(env.cargo().args(["fmt", "--all", "--", "--check"]))?;
     status(
         env.cargo()

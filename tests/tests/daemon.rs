@@ -1,0 +1,482 @@
+//! The daemon as an operator meets it: a real `stormguard daemon` with a
+//! temporary socket and database, real storming children, the CLI, the
+//! API under hostile input, access control, and the metrics endpoint.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use stormguard_tests::{ChildGuard, Daemon, closed_port, stormguard_bin};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sg-daemon-{tag}-{}", std::process::id()))
+}
+
+/// Polls `f` every 200 ms until it returns Some, up to `bound`.
+fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < bound, "{what}: not within {bound:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_storm_becomes_an_incident_that_survives_a_restart_and_explains() {
+    let Some(mut d) = Daemon::start("incident", &tmp("incident"), "") else {
+        return;
+    };
+    let port = closed_port(false).to_string();
+    let storm = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", &port, "--secs", "3"])
+            .stdout(Stdio::null()),
+    );
+    let pid = storm.pid();
+    let (inc, took) = wait_for("the incident", Duration::from_secs(15), || {
+        d.json(&["incidents"])
+            .as_array()?
+            .iter()
+            .find(|i| i["pid"] == pid && i["destination"] == port)
+            .cloned()
+    });
+    println!(
+        "incident listed {took:?} after the storm started: {}",
+        inc["id"]
+    );
+    let id = inc["id"].as_str().expect("id").to_string();
+    assert!(id.starts_with("inc-"), "{id}");
+    assert_eq!(inc["kind"], "flow");
+    assert_eq!(inc["comm"], "stormclient");
+    assert_eq!(inc["exe"], CLIENT);
+    assert_eq!(inc["ppid"], std::process::id());
+    assert_eq!(inc["active"], true);
+    assert_eq!(
+        d.json(&["incidents", "--active"]).as_array().unwrap().len(),
+        1
+    );
+    storm.finish(Duration::from_secs(30));
+
+    // The status reports what it sees.
+    let status = d.json(&["status"]);
+    assert_eq!(
+        status["always_on"].as_array().unwrap().len(),
+        13,
+        "{status}"
+    );
+    assert!(status["incidents_total"].as_u64().unwrap() >= 1, "{status}");
+    assert_eq!(status["ring_drops"], 0, "{status}");
+
+    // Restart: the incident is still there, closed.
+    d.stop();
+    assert!(!d.socket.exists(), "socket removed on exit");
+    assert!(d.spawn("incident"));
+    let after = d.json(&["incidents"]);
+    let again = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} lost across a restart: {after}"));
+    assert_eq!(again["active"], false);
+    assert!(again["total_attempts"].as_u64().unwrap() > 100, "{again}");
+    assert!(
+        d.json(&["incidents", "--active"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // explain, by id and by pid, text and JSON.
+    for target in [id.clone(), pid.to_string()] {
+        let out = d.cli(&["explain", &target]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("{text}");
+        assert!(text.starts_with(&format!("{id} ")), "{text}");
+        for needle in [
+            "why        stormclient (pid",
+            "100% ECONNREFUSED",
+            "rate/s     ",
+            "errors     ECONNREFUSED",
+            "gaps ",
+            "backoff    no backoff",
+            &format!("parent     {}", std::process::id()),
+            "cgroup     /",
+            &format!("target     tcp {port}"),
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+    assert_eq!(d.json(&["explain", &id])["id"], id.as_str());
+
+    // An unknown id or pid: an error that says so, non-zero.
+    let out = d.cli(&["explain", "inc-99999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "stormguard: no incident inc-99999"
+    );
+    let out = d.cli(&["explain", "not-an-id"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither an incident id"));
+}
+
+/// One raw request line; returns the response line.
+fn raw(stream: &mut UnixStream, line: &[u8]) -> serde_json::Value {
+    stream.write_all(line).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut resp = String::new();
+    r.read_line(&mut resp).unwrap();
+    serde_json::from_str(&resp).unwrap_or_else(|e| panic!("{e}: {resp:?}"))
+}
+
+#[test]
+fn hostile_input_gets_errors_and_the_daemon_keeps_answering() {
+    let Some(d) = Daemon::start("hostile", &tmp("hostile"), "") else {
+        return;
+    };
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = raw(&mut s, b"\x00\xff\xfe garbage \x80");
+    assert_eq!(
+        (r["ok"].as_bool(), r["error"]["code"].as_str()),
+        (Some(false), Some("bad_request"))
+    );
+    let r = raw(&mut s, br#"{"v":1,"method":"reboot"}"#);
+    assert_eq!(r["error"]["code"], "unknown_method");
+    assert!(r["error"]["message"].as_str().unwrap().contains("reboot"));
+    let r = raw(&mut s, br#"{"v":7,"method":"status"}"#);
+    assert_eq!(r["error"]["code"], "unsupported_version");
+    let r = raw(
+        &mut s,
+        br#"{"v":1,"method":"explain","params":{"id":"42"}}"#,
+    );
+    assert_eq!(r["error"]["code"], "bad_request");
+    // Same connection still works.
+    let r = raw(&mut s, br#"{"v":1,"method":"status"}"#);
+    assert_eq!(r["ok"], true);
+
+    // A 10 MB line: refused, connection closed, daemon fine.
+    let mut big = UnixStream::connect(&d.socket).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let writer = {
+        let mut w = big.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..10 {
+                if w.write_all(&chunk).is_err() {
+                    break; // the daemon hung up, as it should
+                }
+            }
+        })
+    };
+    let mut resp = String::new();
+    BufReader::new(big.try_clone().unwrap())
+        .read_line(&mut resp)
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(r["error"]["code"], "request_too_large", "{resp}");
+    writer.join().unwrap();
+
+    // Many connections that say nothing, then hang up.
+    for _ in 0..100 {
+        let _ = UnixStream::connect(&d.socket).unwrap();
+    }
+    let status = d.json(&["status"]);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn peers_outside_root_and_the_group_are_refused() {
+    let dir = tmp("access");
+    let Some(mut d) = Daemon::start("access", &dir, "") else {
+        return;
+    };
+    // Rewrite the config with a world-writable socket and restart: anyone
+    // can connect, so SO_PEERCRED decides.
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        cfg.replacen("[daemon]\n", "[daemon]\nsocket_mode = \"0666\"\n", 1),
+    )
+    .unwrap();
+    d.stop();
+    assert!(d.spawn("access"));
+    let nobody = |d: &Daemon| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(stormguard_bin())
+            .args(["status", "--socket"])
+            .arg(&d.socket)
+            .output()
+            .expect("setpriv")
+    };
+    let out = nobody(&d);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("group `stormguard`"),
+        "{err}"
+    );
+    // The default 0660: the kernel refuses before the daemon sees it, and
+    // the message is the same.
+    std::fs::write(&d.config, cfg).unwrap();
+    d.stop();
+    assert!(d.spawn("access"));
+    let mode = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o660
+    );
+    let out = nobody(&d);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("group `stormguard`"));
+    // Root is let in.
+    assert_eq!(d.json(&["status"])["pid"], d.child.as_ref().unwrap().pid());
+}
+
+#[test]
+fn an_invalid_config_exits_2_naming_the_field_and_loads_nothing() {
+    let dir = tmp("badcfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.toml");
+    let socket = dir.join("sg.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\nsocket = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:not-a-port\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(stormguard_bin())
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("invalid config {}", cfg.display()))
+            && err.contains("metrics.listen = 127.0.0.1:not-a-port"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "nothing half-applied: no socket");
+    std::fs::write(&cfg, "[store]\nretention = 3\n").unwrap();
+    let out = Command::new(stormguard_bin())
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("retention"), "{err}");
+    // config check says the same, and ok for a good file.
+    let out = Command::new(stormguard_bin())
+        .args(["config", "check"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::write(&cfg, "[store]\nretention_days = 3\n").unwrap();
+    let out = Command::new(stormguard_bin())
+        .args(["config", "check"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(stormguard_bin())
+        .args(["config", "show", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("retention_days = 3") && shown.contains("[detect]"),
+        "{shown}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_daemon_not_running_is_said_plainly() {
+    let out = Command::new(stormguard_bin())
+        .args(["status", "--socket", "/nonexistent/sg.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("daemon is not running") && err.contains("stormguard daemon"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metrics_parse_with_a_real_prometheus_parser_and_events_and_top_follow_storms() {
+    let Some(d) = Daemon::start("metrics", &tmp("metrics"), "") else {
+        return;
+    };
+    // events --follow, started before the storm.
+    let mut events = ChildGuard::spawn(
+        Command::new(stormguard_bin())
+            .args(["events", "--follow", "--json", "--socket"])
+            .arg(&d.socket)
+            .stdout(Stdio::piped()),
+    );
+    let ev_lines = stormguard_tests::lines(events.0.stdout.take().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let port = closed_port(false).to_string();
+    let storm = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", &port, "--secs", "3"])
+            .stdout(Stdio::null()),
+    );
+    let pid = storm.pid();
+    let (change, took) = wait_for("a storm event", Duration::from_secs(15), || {
+        ev_lines
+            .try_iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(&l).expect("JSON event"))
+            .find(|v| v["subject"]["pid"] == pid && v["to"] == "storm")
+    });
+    println!(
+        "events: storm event after {took:?}: {}",
+        change["explanation"]
+    );
+
+    // top, not on a terminal: plain tables, refreshed (the daemon
+    // publishes flows once a second).
+    let out = Command::new(stormguard_bin())
+        .args([
+            "top",
+            "--iterations",
+            "4",
+            "--interval-ms",
+            "500",
+            "--socket",
+        ])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&pid.to_string()) && l.contains(&port) && l.ends_with("storm")),
+        "{text}"
+    );
+
+    // /metrics during the storm, with curl, parsed by prometheus_client.
+    let url = format!("http://{}/metrics", d.metrics.unwrap());
+    let out = Command::new("curl")
+        .args(["-sf", &url])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl {url} failed");
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut py = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json\n\
+             from prometheus_client.parser import text_string_to_metric_families as f\n\
+             out = {}\n\
+             for fam in f(sys.stdin.read()):\n\
+             \x20   for s in fam.samples:\n\
+             \x20       out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value\n\
+             print(json.dumps(out))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    py.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let mut parsed = String::new();
+    py.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut parsed)
+        .unwrap();
+    let status = py.wait().unwrap();
+    assert!(
+        status.success(),
+        "prometheus_client could not parse:\n{body}"
+    );
+    let m: serde_json::Value = serde_json::from_str(&parsed).unwrap();
+    println!("metrics: {m}");
+    assert!(
+        m["stormguard_storms_active{}"].as_f64().unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        m["stormguard_incidents_total{}"].as_f64().unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        m[r#"stormguard_connect_attempts_total{"outcome": "failed"}"#]
+            .as_f64()
+            .unwrap()
+            > 100.0,
+        "{m}"
+    );
+    assert_eq!(m["stormguard_events_dropped_total{}"], 0.0);
+    let per_storm = format!(
+        r#"stormguard_storm_attempts_per_second{{"comm": "stormclient", "destination": "{port}"}}"#
+    );
+    assert!(
+        m[&per_storm].as_f64().is_some(),
+        "no per-storm series {per_storm} in {m}"
+    );
+    storm.finish(Duration::from_secs(30));
+}
+
+#[test]
+fn per_storm_series_can_be_switched_off() {
+    let Some(d) = Daemon::start("nostorm", &tmp("nostorm"), "per_storm = false\n") else {
+        return;
+    };
+    let port = closed_port(false).to_string();
+    let storm = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", &port, "--secs", "2"])
+            .stdout(Stdio::null()),
+    );
+    wait_for("the incident", Duration::from_secs(15), || {
+        d.json(&["incidents", "--active"])
+            .as_array()?
+            .first()
+            .cloned()
+    });
+    let url = format!("http://{}/metrics", d.metrics.unwrap());
+    // Metrics are refreshed once a second.
+    let (body, _) = wait_for("storms_active 1", Duration::from_secs(5), || {
+        let out = Command::new("curl")
+            .args(["-sf", &url])
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.contains("stormguard_storms_active 1").then_some(body)
+    });
+    assert!(
+        !body.contains("stormguard_storm_attempts_per_second"),
+        "{body}"
+    );
+    storm.finish(Duration::from_secs(30));
+}
