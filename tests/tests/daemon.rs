@@ -170,7 +170,7 @@ fn hostile_input_gets_errors_and_the_daemon_keeps_answering() {
     assert_eq!(r["ok"], true);
 
     // A 10 MB line: refused, connection closed, daemon fine.
-    let mut big = UnixStream::connect(&d.socket).unwrap();
+    let big = UnixStream::connect(&d.socket).unwrap();
     big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let writer = {
         let mut w = big.try_clone().unwrap();
