@@ -4,5 +4,5 @@ pub mod connect;
 pub mod floor;
 pub mod ondemand;
 pub mod process;
-pub mod tcp;
 pub mod sendrecv;
+pub mod tcp;
