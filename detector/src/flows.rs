@@ -162,15 +162,6 @@ impl FlowTable {
         &mut e.1
     }
 
-    /// Failures per process in the current interval (for the suspect test).
-    pub fn failures_by_pid(&self) -> HashMap<u32, u64> {
-        let mut out = HashMap::new();
-        for (k, (_, c)) in &self.flows {
-            *out.entry(k.pid).or_default() += c.failures;
-        }
-        out
-    }
-
     /// Ends the interval: its rows, busiest first.
     pub fn take_interval(&mut self) -> Vec<FlowRow> {
         let mut rows: Vec<FlowRow> = self
@@ -237,7 +228,6 @@ mod tests {
         ));
         t.observe(&connect(1, 443, ConnectOutcome::Established));
         t.observe(&connect(2, 80, ConnectOutcome::Established));
-        assert_eq!(t.failures_by_pid()[&1], 6);
         let rows = t.take_interval();
         assert_eq!(rows.len(), 3);
         let r = &rows[0];

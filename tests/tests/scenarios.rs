@@ -58,6 +58,15 @@ fn first_storm<'a>(
         .find(|c| subject(&c.subject) && c.to == State::Storm)
 }
 
+/// The last state a process's flow reached ("healthy" if it never changed).
+fn last_state(changes: &[VerdictChange], pid: u32) -> &'static str {
+    changes
+        .iter()
+        .rfind(|c| flow_of(pid)(&c.subject))
+        .map(|c| c.to.as_str())
+        .unwrap_or("healthy")
+}
+
 fn row(scenario: &str, expected: &str, got: &str, time_to_flag: Option<u64>) {
     println!(
         "| {scenario} | {expected} | {got} | {} |",
@@ -366,11 +375,7 @@ fn exponential_backoff_with_jitter_is_never_a_storm() {
     ]);
     let pid = c.pid();
     let (changes, _) = expect_no_storm("backoff", flow_of(pid), run, c, None);
-    let got = changes
-        .iter()
-        .rfind(|c| flow_of(pid)(&c.subject))
-        .map(|c| c.to.as_str())
-        .unwrap_or("healthy");
+    let got = last_state(&changes, pid);
     row(
         "exponential backoff with jitter (100 ms base, ×2), always failing",
         "never a storm",
@@ -404,11 +409,7 @@ fn healthy_2000_connects_per_second_with_responses_are_never_a_storm() {
         rate >= 1800.0,
         "only {rate:.0} connects/s: the row did not test 2,000/s"
     );
-    let got = changes
-        .iter()
-        .rfind(|c| flow_of(pid)(&c.subject))
-        .map(|c| c.to.as_str())
-        .unwrap_or("healthy");
+    let got = last_state(&changes, pid);
     row(
         "healthy: 2,000 connects/s, each with a request and a response, for 5 s",
         "never a storm",
@@ -447,11 +448,7 @@ fn healthy_keep_alive_10000_distinct_requests_per_second_are_never_a_storm() {
         rate >= 9000.0,
         "only {rate:.0} requests/s: the row did not test 10,000/s"
     );
-    let got = changes
-        .iter()
-        .rfind(|c| flow_of(pid)(&c.subject))
-        .map(|c| c.to.as_str())
-        .unwrap_or("healthy");
+    let got = last_state(&changes, pid);
     row(
         "healthy keep-alive: 10,000 requests/s with distinct payloads",
         "never a storm",
@@ -494,11 +491,7 @@ fn a_pool_of_50_reconnecting_once_after_a_server_restart_is_never_a_storm() {
     let (changes, _) = expect_no_storm("pool", flow_of(pid), run, c, None);
     let reaccepted = server.join().unwrap();
     assert!(reaccepted > 0, "no connection came back");
-    let got = changes
-        .iter()
-        .rfind(|c| flow_of(pid)(&c.subject))
-        .map(|c| c.to.as_str())
-        .unwrap_or("healthy");
+    let got = last_state(&changes, pid);
     row(
         "a pool of 50 connections reconnecting once after a server restart",
         "never a storm",

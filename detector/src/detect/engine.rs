@@ -18,10 +18,47 @@ pub struct FlowKey {
     pub dest: Destination,
 }
 
+impl FlowKey {
+    pub fn subject(&self) -> Subject {
+        Subject::Flow {
+            pid: self.pid,
+            dest: self.dest,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum RollupKey {
     Parent(u32, Destination),
     Cgroup(u64, Destination),
+}
+
+impl RollupKey {
+    fn of(subject: &Subject) -> Option<RollupKey> {
+        match *subject {
+            Subject::Flow { .. } => None,
+            Subject::Parent { ppid, dest } => Some(RollupKey::Parent(ppid, dest)),
+            Subject::Cgroup { cgroup, dest } => Some(RollupKey::Cgroup(cgroup, dest)),
+        }
+    }
+
+    fn subject(&self) -> Subject {
+        match *self {
+            RollupKey::Parent(ppid, dest) => Subject::Parent { ppid, dest },
+            RollupKey::Cgroup(cgroup, dest) => Subject::Cgroup { cgroup, dest },
+        }
+    }
+
+    /// How a roll-up is named in explanations.
+    fn who(&self, r: &Rollup, now: u64) -> String {
+        let pids = r.active_pids(now);
+        match *self {
+            RollupKey::Parent(ppid, _) => {
+                format!("{pids} child processes of pid {ppid} ({})", r.t.comm)
+            }
+            RollupKey::Cgroup(cgroup, _) => format!("{pids} processes of cgroup {cgroup}"),
+        }
+    }
 }
 
 /// Signals plus the verdict state built on them.
@@ -384,35 +421,29 @@ impl Engine {
                 .get(&key.pid)
                 .map(|(_, r)| *r)
                 .filter(|r| *r > 0.0);
-            let who = format!("{} (pid {})", t_comm(t), key.pid);
+            let (comm, pid) = (t.comm, key.pid);
             report(
                 &mut changes,
                 t,
                 &a,
                 now,
                 &cfg,
-                Subject::Flow {
-                    pid: key.pid,
-                    dest: key.dest,
-                },
-                || who.clone(),
+                key.subject(),
+                || format!("{comm} (pid {pid})"),
                 rate,
             );
         }
         for (key, t) in self.ended.iter_mut() {
             let a = t.sig.assess(now, &cfg);
-            let who = format!("{} (pid {}, exited)", t_comm(t), key.pid);
+            let (comm, pid) = (t.comm, key.pid);
             report(
                 &mut changes,
                 t,
                 &a,
                 now,
                 &cfg,
-                Subject::Flow {
-                    pid: key.pid,
-                    dest: key.dest,
-                },
-                || who.clone(),
+                key.subject(),
+                || format!("{comm} (pid {pid}, exited)"),
                 None,
             );
         }
@@ -427,23 +458,14 @@ impl Engine {
                 a.storm = false;
                 a.suspect = false;
             }
-            let (subject, who) = match *key {
-                RollupKey::Parent(ppid, dest) => (
-                    Subject::Parent { ppid, dest },
-                    format!("{pids} child processes of pid {ppid} ({})", t_comm(&r.t)),
-                ),
-                RollupKey::Cgroup(cgroup, dest) => (
-                    Subject::Cgroup { cgroup, dest },
-                    format!("{pids} processes of cgroup {cgroup}"),
-                ),
-            };
+            let who = key.who(r, now);
             report(
                 &mut changes,
                 &mut r.t,
                 &a,
                 now,
                 &cfg,
-                subject,
+                key.subject(),
                 || who.clone(),
                 None,
             );
@@ -502,7 +524,7 @@ impl Engine {
             score: t.score,
             persistent_failure: t.persistent,
             explanation: explain(
-                &format!("{} (pid {pid})", t_comm(t)),
+                &format!("{} (pid {pid})", t.comm),
                 dest,
                 &t.sig,
                 &a,
@@ -534,17 +556,8 @@ impl Engine {
                 continue;
             }
             let a = r.t.sig.assess(now, &self.cfg);
-            let pids = r.active_pids(now);
-            let (subject, who) = match *key {
-                RollupKey::Parent(ppid, dest) => (
-                    Subject::Parent { ppid, dest },
-                    format!("{pids} child processes of pid {ppid} ({})", t_comm(&r.t)),
-                ),
-                RollupKey::Cgroup(cgroup, dest) => (
-                    Subject::Cgroup { cgroup, dest },
-                    format!("{pids} processes of cgroup {cgroup}"),
-                ),
-            };
+            let who = key.who(r, now);
+            let subject = key.subject();
             out.push((
                 subject,
                 Verdict {
@@ -570,30 +583,15 @@ impl Engine {
                     .or_else(|| self.ended.iter().find(|(k, _)| *k == key).map(|(_, t)| t))?;
                 (
                     t,
-                    format!("{} (pid {pid})", t_comm(t)),
+                    format!("{} (pid {pid})", t.comm),
                     vec![pid],
                     self.syscall_rate(pid),
                 )
             }
-            Subject::Parent { ppid, dest } => {
-                let r = self.rollups.get(&RollupKey::Parent(ppid, dest))?;
-                let n = r.active_pids(self.now);
-                (
-                    &r.t,
-                    format!("{n} child processes of pid {ppid} ({})", t_comm(&r.t)),
-                    r.member_pids(),
-                    None,
-                )
-            }
-            Subject::Cgroup { cgroup, dest } => {
-                let r = self.rollups.get(&RollupKey::Cgroup(cgroup, dest))?;
-                let n = r.active_pids(self.now);
-                (
-                    &r.t,
-                    format!("{n} processes of cgroup {cgroup}"),
-                    r.member_pids(),
-                    None,
-                )
+            Subject::Parent { .. } | Subject::Cgroup { .. } => {
+                let key = RollupKey::of(subject)?;
+                let r = self.rollups.get(&key)?;
+                (&r.t, key.who(r, self.now), r.member_pids(), None)
             }
         };
         let a = t.sig.assess(self.now, &self.cfg);
@@ -659,10 +657,6 @@ impl Engine {
         // Entry plus hashbrown's control byte, at its worst load factor (7/8).
         (std::mem::size_of::<(FlowKey, Tracked)>() + 1) * 8 / 7 + std::mem::size_of::<Destination>()
     }
-}
-
-fn t_comm(t: &Tracked) -> String {
-    t.comm.to_string()
 }
 
 /// Steps the state machine and records a change (or a newly persistent
