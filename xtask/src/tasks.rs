@@ -114,11 +114,14 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
         env.cargo()
             .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
     )?;
-    // The kernel crate only builds for the BPF target with nightly.
+    // The kernel crate only builds for the BPF target with nightly. CARGO
+    // points at a toolchain's cargo, not the rustup proxy, so ask rustup.
     status(
-        env.cargo()
+        Command::new("rustup")
             .args([
-                "+nightly",
+                "run",
+                "nightly",
+                "cargo",
                 "clippy",
                 "-p",
                 "detector-ebpf",
@@ -130,6 +133,7 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ])
+            .env("PATH", env.path())
             .env("CARGO_TARGET_DIR", "target/ebpf-clippy"),
     )?;
     // CLI tests run the binary; cargo does not build a dependency's bins.
