@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <setup|build|test|run|bench>`. Every task
 //! except `setup` itself runs setup first, so a fresh machine needs nothing
 //! but rustup and the two README commands.
+mod bench;
 mod setup;
 mod tasks;
 
@@ -26,6 +27,9 @@ enum Cmd {
     /// Everything CI checks: fmt, clippy, unit and integration tests (as
     /// root, eBPF required to load).
     Test,
+    /// Measure what the probes cost, interleaved, against no probes,
+    /// bpftrace and a minimal hand-written floor (as root; ~3 minutes).
+    Bench(bench::BenchArgs),
     /// Build and run stormguard with the privileges it needs, e.g.
     /// `cargo xtask run -- watch`.
     Run {
@@ -41,6 +45,7 @@ fn main() {
         Cmd::Build { release } => setup::run().and_then(|env| tasks::build(&env, release)),
         Cmd::Test => setup::run().and_then(|env| tasks::test(&env)),
         Cmd::Run { args } => setup::run().and_then(|env| tasks::run(&env, &args)),
+        Cmd::Bench(args) => setup::run().and_then(|_| bench::run(args)),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");
