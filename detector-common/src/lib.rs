@@ -303,8 +303,9 @@ pub mod capacity {
     pub const SUSPECTS: u32 = 1_024;
     /// Client TCP connections tracked for request/response exchanges.
     pub const CONNS: u32 = 65_536;
-    /// Ring buffer bytes.
-    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Ring buffer bytes: 4 MiB, about 40,000 records, so the 100 ms
+    /// drain tick has headroom even for a host-wide burst.
+    pub const EVENTS_BYTES: u32 = 4 << 20;
 }
 
 #[cfg(feature = "user")]

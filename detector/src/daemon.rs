@@ -25,8 +25,8 @@ use crate::{
     cli::watch::{self, Interval, Options},
     config::{Config, DaemonConfig},
     detect::{State, VerdictChange},
-    flows::{CLOSED_IN_SYN_SENT, FAILED_BEFORE_SYN},
     incident::IncidentTracker,
+    ingest::failure,
     kernel::{self, Sensors},
     metrics::Metrics,
     pipeline::{OnDemand, Pipeline},
@@ -365,7 +365,7 @@ impl Daemon {
                     destination: r.key.dest.to_string(),
                     attempts_per_s: r.counts.attempts as f64 / iv.secs,
                     failures_per_s: r.counts.failures as f64 / iv.secs,
-                    main_error: r.counts.main_error().map(str::to_string),
+                    main_error: r.counts.main_error(),
                     verdict: v
                         .as_ref()
                         .map(|v| v.state)
@@ -384,10 +384,10 @@ impl Daemon {
         let mut by_outcome = [0u64; 4];
         for r in &iv.rows {
             by_outcome[0] += r.counts.established;
-            for (label, n) in &r.counts.errors {
-                match label.as_str() {
-                    CLOSED_IN_SYN_SENT => by_outcome[2] += n,
-                    FAILED_BEFORE_SYN => by_outcome[3] += n,
+            for (code, n) in &r.counts.failure_codes {
+                match *code {
+                    failure::CLOSED => by_outcome[2] += n,
+                    failure::BEFORE_SYN => by_outcome[3] += n,
                     _ => by_outcome[1] += n,
                 }
             }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::ingest::{Comm, ConnectOutcome, Destination, Observation};
+use crate::ingest::{Comm, Destination, Observation, failure};
 
 /// A flow: one process talking to one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -21,9 +21,9 @@ pub struct FlowCounts {
     pub established: u64,
     /// Failed: errno, closed before an answer, or failed before the SYN.
     pub failures: u64,
-    /// TCP failures by errno name ("ECONNREFUSED"); "closed in SYN_SENT"
-    /// and "failed before SYN" when the kernel gave no errno.
-    pub errors: BTreeMap<String, u64>,
+    /// TCP failures by code (see `ingest::failure`); [`FlowCounts::errors`]
+    /// names them.
+    pub failure_codes: BTreeMap<i32, u64>,
     pub udp_connects: u64,
     pub udp_sends: u64,
     pub udp_bytes: u64,
@@ -37,40 +37,25 @@ pub struct FlowCounts {
 }
 
 impl FlowCounts {
-    /// The most frequent failure, or None without failures.
-    pub fn main_error(&self) -> Option<&str> {
-        self.errors
+    /// Failures by name ("ECONNREFUSED", "closed in SYN_SENT", "failed
+    /// before SYN").
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        self.failure_codes
             .iter()
-            .max_by_key(|(name, n)| (**n, std::cmp::Reverse(name.as_str())))
-            .map(|(name, _)| name.as_str())
+            .map(|(c, n)| (failure::name(*c), *n))
+            .collect()
+    }
+
+    /// The most frequent failure, or None without failures.
+    pub fn main_error(&self) -> Option<String> {
+        self.failure_codes
+            .iter()
+            .max_by_key(|(code, n)| (**n, std::cmp::Reverse(**code)))
+            .map(|(code, _)| failure::name(*code))
     }
 }
 
-/// Label used when a failure has no errno.
-pub const FAILED_BEFORE_SYN: &str = "failed before SYN";
-/// Label used when a socket closed in SYN_SENT without an error report.
-pub const CLOSED_IN_SYN_SENT: &str = "closed in SYN_SENT";
-
-/// The name of an errno ("ECONNREFUSED"), or its number.
-pub fn errno_name(errno: i32) -> String {
-    let name = match errno {
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::EACCES => "EACCES",
-        libc::EPERM => "EPERM",
-        libc::ECONNABORTED => "ECONNABORTED",
-        libc::EPROTO => "EPROTO",
-        libc::EINVAL => "EINVAL",
-        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-        libc::ENOBUFS => "ENOBUFS",
-        _ => return format!("errno {errno}"),
-    };
-    name.to_string()
-}
+pub use failure::{CLOSED_IN_SYN_SENT, FAILED_BEFORE_SYN};
 
 /// One row of a finished interval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -107,18 +92,13 @@ impl FlowTable {
                 c.attempts += 1;
                 c.resets += u64::from(rst);
                 c.syn_retransmits += u64::from(syn_retransmits);
-                let label = match outcome {
-                    ConnectOutcome::Established => {
-                        c.established += 1;
-                        return;
+                match failure::code(&outcome) {
+                    None => c.established += 1,
+                    Some(code) => {
+                        c.failures += 1;
+                        *c.failure_codes.entry(code).or_default() += 1;
                     }
-                    ConnectOutcome::Failed { errno } => errno_name(errno),
-                    ConnectOutcome::Closed => CLOSED_IN_SYN_SENT.to_string(),
-                    ConnectOutcome::FailedBeforeSyn { errno: Some(e) } => errno_name(e),
-                    ConnectOutcome::FailedBeforeSyn { errno: None } => FAILED_BEFORE_SYN.into(),
-                };
-                c.failures += 1;
-                *c.errors.entry(label).or_default() += 1;
+                }
             }
             Observation::UdpConnect {
                 pid, comm, dest, ..
@@ -182,7 +162,7 @@ impl FlowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::Proto;
+    use crate::ingest::{ConnectOutcome, Proto};
 
     fn dest(port: u16) -> Destination {
         Destination {
@@ -235,9 +215,9 @@ mod tests {
         assert_eq!(r.counts.attempts, 6);
         assert_eq!(r.counts.failures, 6);
         assert_eq!(r.counts.resets, 5);
-        assert_eq!(r.counts.errors["ECONNREFUSED"], 5);
-        assert_eq!(r.counts.errors[FAILED_BEFORE_SYN], 1);
-        assert_eq!(r.counts.main_error(), Some("ECONNREFUSED"));
+        assert_eq!(r.counts.errors()["ECONNREFUSED"], 5);
+        assert_eq!(r.counts.errors()[FAILED_BEFORE_SYN], 1);
+        assert_eq!(r.counts.main_error().as_deref(), Some("ECONNREFUSED"));
         assert_eq!(rows[1].counts.established, 1);
         assert_eq!(rows[1].counts.main_error(), None);
         assert!(t.take_interval().is_empty(), "an interval starts empty");
@@ -277,12 +257,5 @@ mod tests {
             (4, 1, 3, 120)
         );
         assert_eq!(c.failures, 0);
-    }
-
-    #[test]
-    fn errno_names() {
-        assert_eq!(errno_name(libc::ECONNREFUSED), "ECONNREFUSED");
-        assert_eq!(errno_name(libc::ETIMEDOUT), "ETIMEDOUT");
-        assert_eq!(errno_name(9999), "errno 9999");
     }
 }

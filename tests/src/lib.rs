@@ -74,6 +74,18 @@ impl Capture {
         })
     }
 
+    /// Waits for a child while draining the ring, so a long wait (a 3 s
+    /// timeout) cannot overflow it with the rest of the host's events.
+    pub fn wait_child(&mut self, mut child: ChildGuard, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        while child.0.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < end, "child did not finish in {timeout:?}");
+            self.drain();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.finish(Duration::from_secs(1))
+    }
+
     /// Drains until the ring has been quiet for 300 ms (at most 10 s), then
     /// collects attempts that closed without an error report.
     pub fn settle(&mut self) {

@@ -28,12 +28,12 @@ fn refused(v6: bool, what: &str) {
     let storm = client(&["tcp", "--addr", &addr, "--count", "500"]);
     let noise = client(&["tcp", "--addr", &addr, "--count", "37"]);
     let (storm_pid, noise_pid) = (storm.pid(), noise.pid());
-    let out = storm.finish(Duration::from_secs(60));
+    let out = cap.wait_child(storm, Duration::from_secs(60));
     assert_eq!(
         out.trim(),
         r#"{"ok":0,"refused":500,"timed_out":0,"other":0}"#
     );
-    noise.finish(Duration::from_secs(60));
+    cap.wait_child(noise, Duration::from_secs(60));
     cap.settle();
     println!(
         "{what}: 500 refused connects observed in {:?}",
@@ -45,8 +45,8 @@ fn refused(v6: bool, what: &str) {
     assert_eq!(f.failures, 500);
     assert_eq!(f.established, 0);
     assert_eq!(f.resets, 500);
-    assert_eq!(f.errors.len(), 1, "{:?}", f.errors);
-    assert_eq!(f.errors["ECONNREFUSED"], 500);
+    assert_eq!(f.errors().len(), 1, "{:?}", f.errors());
+    assert_eq!(f.errors()["ECONNREFUSED"], 500);
     assert_eq!(cap.flow(noise_pid, Proto::Tcp, dest).attempts, 37);
     assert_eq!(
         cap.pids_towards(Proto::Tcp, dest),
@@ -97,7 +97,7 @@ fn successful_connects_with_request_and_response() {
     ]);
     let pid = c.pid();
     assert_eq!(
-        c.finish(Duration::from_secs(60)).trim(),
+        cap.wait_child(c, Duration::from_secs(60)).trim(),
         r#"{"ok":200,"refused":0,"timed_out":0,"other":0}"#
     );
     server.join().unwrap();
@@ -131,7 +131,7 @@ fn a_connect_that_times_out_is_one_etimedout() {
     );
     let pid = c.pid();
     assert_eq!(
-        c.finish(Duration::from_secs(30)).trim(),
+        cap.wait_child(c, Duration::from_secs(30)).trim(),
         r#"{"ok":0,"refused":0,"timed_out":1,"other":0}"#
     );
     println!("timeout: connect failed after {:?}", started.elapsed());
@@ -139,7 +139,7 @@ fn a_connect_that_times_out_is_one_etimedout() {
     let dest: SocketAddr = "127.0.0.1:9999".parse().unwrap();
     let f = cap.flow(pid, Proto::Tcp, dest);
     assert_eq!((f.attempts, f.failures, f.established), (1, 1, 0));
-    assert_eq!(f.errors["ETIMEDOUT"], 1);
+    assert_eq!(f.errors()["ETIMEDOUT"], 1);
     // With TCP_SYNCNT=1 this kernel retransmits the SYN once or twice
     // within the ~3 s budget (timer rounding); without any, the timeout
     // would not have come from SYN retransmits.
@@ -197,7 +197,7 @@ fn udp(connected: bool, what: &str) {
     }
     let c = client(&args);
     let pid = c.pid();
-    c.finish(Duration::from_secs(60));
+    cap.wait_child(c, Duration::from_secs(60));
     cap.settle();
     let f = cap.flow(pid, Proto::Udp, dest);
     assert_eq!(f.udp_sends, 300);
@@ -241,7 +241,7 @@ fn unreachable(probed: bool, what: &str) {
     );
     let pid = c.pid();
     assert_eq!(
-        c.finish(Duration::from_secs(30)).trim(),
+        cap.wait_child(c, Duration::from_secs(30)).trim(),
         r#"{"ok":0,"refused":0,"timed_out":0,"other":50}"#
     );
     cap.settle();
@@ -252,8 +252,8 @@ fn unreachable(probed: bool, what: &str) {
     } else {
         stormguard::flows::FAILED_BEFORE_SYN
     };
-    assert_eq!(f.errors.len(), 1, "{:?}", f.errors);
-    assert_eq!(f.errors[label], 50, "{:?}", f.errors);
+    assert_eq!(f.errors().len(), 1, "{:?}", f.errors());
+    assert_eq!(f.errors()[label], 50, "{:?}", f.errors());
 }
 
 #[test]
@@ -295,7 +295,7 @@ fn keep_alive_requests_are_one_exchange_each_with_their_lengths() {
         &REPLY.len().to_string(),
     ]);
     let pid = c.pid();
-    c.finish(Duration::from_secs(60));
+    cap.wait_child(c, Duration::from_secs(60));
     server.join().unwrap();
     cap.settle();
     let request_len = "GET /api HTTP/1.1\r\nHost: test\r\n\r\n".len() as u32;
@@ -368,7 +368,7 @@ fn udp_replies_on_a_connected_socket_are_counted() {
         "--replies",
     ]);
     let pid = c.pid();
-    c.finish(Duration::from_secs(60));
+    cap.wait_child(c, Duration::from_secs(60));
     echo.join().unwrap();
     cap.settle();
     let f = cap.flow(pid, Proto::Udp, dest);

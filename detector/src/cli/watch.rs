@@ -200,8 +200,8 @@ struct JsonRow<'a> {
     failures: u64,
     failures_per_s: f64,
     established: u64,
-    main_error: Option<&'a str>,
-    errors: &'a std::collections::BTreeMap<String, u64>,
+    main_error: Option<String>,
+    errors: std::collections::BTreeMap<String, u64>,
     udp_sends: u64,
     exchanges: u64,
     syscalls_per_s: Option<f64>,
@@ -241,7 +241,7 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
             failures_per_s: c.failures as f64 / iv.secs,
             established: c.established,
             main_error: c.main_error(),
-            errors: &c.errors,
+            errors: c.errors(),
             udp_sends: c.udp_sends,
             exchanges: c.exchanges,
             syscalls_per_s: pipe.engine.syscall_rate(row.key.pid),
@@ -328,7 +328,7 @@ fn print_table(
             row.key.dest.to_string(),
             c.attempts as f64 / iv.secs,
             c.failures as f64 / iv.secs,
-            c.main_error().unwrap_or("-"),
+            c.main_error().as_deref().unwrap_or("-"),
             pipe.engine
                 .syscall_rate(row.key.pid)
                 .map(|r| format!("{r:.0}"))

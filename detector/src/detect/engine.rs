@@ -9,7 +9,7 @@ use super::{
     verdict::{State, Subject, Verdict, VerdictChange, explain},
     window::{GAP_BUCKETS, WINDOW_NS},
 };
-use crate::ingest::{Comm, ConnectOutcome, Destination, Observation};
+use crate::ingest::{Comm, Destination, Observation};
 
 /// A flow: one process towards one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,14 +245,7 @@ impl Engine {
                 outcome,
                 ..
             } => {
-                let failure = match outcome {
-                    ConnectOutcome::Established => None,
-                    ConnectOutcome::Failed { errno } => Some(errno),
-                    ConnectOutcome::Closed => Some(label::CLOSED),
-                    ConnectOutcome::FailedBeforeSyn { errno } => {
-                        Some(errno.unwrap_or(label::BEFORE_SYN))
-                    }
-                };
+                let failure = label::code(&outcome);
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
                     s.attempt(ts_ns, failure, cfg)
                 });

@@ -5,25 +5,8 @@ use super::{
     window::{Counts, Gaps, WINDOW_NS, Window},
 };
 
-/// A failure that has no errno of its own.
-pub mod label {
-    /// Closed in SYN_SENT without an error report.
-    pub const CLOSED: i32 = -1;
-    /// Never reached SYN_SENT, errno unknown.
-    pub const BEFORE_SYN: i32 = -2;
-    /// Established, then closed young with no response bytes.
-    pub const NO_RESPONSE: i32 = -3;
-
-    /// How a failure code reads in an explanation.
-    pub fn name(code: i32) -> String {
-        match code {
-            CLOSED => crate::flows::CLOSED_IN_SYN_SENT.to_string(),
-            BEFORE_SYN => crate::flows::FAILED_BEFORE_SYN.to_string(),
-            NO_RESPONSE => "closed with no response".to_string(),
-            errno => crate::flows::errno_name(errno),
-        }
-    }
-}
+/// Failure codes (positive errno or a negative code with no errno).
+pub use crate::ingest::failure as label;
 
 /// The most frequent failure kinds, at most four (plus "other").
 #[derive(Debug, Clone, Default)]

@@ -2,6 +2,7 @@
 //! facts the rest of the program works with. Also the process table that
 //! names the pids in them.
 pub mod decode;
+pub mod failure;
 pub mod procs;
 
 pub use decode::{Comm, ConnectOutcome, DecodeError, Destination, Observation, Proto, decode};
