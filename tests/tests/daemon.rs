@@ -455,7 +455,7 @@ fn per_storm_series_can_be_switched_off() {
     let port = closed_port(false).to_string();
     let storm = ChildGuard::spawn(
         Command::new(CLIENT)
-            .args(["storm", "--addr", &port, "--secs", "2"])
+            .args(["storm", "--addr", &port, "--secs", "5"])
             .stdout(Stdio::null()),
     );
     wait_for("the incident", Duration::from_secs(15), || {
@@ -466,7 +466,7 @@ fn per_storm_series_can_be_switched_off() {
     });
     let url = format!("http://{}/metrics", d.metrics.unwrap());
     // Metrics are refreshed once a second.
-    let (body, _) = wait_for("storms_active 1", Duration::from_secs(5), || {
+    let (body, _) = wait_for("storms_active 1", Duration::from_secs(10), || {
         let out = Command::new("curl")
             .args(["-sf", &url])
             .output()

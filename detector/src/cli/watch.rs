@@ -94,6 +94,10 @@ pub async fn drive(
     if opts.on_demand == OnDemand::Always {
         sensors.attach_on_demand()?;
     }
+    // Signal handlers before anyone is told we are ready: a SIGTERM that
+    // follows READY=1 at once must still stop us cleanly.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if let Some(ready) = opts.on_ready {
         ready(&sensors);
     }
@@ -115,7 +119,6 @@ pub async fn drive(
     );
     let mut reporter = tokio::time::interval_at(start + interval, interval);
     let deadline = opts.duration.map(|s| start + Duration::from_secs(s));
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_report = kernel::monotonic_ns();
     loop {
         tokio::select! {
@@ -144,7 +147,7 @@ pub async fn drive(
                 on_interval(&mut pipe, &sensors, Interval { rows, secs })?;
                 pipe.end_interval();
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { tokio::time::sleep_until(deadline.unwrap_or(start)).await }, if deadline.is_some() => break,
         }
