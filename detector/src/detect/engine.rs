@@ -196,7 +196,9 @@ pub struct SubjectStats {
 pub struct Engine {
     cfg: DetectConfig,
     flows: HashMap<FlowKey, Tracked>,
-    by_pid: HashMap<u32, Vec<Destination>>,
+    /// How many flows each process has, so an exit looks for flows only
+    /// when there are some (most exiting processes never connected).
+    flows_per_pid: HashMap<u32, u32>,
     /// Flows of processes that exited, kept until their verdict settles.
     ended: Vec<(FlowKey, Tracked)>,
     rollups: HashMap<RollupKey, Rollup>,
@@ -214,7 +216,7 @@ impl Engine {
         Engine {
             cfg,
             flows: HashMap::new(),
-            by_pid: HashMap::new(),
+            flows_per_pid: HashMap::new(),
             ended: Vec::new(),
             rollups: HashMap::new(),
             parents: HashMap::new(),
@@ -345,7 +347,7 @@ impl Engine {
         let key = FlowKey { pid, dest };
         let now = self.now;
         let flow = self.flows.entry(key).or_insert_with(|| {
-            self.by_pid.entry(pid).or_default().push(dest);
+            *self.flows_per_pid.entry(pid).or_default() += 1;
             Tracked::new(comm, now)
         });
         flow.comm = comm;
@@ -379,12 +381,20 @@ impl Engine {
     /// A process is gone: its flows leave the table (a reused pid starts
     /// fresh) but stay in `ended` until their verdict settles.
     fn process_exited(&mut self, pid: u32) {
-        for dest in self.by_pid.remove(&pid).unwrap_or_default() {
-            let key = FlowKey { pid, dest };
-            if let Some(t) = self.flows.remove(&key)
-                && t.state != State::Healthy
-            {
-                self.ended.push((key, t));
+        if self.flows_per_pid.remove(&pid).is_some() {
+            let mut keys: Vec<FlowKey> = self
+                .flows
+                .keys()
+                .filter(|k| k.pid == pid)
+                .copied()
+                .collect();
+            keys.sort_unstable();
+            for key in keys {
+                if let Some(t) = self.flows.remove(&key)
+                    && t.state != State::Healthy
+                {
+                    self.ended.push((key, t));
+                }
             }
         }
         self.parents.remove(&pid);
@@ -499,10 +509,10 @@ impl Engine {
             }
         }
         for k in gone {
-            if let Some(v) = self.by_pid.get_mut(&k.pid) {
-                v.retain(|d| *d != k.dest);
-                if v.is_empty() {
-                    self.by_pid.remove(&k.pid);
+            if let Some(n) = self.flows_per_pid.get_mut(&k.pid) {
+                *n -= 1;
+                if *n == 0 {
+                    self.flows_per_pid.remove(&k.pid);
                 }
             }
         }

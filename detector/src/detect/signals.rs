@@ -2,7 +2,7 @@
 //! failure mix and the last request, and the assessment made from them.
 use super::{
     config::DetectConfig,
-    window::{Counts, Gaps, WINDOW_NS, Window},
+    window::{Gaps, Sums, WINDOW_NS, Window},
 };
 
 /// Failure codes (positive errno or a negative code with no errno).
@@ -144,7 +144,7 @@ impl Signals {
 
     /// What the signals say at `now`.
     pub fn assess(&self, now: u64, cfg: &DetectConfig) -> Assessment {
-        let w: Counts = self.window.sum(now);
+        let w: Sums = self.window.sum(now);
         let rate = w.attempts as f64 * 1e9 / WINDOW_NS as f64;
         let ratio = |n: u32, d: u32| {
             if d == 0 {
@@ -212,7 +212,7 @@ impl Signals {
 /// The signals of a flow at one instant, and what they amount to.
 #[derive(Debug, Clone)]
 pub struct Assessment {
-    pub window: Counts,
+    pub window: Sums,
     /// Attempts per second over the last second.
     pub rate: f64,
     pub fail_ratio: f64,

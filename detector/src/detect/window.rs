@@ -9,32 +9,37 @@ pub const BUCKETS: usize = 10;
 /// Length of the window.
 pub const WINDOW_NS: u64 = BUCKET_NS * BUCKETS as u64;
 
-/// Counts of one 100 ms slice.
+/// Counts of one 100 ms slice (u16, saturating: 655,350/s per flow is
+/// beyond any threshold, and small buckets keep a flow under 1 KB), or of
+/// a whole window (then summed into u32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
+pub struct Counts<T = u16> {
     /// Connects, requests and datagrams sent.
-    pub attempts: u32,
+    pub attempts: T,
     /// Attempts that failed (errno, RST, timeout, closed before an answer)
     /// and connections that ended young with no response.
-    pub failures: u32,
+    pub failures: T,
     /// Requests (TCP exchanges, UDP datagrams) that had lengths to compare.
-    pub requests: u32,
+    pub requests: T,
     /// Requests with the same lengths as the one before.
-    pub same_length: u32,
+    pub same_length: T,
     /// Requests with the same content fingerprint as the one before.
-    pub same_content: u32,
+    pub same_content: T,
     /// UDP replies received.
-    pub replies: u32,
+    pub replies: T,
 }
 
-impl Counts {
+/// Counts summed over a window.
+pub type Sums = Counts<u32>;
+
+impl Sums {
     fn add(&mut self, o: &Counts) {
-        self.attempts = self.attempts.saturating_add(o.attempts);
-        self.failures = self.failures.saturating_add(o.failures);
-        self.requests = self.requests.saturating_add(o.requests);
-        self.same_length = self.same_length.saturating_add(o.same_length);
-        self.same_content = self.same_content.saturating_add(o.same_content);
-        self.replies = self.replies.saturating_add(o.replies);
+        self.attempts += u32::from(o.attempts);
+        self.failures += u32::from(o.failures);
+        self.requests += u32::from(o.requests);
+        self.same_length += u32::from(o.same_length);
+        self.same_content += u32::from(o.same_content);
+        self.replies += u32::from(o.replies);
     }
 }
 
@@ -66,10 +71,10 @@ impl Window {
     }
 
     /// Sum of the buckets within the second ending at `now`.
-    pub fn sum(&self, now: u64) -> Counts {
+    pub fn sum(&self, now: u64) -> Sums {
         let newest = (now / BUCKET_NS) as u32;
         let oldest = newest.saturating_sub(BUCKETS as u32 - 1);
-        let mut total = Counts::default();
+        let mut total = Sums::default();
         for b in &self.buckets {
             if b.slice >= oldest && b.slice <= newest {
                 total.add(&b.counts);
