@@ -120,8 +120,16 @@ impl Client {
 
     /// One request, one response.
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
-        self.send(method, params)?;
-        self.receive()
+        match self.send(method, params) {
+            Ok(()) => self.receive(),
+            // A daemon that refuses a peer answers at once and hangs up, so
+            // the request may meet a closed socket: its answer says why.
+            Err(e @ ClientError::Io { .. }) => match self.receive() {
+                Ok(_) | Err(ClientError::Io { .. } | ClientError::Protocol(_)) => Err(e),
+                Err(answer) => Err(answer),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Subscribes to `events` and calls `f` with each until it returns false

@@ -1,0 +1,700 @@
+//! The systemd unit as shipped (`packaging/stormguard.service`): what it
+//! declares, the daemon run with exactly its capabilities and a real
+//! sd_notify socket (no systemd needed: `setpriv` applies the same
+//! capability sets systemd would), each of those capabilities shown to be
+//! needed, and `systemd-analyze verify` where systemd is installed.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::{fs::MetadataExt, net::UnixDatagram},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::mpsc::Receiver,
+    time::{Duration, Instant},
+};
+
+use stormguard::{config::Config, kernel::caps::REQUIRED};
+use stormguard_tests::{ChildGuard, closed_port, lines, skip_or_fail, stormguard_bin};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
+
+/// How long the daemon may take to load everything and send READY=1.
+const READY_BOUND: Duration = Duration::from_secs(20);
+
+fn packaging(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging")
+        .join(name)
+}
+
+/// A directory for one test, removed (with whatever the daemon left in it)
+/// when dropped, so a failing assertion cleans up too.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("sg-service-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A unit file as `key → values` per section, in file order. Enough of
+/// systemd's syntax for this file: comments, sections, `key=value`,
+/// backslash continuations; a key given several times keeps every value.
+type Unit = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+fn parse_unit(text: &str) -> Unit {
+    let mut unit = Unit::new();
+    let mut section = String::new();
+    let mut pending = String::new();
+    for raw in text.lines() {
+        let line = raw.trim();
+        if pending.is_empty() && (line.is_empty() || line.starts_with(['#', ';'])) {
+            continue;
+        }
+        if let Some(cont) = line.strip_suffix('\\') {
+            pending.push_str(cont);
+            pending.push(' ');
+            continue;
+        }
+        let line = std::mem::take(&mut pending) + line;
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not key=value in [{section}]: {line:?}"));
+        unit.entry(section.clone())
+            .or_default()
+            .entry(key.trim().to_string())
+            .or_default()
+            .push(value.trim().to_string());
+    }
+    unit
+}
+
+fn shipped_unit() -> Unit {
+    let path = packaging("stormguard.service");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    parse_unit(&text)
+}
+
+/// The one value of `[Service] key`, failing if absent or repeated.
+fn service<'a>(unit: &'a Unit, key: &str) -> &'a str {
+    match unit
+        .get("Service")
+        .and_then(|s| s.get(key))
+        .map(Vec::as_slice)
+    {
+        Some([v]) => v,
+        other => panic!("[Service] {key}= must be set exactly once, found {other:?}"),
+    }
+}
+
+/// The capabilities a capability line grants. Refuses the forms whose
+/// meaning depends on order or inversion (`~`, an empty reset), which a
+/// plain set comparison would misread.
+fn cap_set(unit: &Unit, key: &str) -> BTreeSet<String> {
+    let values = unit
+        .get("Service")
+        .and_then(|s| s.get(key))
+        .unwrap_or_else(|| panic!("[Service] {key}= is missing"));
+    let mut caps = BTreeSet::new();
+    for v in values {
+        assert!(
+            !v.is_empty() && !v.starts_with('~'),
+            "{key}={v:?}: list the capabilities granted, no reset or ~"
+        );
+        caps.extend(v.split_whitespace().map(str::to_string));
+    }
+    caps
+}
+
+/// The unit's capabilities (CapabilityBoundingSet, checked equal to
+/// AmbientCapabilities by `unit_file_declares_what_the_daemon_needs`).
+fn unit_caps() -> BTreeSet<String> {
+    cap_set(&shipped_unit(), "CapabilityBoundingSet")
+}
+
+/// Linux capability numbers, as in <linux/capability.h>.
+const CAP_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+fn cap_mask(caps: &BTreeSet<String>) -> u64 {
+    caps.iter()
+        .map(|c| {
+            let bit = CAP_NAMES
+                .iter()
+                .position(|n| n == c)
+                .unwrap_or_else(|| panic!("unknown capability {c}"));
+            1u64 << bit
+        })
+        .fold(0, |a, b| a | b)
+}
+
+/// `+bpf,+perfmon,...` as setpriv spells capabilities; `-all` first so
+/// nothing inherited from the test's own (full) sets survives.
+fn setpriv_caps(caps: &BTreeSet<String>) -> String {
+    let mut s = String::from("-all");
+    for c in caps {
+        s.push_str(",+");
+        s.push_str(&c.trim_start_matches("CAP_").to_ascii_lowercase());
+    }
+    s
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Root and setpriv are what these tests need to apply a capability set
+/// (as systemd does for a uid-0 service); without them, skip or fail.
+fn can_drop_caps(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip_or_fail(what, &"running the daemon as the unit does needs root");
+        return false;
+    }
+    if on_path("setpriv").is_none() {
+        skip_or_fail(what, &"setpriv (util-linux) is not on PATH");
+        return false;
+    }
+    true
+}
+
+/// A group the daemon is not a member of: it must chown its socket to it,
+/// as it does to group `stormguard` once an administrator creates that
+/// group. That is what needs CAP_CHOWN (a member could do it without).
+/// `daemon`, gid 1, qualifies on every Debian and Fedora base system.
+fn foreign_group() -> (String, u32) {
+    // The daemon inherits this process's groups through setpriv.
+    // SAFETY: a zero-length query writes nothing and returns the count.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    let mut ours = vec![0 as libc::gid_t; n.max(0) as usize];
+    // SAFETY: `ours` has room for the `n` entries asked for.
+    let n = unsafe { libc::getgroups(n, ours.as_mut_ptr()) };
+    ours.truncate(n.max(0) as usize);
+    // SAFETY: getegid has no preconditions.
+    ours.push(unsafe { libc::getegid() });
+    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    groups
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let gid = f.get(2)?.parse::<u32>().ok()?;
+            let members = f.get(3).copied().unwrap_or("");
+            (!ours.contains(&gid) && !members.split(',').any(|m| m == "root"))
+                .then(|| (f[0].to_string(), gid))
+        })
+        .next()
+        .expect("a group in /etc/group that root is not a member of")
+}
+
+/// A daemon started the way the unit starts it: only the unit's
+/// capabilities (bounding, inheritable and ambient, as systemd sets them
+/// for AmbientCapabilities=), uid 0, NOTIFY_SOCKET pointing at a socket
+/// this test reads, and a config whose socket group exists.
+struct Service {
+    /// Removed last, after the daemon (fields drop in order).
+    _dir: TempDir,
+    socket: PathBuf,
+    group_gid: u32,
+    notify: UnixDatagram,
+    child: ChildGuard,
+    stderr: Receiver<String>,
+    /// Every stderr line read so far, for failure messages.
+    log: Vec<String>,
+}
+
+impl Service {
+    fn start(tag: &str, caps: &BTreeSet<String>) -> Service {
+        let dir = TempDir::new(tag);
+        let socket = dir.0.join("sg.sock");
+        let (group, group_gid) = foreign_group();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let config = dir.0.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = \"{}\"\nsocket_group = \"{group}\"\n\
+                 [store]\npath = \"{}\"\n[metrics]\nlisten = \"{metrics}\"\n",
+                socket.display(),
+                dir.0.join("incidents.db").display()
+            ),
+        )
+        .expect("write config");
+        let notify_path = dir.0.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let set = setpriv_caps(caps);
+        let mut child = ChildGuard::spawn(
+            Command::new("setpriv")
+                .arg(format!("--inh-caps={set}"))
+                .arg(format!("--ambient-caps={set}"))
+                .arg(format!("--bounding-set={set}"))
+                .arg("--reuid=0")
+                .arg("--")
+                .arg(stormguard_bin())
+                .arg("daemon")
+                .arg("--config")
+                .arg(&config)
+                .env("NOTIFY_SOCKET", &notify_path)
+                // Logs on stderr, where the test reads them, not journald.
+                .env_remove("JOURNAL_STREAM")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let stderr = lines(child.0.stderr.take().expect("stderr"));
+        Service {
+            _dir: dir,
+            socket,
+            group_gid,
+            notify,
+            child,
+            stderr,
+            log: Vec::new(),
+        }
+    }
+
+    fn drain_stderr(&mut self) {
+        while let Ok(l) = self.stderr.try_recv() {
+            self.log.push(l);
+        }
+    }
+
+    /// Waits for a notify message with the `KEY=value` line `want`. Returns
+    /// Ok(elapsed), or Err(exit status) if the daemon exited first; panics
+    /// after `bound`.
+    fn wait_notify(&mut self, want: &str, bound: Duration) -> Result<Duration, ExitStatus> {
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == want) {
+                    return Ok(start.elapsed());
+                }
+                continue;
+            }
+            if let Some(status) = self.child.0.try_wait().expect("wait") {
+                // Whatever it wrote last is on its way through the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                self.drain_stderr();
+                return Err(status);
+            }
+            self.drain_stderr();
+            assert!(
+                start.elapsed() < bound,
+                "no {want} within {bound:?}; daemon log:\n{}",
+                self.log.join("\n")
+            );
+        }
+    }
+
+    /// Waits for the daemon to exit by itself, at most `bound`.
+    fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.0.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(100));
+                self.drain_stderr();
+                return status;
+            }
+            assert!(
+                start.elapsed() < bound,
+                "daemon still running after {bound:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A client command's JSON output, as root with every capability (the
+    /// client needs none; this is how an administrator queries).
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(stormguard_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--json")
+            .output()
+            .expect("run stormguard");
+        assert!(
+            out.status.success(),
+            "stormguard {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+}
+
+/// A `/proc/PID/status` capability field as a mask.
+fn proc_caps(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    u64::from_str_radix(hex.trim(), 16).expect("hex mask")
+}
+
+#[test]
+fn unit_file_declares_what_the_daemon_needs() {
+    let unit = shipped_unit();
+    assert_eq!(service(&unit, "Type"), "notify");
+    // The daemon sends READY=1 itself, from the main process.
+    assert_eq!(service(&unit, "NotifyAccess"), "main");
+    assert_eq!(service(&unit, "ExecStart"), "/usr/bin/stormguard daemon");
+    assert_eq!(service(&unit, "Restart"), "on-failure");
+    assert!(!service(&unit, "RestartSec").is_empty());
+    assert_eq!(service(&unit, "ProtectSystem"), "strict");
+
+    // The daemon's default paths are the directories systemd creates for
+    // it: under ProtectSystem=strict nothing else is writable.
+    let runtime = service(&unit, "RuntimeDirectory");
+    let state = service(&unit, "StateDirectory");
+    assert_eq!(service(&unit, "ConfigurationDirectory"), "stormguard");
+    let defaults = Config::default();
+    assert!(
+        defaults
+            .daemon
+            .socket
+            .starts_with(Path::new("/run").join(runtime)),
+        "default socket {} outside RuntimeDirectory={runtime}",
+        defaults.daemon.socket.display()
+    );
+    assert!(
+        defaults
+            .store
+            .path
+            .starts_with(Path::new("/var/lib").join(state)),
+        "default database {} outside StateDirectory={state}",
+        defaults.store.path.display()
+    );
+    assert_eq!(
+        Path::new(stormguard::config::DEFAULT_PATH).parent(),
+        Some(Path::new("/etc/stormguard"))
+    );
+
+    // Capabilities: the same set in both lines, including every one the
+    // daemon checks for at start-up.
+    let bounding = cap_set(&unit, "CapabilityBoundingSet");
+    let ambient = cap_set(&unit, "AmbientCapabilities");
+    assert_eq!(bounding, ambient, "bounding and ambient sets differ");
+    for c in REQUIRED {
+        assert!(bounding.contains(c.name), "{} missing ({})", c.name, c.why);
+    }
+    assert!(
+        !bounding.contains("CAP_SYS_ADMIN"),
+        "CAP_SYS_ADMIN is never needed"
+    );
+    cap_mask(&bounding); // every name is a real capability
+
+    // Nothing may hide other processes or the host's network from a daemon
+    // that reads /proc/<pid> of every process and serves metrics.
+    let get = |k: &str| unit.get("Service").and_then(|s| s.get(k)).cloned();
+    for (key, bad) in [
+        ("ProtectProc", &["invisible", "noaccess", "ptraceable"][..]),
+        ("ProcSubset", &["pid"][..]),
+        ("PrivateNetwork", &["yes", "true", "1"][..]),
+        ("PrivatePIDs", &["yes", "true", "1"][..]),
+        ("ProtectKernelTunables", &["yes", "true", "1"][..]),
+    ] {
+        if let Some(vals) = get(key) {
+            assert!(
+                !vals.iter().any(|v| bad.contains(&v.as_str())),
+                "{key}={vals:?} would hide what the daemon watches"
+            );
+        }
+    }
+}
+
+#[test]
+fn example_config_is_every_field_at_its_default() {
+    let text = std::fs::read_to_string(packaging("config.toml")).expect("packaging/config.toml");
+    // Uncomment `#key = value` lines (not prose comments).
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest)
+                if rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| !k.contains(' ')) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let parsed = Config::parse(&uncommented, Path::new("packaging/config.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        parsed,
+        Config::default(),
+        "a value differs from its default"
+    );
+    let keys = |t: &str| -> BTreeSet<String> {
+        let mut section = String::new();
+        let mut out = BTreeSet::new();
+        for l in t.lines() {
+            if let Some(s) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = s.to_string();
+            } else if let Some((k, _)) = l.split_once(" = ") {
+                out.insert(format!("{section}.{k}"));
+            }
+        }
+        out
+    };
+    assert_eq!(
+        keys(&uncommented),
+        keys(&Config::default().to_toml()),
+        "the example must list every field"
+    );
+    // As shipped, everything is commented out.
+    assert_eq!(
+        Config::parse(&text, Path::new("packaging/config.toml")).expect("parses"),
+        Config::default()
+    );
+}
+
+#[test]
+fn daemon_runs_with_only_the_units_capabilities() {
+    const WHAT: &str = "service";
+    if !can_drop_caps(WHAT) {
+        return;
+    }
+    let caps = unit_caps();
+    let mut svc = Service::start("ready", &caps);
+    let pid = svc.child.pid();
+    let took = match svc.wait_notify("READY=1", READY_BOUND) {
+        Ok(t) => t,
+        Err(status) => {
+            skip_or_fail(
+                WHAT,
+                &format!(
+                    "daemon exited ({status}) before READY=1:\n{}",
+                    svc.log.join("\n")
+                ),
+            );
+            return;
+        }
+    };
+    println!("READY=1 after {took:?} with only {caps:?}");
+
+    // setpriv execs the daemon: the child is the daemon, and it holds
+    // exactly the unit's capabilities, no more.
+    let want = cap_mask(&caps);
+    for field in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(
+            proc_caps(pid, field),
+            want,
+            "{field} of the daemon is not the unit's set {caps:?}"
+        );
+    }
+
+    // The socket is claimed as configured: mode and group (the chown that
+    // needs CAP_CHOWN).
+    let meta = std::fs::metadata(&svc.socket).expect("socket exists");
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), svc.group_gid, "socket not given to the group");
+
+    let status = svc.json(&["status"]);
+    assert_eq!(
+        status["always_on"].as_array().map(Vec::len),
+        Some(13),
+        "{status}"
+    );
+    assert_eq!(status["pid"], pid, "{status}");
+
+    // A storm is seen and recorded with these capabilities alone.
+    let port = closed_port(false).to_string();
+    let storm = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", &port, "--secs", "3"])
+            .stdout(Stdio::null()),
+    );
+    let storm_pid = storm.pid();
+    let start = Instant::now();
+    let incident = loop {
+        let list = svc.json(&["incidents"]);
+        if let Some(i) = list.as_array().and_then(|a| {
+            a.iter()
+                .find(|i| i["pid"] == storm_pid && i["destination"] == port)
+        }) {
+            break i.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no incident for pid {storm_pid} → {port} within 20 s: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "incident {} listed {:?} after the storm started",
+        incident["id"],
+        start.elapsed()
+    );
+    assert!(
+        incident["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("inc-")),
+        "{incident}"
+    );
+    storm.finish(Duration::from_secs(30));
+
+    // SIGTERM, as systemctl stop sends: STOPPING=1, exit 0, socket gone.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    match svc.wait_notify("STOPPING=1", Duration::from_secs(10)) {
+        Ok(t) => println!("STOPPING=1 {t:?} after SIGTERM"),
+        Err(status) => panic!(
+            "daemon exited ({status}) without STOPPING=1:\n{}",
+            svc.log.join("\n")
+        ),
+    }
+    let status = svc.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM: {status}\n{}",
+        svc.log.join("\n")
+    );
+    assert!(!svc.socket.exists(), "socket left behind");
+}
+
+#[test]
+fn each_capability_of_the_unit_is_needed() {
+    const WHAT: &str = "service_fewer_caps";
+    if !can_drop_caps(WHAT) {
+        return;
+    }
+    let caps = unit_caps();
+    for dropped in &caps {
+        let mut fewer = caps.clone();
+        fewer.remove(dropped);
+        let tag = format!("without-{}", dropped.to_ascii_lowercase());
+        let mut svc = Service::start(&tag, &fewer);
+        let status = match svc.wait_notify("READY=1", READY_BOUND) {
+            Ok(t) => panic!(
+                "READY=1 after {t:?} without {dropped}: the unit grants a capability it does not need"
+            ),
+            Err(status) => status,
+        };
+        let log = svc.log.join("\n");
+        println!(
+            "without {dropped}: {status}: {}",
+            svc.log.last().map_or("", |l| l)
+        );
+        assert!(!status.success(), "without {dropped}: {status}\n{log}");
+        if let Some(c) = REQUIRED.iter().find(|c| c.name == *dropped) {
+            // The daemon's own check: exit 2 and the capability named.
+            assert_eq!(status.code(), Some(2), "without {dropped}:\n{log}");
+            assert!(
+                log.contains(&format!("missing capabilities: {}", c.name)),
+                "{dropped} not named:\n{log}"
+            );
+            // The socket was bound before the load failed; it is removed
+            // on the way out.
+            assert!(!svc.socket.exists(), "socket left behind without {dropped}");
+        }
+        // (Without CAP_CHOWN the socket is already bound when the chown
+        // fails, and stays: the next start removes it as stale, and under
+        // systemd the RuntimeDirectory goes with the failed unit.)
+    }
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let Some(analyze) = on_path("systemd-analyze") else {
+        println!("SKIPPED: systemd-analyze not installed");
+        return;
+    };
+    // verify checks that ExecStart's binary exists and is executable, and
+    // /usr/bin/stormguard is only there once installed: check a copy that
+    // starts this build's binary instead, nothing else changed.
+    let dir = TempDir::new("verify");
+    let text = std::fs::read_to_string(packaging("stormguard.service")).expect("unit");
+    let exec = "ExecStart=/usr/bin/stormguard ";
+    assert!(text.contains(exec), "ExecStart moved");
+    let copy = dir.0.join("stormguard.service");
+    std::fs::write(
+        &copy,
+        text.replace(exec, &format!("ExecStart={} ", stormguard_bin().display())),
+    )
+    .expect("write copy");
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("systemd-analyze verify: {}{stderr}", out.status);
+    assert!(out.status.success(), "verify failed:\n{stderr}");
+    // Unknown keys and bad values are only warnings (exit 0) with the file
+    // named; other units' complaints on this host are not ours.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("stormguard.service"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "warnings about the unit:\n{}",
+        ours.join("\n")
+    );
+}
