@@ -173,13 +173,18 @@ pub struct UdpDest {
     pub daddr: [u8; 16],
 }
 
-/// Per-thread note left by the cgroup `sendmsg4/6` hook for the
-/// `sock_send_length` that follows in the same syscall.
+/// Note left by the cgroup `sendmsg4/6` hook for the `sock_send_length`
+/// that follows in the same syscall, in a per-CPU slot (a per-CPU array is
+/// far cheaper than a hash map on every datagram). The thread id and socket
+/// must match, or the note is someone else's (or the thread migrated CPUs
+/// in between, and the send is counted with an unknown destination).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsgDest {
     /// Kernel address of the socket; joins to `sock_send_length`'s `sk`.
     pub sk: u64,
+    pub tid: u32,
+    pub _pad: u32,
     pub dest: UdpDest,
 }
 
@@ -214,11 +219,16 @@ pub mod conn_phase {
 /// in the same syscall: FNV-1a of the first [`FINGERPRINT_BYTES`] bytes,
 /// whole and without the first two (a DNS transaction id changes on every
 /// retry of the same query).
+///
+/// Kept in a per-CPU slot, like [`MsgDest`], with the thread it belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fingerprint {
     pub whole: u64,
     pub skip2: u64,
+    /// Thread that is sending; 0 when the slot is empty.
+    pub tid: u32,
+    pub _pad: u32,
 }
 
 /// How many leading bytes of a send the fingerprint covers.

@@ -46,9 +46,11 @@ fn map_key_and_value_layouts_have_no_implicit_padding() {
     assert_eq!(offset_of!(UdpDest, _pad), 12);
     assert_eq!(offset_of!(UdpDest, daddr), 16);
 
-    assert_eq!(size_of::<MsgDest>(), 40);
+    assert_eq!(size_of::<MsgDest>(), 48);
     assert_eq!(offset_of!(MsgDest, sk), 0);
-    assert_eq!(offset_of!(MsgDest, dest), 8);
+    assert_eq!(offset_of!(MsgDest, tid), 8);
+    assert_eq!(offset_of!(MsgDest, _pad), 12);
+    assert_eq!(offset_of!(MsgDest, dest), 16);
 
     assert_eq!(size_of::<Conn>(), 104 + 32);
     assert_eq!(offset_of!(Conn, tmpl), 0);
@@ -60,9 +62,11 @@ fn map_key_and_value_layouts_have_no_implicit_padding() {
     assert_eq!(offset_of!(Conn, phase), 128);
     assert_eq!(offset_of!(Conn, _pad), 132);
 
-    assert_eq!(size_of::<Fingerprint>(), 16);
+    assert_eq!(size_of::<Fingerprint>(), 24);
     assert_eq!(offset_of!(Fingerprint, whole), 0);
     assert_eq!(offset_of!(Fingerprint, skip2), 8);
+    assert_eq!(offset_of!(Fingerprint, tid), 16);
+    assert_eq!(offset_of!(Fingerprint, _pad), 20);
 }
 
 #[test]

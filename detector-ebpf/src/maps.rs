@@ -35,9 +35,9 @@ pub static PRE_SYN: LruHashMap<u32, Event> = LruHashMap::with_max_entries(capaci
 #[map]
 pub static UDP_DEST: LruHashMap<u64, UdpDest> = LruHashMap::with_max_entries(capacity::UDP_DEST, 0);
 
-/// Destination of the unconnected UDP send in flight on each thread.
+/// Destination of the unconnected UDP send in flight on this CPU.
 #[map]
-pub static MSG_DEST: LruHashMap<u32, MsgDest> = LruHashMap::with_max_entries(capacity::PRE_SYN, 0);
+pub static MSG_DEST: PerCpuArray<MsgDest> = PerCpuArray::with_max_entries(1, 0);
 
 /// Processes whose syscalls the on-demand probe counts (user space fills it).
 #[map]
@@ -53,9 +53,8 @@ pub static SYSCALLS: PerCpuHashMap<u32, u64> =
 #[map]
 pub static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(capacity::CONNS, 0);
 
-/// Content fingerprint of the send a suspect thread is making, keyed by
-/// thread id; left by the on-demand sys_enter probe, consumed by the
-/// socket send tracepoint in the same syscall.
+/// Content fingerprint of the send a suspect thread is making on this CPU;
+/// left by the on-demand sys_enter probe, consumed by the socket send
+/// tracepoint in the same syscall.
 #[map]
-pub static FINGERPRINTS: LruHashMap<u32, Fingerprint> =
-    LruHashMap::with_max_entries(capacity::SUSPECTS, 0);
+pub static FINGERPRINTS: PerCpuArray<Fingerprint> = PerCpuArray::with_max_entries(1, 0);

@@ -28,12 +28,15 @@ const DNS_PORT: u16 = 53;
 /// The fingerprint the on-demand probe left for this thread's send.
 #[inline(always)]
 fn take_fingerprint(tid: u32, dport: u16) -> u64 {
-    let Some(p) = FINGERPRINTS.get_ptr(tid) else {
+    let Some(p) = FINGERPRINTS.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: pointer from a successful lookup, copied at once.
-    let fp = unsafe { *p };
-    let _ = FINGERPRINTS.remove(tid);
+    // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
+    let fp = unsafe { &mut *p };
+    if fp.tid != tid || tid == 0 {
+        return 0;
+    }
+    fp.tid = 0;
     if dport == DNS_PORT {
         fp.skip2
     } else {
@@ -87,16 +90,16 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
     // An unconnected send: the sendmsg hook left this thread a note with
     // the destination. Consume it whether or not the send succeeded.
     let mut dest = None;
-    if let Some(p) = MSG_DEST.get_ptr(tid) {
-        // SAFETY: pointer from a successful lookup, copied at once.
-        let note = unsafe { *p };
-        let _ = MSG_DEST.remove(tid);
-        if note.sk == sk {
+    if let Some(p) = MSG_DEST.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
+        let note = unsafe { &mut *p };
+        if note.tid == tid && note.sk == sk {
             dest = Some(note.dest);
         }
+        note.tid = 0;
     }
     if ret < 0 {
-        let _ = FINGERPRINTS.remove(tid);
+        let _ = take_fingerprint(tid, 0);
         return Ok(());
     }
     // Otherwise a connected socket: the destination its connect() named.
