@@ -16,6 +16,15 @@ fn tmp(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("sg-daemon-{tag}-{}", std::process::id()))
 }
 
+/// A storming client: tight refused connects to a closed port for `secs`.
+fn spawn_storm(port: &str, secs: &str) -> ChildGuard {
+    ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", port, "--secs", secs])
+            .stdout(Stdio::null()),
+    )
+}
+
 /// Polls `f` every 200 ms until it returns Some, up to `bound`.
 fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
     let start = Instant::now();
@@ -34,11 +43,7 @@ fn a_storm_becomes_an_incident_that_survives_a_restart_and_explains() {
         return;
     };
     let port = closed_port(false).to_string();
-    let storm = ChildGuard::spawn(
-        Command::new(CLIENT)
-            .args(["storm", "--addr", &port, "--secs", "3"])
-            .stdout(Stdio::null()),
-    );
+    let storm = spawn_storm(&port, "3");
     let pid = storm.pid();
     let (inc, took) = wait_for("the incident", Duration::from_secs(15), || {
         d.json(&["incidents"])
@@ -340,11 +345,7 @@ fn metrics_parse_with_a_real_prometheus_parser_and_events_and_top_follow_storms(
     let ev_lines = stormguard_tests::lines(events.0.stdout.take().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let port = closed_port(false).to_string();
-    let storm = ChildGuard::spawn(
-        Command::new(CLIENT)
-            .args(["storm", "--addr", &port, "--secs", "3"])
-            .stdout(Stdio::null()),
-    );
+    let storm = spawn_storm(&port, "3");
     let pid = storm.pid();
     let (change, took) = wait_for("a storm event", Duration::from_secs(15), || {
         ev_lines
@@ -453,11 +454,7 @@ fn per_storm_series_can_be_switched_off() {
         return;
     };
     let port = closed_port(false).to_string();
-    let storm = ChildGuard::spawn(
-        Command::new(CLIENT)
-            .args(["storm", "--addr", &port, "--secs", "5"])
-            .stdout(Stdio::null()),
-    );
+    let storm = spawn_storm(&port, "5");
     wait_for("the incident", Duration::from_secs(15), || {
         d.json(&["incidents", "--active"])
             .as_array()?

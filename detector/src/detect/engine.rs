@@ -352,26 +352,13 @@ impl Engine {
         });
         flow.comm = comm;
         f(&mut flow.sig, &self.cfg);
-        if let Some(&ppid) = self.parents.get(&pid) {
-            let r = self
-                .rollups
-                .entry(RollupKey::Parent(ppid, dest))
-                .or_insert_with(|| Rollup {
-                    t: Tracked::new(comm, now),
-                    members: [(0, 0); 8],
-                });
-            r.touch(pid, ts);
-            r.t.comm = comm;
-            f(&mut r.t.sig, &self.cfg);
-        }
-        if cgroup != 0 {
-            let r = self
-                .rollups
-                .entry(RollupKey::Cgroup(cgroup, dest))
-                .or_insert_with(|| Rollup {
-                    t: Tracked::new(comm, now),
-                    members: [(0, 0); 8],
-                });
+        let parent = self.parents.get(&pid).map(|&p| RollupKey::Parent(p, dest));
+        let group = (cgroup != 0).then_some(RollupKey::Cgroup(cgroup, dest));
+        for key in [parent, group].into_iter().flatten() {
+            let r = self.rollups.entry(key).or_insert_with(|| Rollup {
+                t: Tracked::new(comm, now),
+                members: [(0, 0); 8],
+            });
             r.touch(pid, ts);
             r.t.comm = comm;
             f(&mut r.t.sig, &self.cfg);
