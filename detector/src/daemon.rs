@@ -36,6 +36,8 @@ use crate::{
 /// The daemon's state between ticks, shared by the two loop callbacks.
 struct Daemon {
     config: Config,
+    /// Kernel features found at start-up (read once).
+    features: Vec<(String, String)>,
     store: Store,
     tracker: IncidentTracker,
     shared: Arc<Shared>,
@@ -196,10 +198,11 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
 
     let (events, _) = broadcast::channel(1024);
     // Answerable from the first request, before the first second is over.
+    let features = kernel::features();
     let initial = StatusView {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
-        kernel_features: kernel::features(),
+        kernel_features: features.clone(),
         socket: config.daemon.socket.display().to_string(),
         database: config.store.path.display().to_string(),
         metrics: config.metrics.listen.clone(),
@@ -209,6 +212,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         status: Mutex::new(initial),
         flows: Mutex::new(Vec::new()),
         db_path: config.store.path.clone(),
+        db: Mutex::new(None),
         events,
     });
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -244,6 +248,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         last_observed: 0,
         last_retention: Instant::now(),
         config: config.clone(),
+        features,
     }));
     let on_ready = {
         let state = state.clone();
@@ -441,7 +446,7 @@ impl Daemon {
                 cooling_down: pipe.plan.cooling_down_until_ns.is_some(),
                 suspects: pipe.plan.suspects.clone(),
             },
-            kernel_features: kernel::features(),
+            kernel_features: self.features.clone(),
             events_per_s: events as f64 / iv.secs,
             ring_drops: stats.ring_drops,
             untracked: stats.map_full,

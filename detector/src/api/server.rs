@@ -4,7 +4,7 @@
 //! daemon down.
 use std::{
     future::Future,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,6 +24,9 @@ pub struct Shared {
     pub status: Mutex<StatusView>,
     pub flows: Mutex<Vec<FlowView>>,
     pub db_path: PathBuf,
+    /// The API's own read connection, opened on first use (WAL: it never
+    /// blocks the daemon loop's writes).
+    pub db: Mutex<Option<Store>>,
     pub events: broadcast::Sender<VerdictChange>,
 }
 
@@ -235,7 +238,7 @@ fn dispatch(req: &Request, shared: &Shared) -> Response {
             let since_ms = since
                 .map(|s| now_ms() - (s as i64).saturating_mul(1000))
                 .unwrap_or(0);
-            with_store(&shared.db_path, |st| {
+            with_store(shared, |st| {
                 st.list(since_ms, active, 1000).map(|v| json!(v))
             })
         }
@@ -247,13 +250,11 @@ fn dispatch(req: &Request, shared: &Shared) -> Response {
                         format!("`{id}` is not an incident id (they look like inc-42)"),
                     );
                 };
-                with_store(&shared.db_path, |st| st.get(n).map(|i| json!(i)))
+                with_store(shared, |st| st.get(n).map(|i| json!(i)))
                     .or_not_found(format!("no incident {id}"))
             } else if let Some(pid) = req.params["pid"].as_u64() {
-                with_store(&shared.db_path, |st| {
-                    st.latest_for_pid(pid as u32).map(|i| json!(i))
-                })
-                .or_not_found(format!("no incident for pid {pid} (is it storming?)"))
+                with_store(shared, |st| st.latest_for_pid(pid as u32).map(|i| json!(i)))
+                    .or_not_found(format!("no incident for pid {pid} (is it storming?)"))
             } else {
                 Response::err(
                     "bad_request",
@@ -284,12 +285,22 @@ impl OrNotFound for Response {
 }
 
 fn with_store(
-    path: &Path,
+    shared: &Shared,
     f: impl FnOnce(&Store) -> Result<Value, crate::store::StoreError>,
 ) -> Response {
-    match Store::open(path).and_then(|st| f(&st)) {
-        Ok(v) => Response::ok(v),
-        Err(e) => Response::err("internal", e.to_string()),
+    let Ok(mut db) = shared.db.lock() else {
+        return Response::err("internal", "database unavailable");
+    };
+    if db.is_none() {
+        match Store::open(&shared.db_path) {
+            Ok(st) => *db = Some(st),
+            Err(e) => return Response::err("internal", e.to_string()),
+        }
+    }
+    match db.as_ref().map(f) {
+        Some(Ok(v)) => Response::ok(v),
+        Some(Err(e)) => Response::err("internal", e.to_string()),
+        None => Response::err("internal", "database unavailable"),
     }
 }
 
