@@ -588,3 +588,13 @@ impl Drop for Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Runs the `stormguard` binary with `args` and returns what it did.
+pub fn stormguard<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Output {
+    Command::new(stormguard_bin())
+        .args(args)
+        .output()
+        .expect("run stormguard")
+}

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stormguard_tests::{ChildGuard, Daemon, closed_port, stormguard_bin};
+use stormguard_tests::{ChildGuard, Daemon, closed_port, stormguard, stormguard_bin};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 
@@ -267,11 +267,7 @@ fn an_invalid_config_exits_2_naming_the_field_and_loads_nothing() {
         ),
     )
     .unwrap();
-    let out = Command::new(stormguard_bin())
-        .args(["daemon", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard(["daemon", "--config", cfg.to_str().expect("UTF-8 path")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -281,33 +277,22 @@ fn an_invalid_config_exits_2_naming_the_field_and_loads_nothing() {
     );
     assert!(!socket.exists(), "nothing half-applied: no socket");
     std::fs::write(&cfg, "[store]\nretention = 3\n").unwrap();
-    let out = Command::new(stormguard_bin())
-        .args(["daemon", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard(["daemon", "--config", cfg.to_str().expect("UTF-8 path")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") && err.contains("retention"), "{err}");
     // config check says the same, and ok for a good file.
-    let out = Command::new(stormguard_bin())
-        .args(["config", "check"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard(["config", "check", cfg.to_str().expect("UTF-8 path")]);
     assert_eq!(out.status.code(), Some(2));
     std::fs::write(&cfg, "[store]\nretention_days = 3\n").unwrap();
-    let out = Command::new(stormguard_bin())
-        .args(["config", "check"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard(["config", "check", cfg.to_str().expect("UTF-8 path")]);
     assert!(out.status.success());
-    let out = Command::new(stormguard_bin())
-        .args(["config", "show", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard([
+        "config",
+        "show",
+        "--config",
+        cfg.to_str().expect("UTF-8 path"),
+    ]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("retention_days = 3") && shown.contains("[detect]"),
@@ -318,10 +303,7 @@ fn an_invalid_config_exits_2_naming_the_field_and_loads_nothing() {
 
 #[test]
 fn the_daemon_not_running_is_said_plainly() {
-    let out = Command::new(stormguard_bin())
-        .args(["status", "--socket", "/nonexistent/sg.sock"])
-        .output()
-        .unwrap();
+    let out = stormguard(["status", "--socket", "/nonexistent/sg.sock"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -360,18 +342,15 @@ fn metrics_parse_with_a_real_prometheus_parser_and_events_and_top_follow_storms(
 
     // top, not on a terminal: plain tables, refreshed (the daemon
     // publishes flows once a second).
-    let out = Command::new(stormguard_bin())
-        .args([
-            "top",
-            "--iterations",
-            "4",
-            "--interval-ms",
-            "500",
-            "--socket",
-        ])
-        .arg(&d.socket)
-        .output()
-        .unwrap();
+    let out = stormguard([
+        "top",
+        "--iterations",
+        "4",
+        "--interval-ms",
+        "500",
+        "--socket",
+        d.socket.to_str().expect("UTF-8 path"),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stormguard_tests::{ChildGuard, closed_port, lines, skip_or_fail, stormguard_bin};
+use stormguard_tests::{ChildGuard, closed_port, lines, skip_or_fail, stormguard, stormguard_bin};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 
@@ -57,12 +57,7 @@ fn replaying_a_recording_prints_the_live_verdicts() {
         storm_line["explanation"]
     );
 
-    let out = Command::new(stormguard_bin())
-        .arg("replay")
-        .arg(&file)
-        .arg("--json")
-        .output()
-        .unwrap();
+    let out = stormguard(["replay", file.to_str().expect("UTF-8 path"), "--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -75,11 +70,7 @@ fn replaying_a_recording_prints_the_live_verdicts() {
     assert_eq!(replayed, live, "replay differs from the live run");
 
     // Text output names the storm in one line.
-    let out = Command::new(stormguard_bin())
-        .arg("replay")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = stormguard(["replay", file.to_str().expect("UTF-8 path")]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.lines().any(|l| l.contains("→ storm")
@@ -98,13 +89,12 @@ fn a_bad_config_is_refused_with_file_line_and_field() {
     std::fs::write(&cfg, "[detect]\nstorm_rate = 10.0\nfailure_ratio = 2.0\n").unwrap();
     let rec = dir.join("empty.jsonl");
     std::fs::write(&rec, "").unwrap();
-    let out = Command::new(stormguard_bin())
-        .arg("replay")
-        .arg(&rec)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard([
+        "replay",
+        rec.to_str().expect("UTF-8 path"),
+        "--config",
+        cfg.to_str().expect("UTF-8 path"),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -115,13 +105,12 @@ fn a_bad_config_is_refused_with_file_line_and_field() {
         )
     );
     std::fs::write(&cfg, "[detect]\nstorm_rate = 10.0\nstorm_rat = 3\n").unwrap();
-    let out = Command::new(stormguard_bin())
-        .arg("replay")
-        .arg(&rec)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = stormguard([
+        "replay",
+        rec.to_str().expect("UTF-8 path"),
+        "--config",
+        cfg.to_str().expect("UTF-8 path"),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -131,11 +120,7 @@ fn a_bad_config_is_refused_with_file_line_and_field() {
     );
     // A recording that is not one: the line is named.
     std::fs::write(&rec, "{\"tick\":{\"ts_ns\":1}}\nnot json\n").unwrap();
-    let out = Command::new(stormguard_bin())
-        .arg("replay")
-        .arg(&rec)
-        .output()
-        .unwrap();
+    let out = stormguard(["replay", rec.to_str().expect("UTF-8 path")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 2"),

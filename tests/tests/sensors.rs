@@ -299,19 +299,29 @@ fn keep_alive_requests_are_one_exchange_each_with_their_lengths() {
     server.join().unwrap();
     cap.settle();
     let request_len = "GET /api HTTP/1.1\r\nHost: test\r\n\r\n".len() as u32;
-    let exchanges: Vec<(u32, u32)> = cap
-        .observations
-        .iter()
-        .filter_map(|o| match o {
-            stormguard::ingest::Observation::Exchange {
-                pid: p,
-                sent,
-                received,
-                ..
-            } if *p == pid => Some((*sent, *received)),
-            _ => None,
-        })
-        .collect();
+    use stormguard::ingest::Observation;
+    // (sent, received) of this client's records of one kind.
+    let lengths = |exchange: bool| -> Vec<(u32, u32)> {
+        cap.observations
+            .iter()
+            .filter_map(|o| match *o {
+                Observation::Exchange {
+                    pid: p,
+                    sent,
+                    received,
+                    ..
+                } if exchange && p == pid => Some((sent, received)),
+                Observation::ConnEnd {
+                    pid: p,
+                    sent,
+                    received,
+                    ..
+                } if !exchange && p == pid => Some((sent, received)),
+                _ => None,
+            })
+            .collect()
+    };
+    let exchanges = lengths(true);
     assert_eq!(exchanges.len(), 150);
     assert!(
         exchanges
@@ -319,19 +329,7 @@ fn keep_alive_requests_are_one_exchange_each_with_their_lengths() {
             .all(|e| *e == (request_len, REPLY.len() as u32)),
         "{exchanges:?}"
     );
-    let ends: Vec<(u32, u32)> = cap
-        .observations
-        .iter()
-        .filter_map(|o| match o {
-            stormguard::ingest::Observation::ConnEnd {
-                pid: p,
-                sent,
-                received,
-                ..
-            } if *p == pid => Some((*sent, *received)),
-            _ => None,
-        })
-        .collect();
+    let ends = lengths(false);
     assert_eq!(
         ends,
         vec![(150 * request_len, 150 * REPLY.len() as u32)],
