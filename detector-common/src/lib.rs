@@ -36,8 +36,14 @@ pub mod kind {
     /// A client TCP connection ended: `start_ns` when it was established,
     /// `aux`/`aux2` total bytes sent/received (saturating).
     pub const TCP_CONN_END: u8 = 9;
-    /// A datagram received on a connected UDP socket; `aux` bytes.
+    /// A datagram received on a connected UDP socket; `aux` bytes;
+    /// `head` its first bytes when the receiver was probed.
     pub const UDP_RECV: u8 = 10;
+    /// An ICMP error reported on a UDP socket (`sock:inet_sk_error_report`,
+    /// e.g. port unreachable → ECONNREFUSED): `errno`, destination from the
+    /// report's tuple, process of the task it fired in (the sender's on
+    /// loopback; the netns is unknown, 0).
+    pub const UDP_ERROR: u8 = 11;
 }
 
 /// How a [`kind::TCP_OUTCOME`] ended.
@@ -57,7 +63,20 @@ pub mod flags {
     pub const RST: u8 = 1;
     /// On [`super::kind::PROC_EXIT`]: the whole thread group is gone.
     pub const GROUP_DEAD: u8 = 2;
+    /// On [`super::kind::TCP_EXCHANGE`]: the connection's first request
+    /// (its connect was already counted as the attempt).
+    pub const FIRST_EXCHANGE: u8 = 4;
+    /// On [`super::kind::UDP_SEND`]: sent on a connected socket, whose
+    /// replies are counted (so a missing reply means something).
+    pub const CONNECTED: u8 = 8;
+    /// [`super::Event::head`] holds bytes read from the process's buffer.
+    pub const HEAD: u8 = 16;
 }
+
+/// How many bytes of a reply (or of a DNS query's question) a record
+/// carries in [`Event::head`]: enough for an HTTP status line, a DNS
+/// header, a PostgreSQL ErrorResponse's SQLSTATE or a Redis error word.
+pub const HEAD_BYTES: usize = 32;
 
 /// Address families as the kernel spells them.
 pub const AF_INET: u16 = 2;
@@ -76,7 +95,7 @@ pub mod tcp_state {
 }
 
 /// One record in the `EVENTS` ring buffer. Fixed size: one reserve per event,
-/// no length field to trust. 104 bytes, align 8.
+/// no length field to trust. 136 bytes, align 8.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -118,6 +137,12 @@ pub struct Event {
     pub daddr: [u8; 16],
     /// The task's comm when the record was made.
     pub comm: [u8; 16],
+    /// With [`flags::HEAD`]: the first bytes of the response
+    /// ([`kind::TCP_EXCHANGE`], [`kind::UDP_RECV`]) or, for a DNS query
+    /// ([`kind::UDP_SEND`] to port 53), the bytes after its 12-byte header
+    /// (the name asked). Read only from processes the on-demand probes
+    /// look at; zero otherwise.
+    pub head: [u8; HEAD_BYTES],
 }
 
 impl Event {
@@ -142,6 +167,7 @@ impl Event {
             _pad: 0,
             daddr: [0; 16],
             comm: [0; 16],
+            head: [0; HEAD_BYTES],
         }
     }
 }
@@ -205,7 +231,10 @@ pub struct Conn {
     pub total_recv: u32,
     /// [`conn_phase`]: what the connection did last.
     pub phase: u32,
-    pub _pad: u32,
+    /// 1 when `reply_head` holds the current response's first bytes.
+    pub head_set: u32,
+    /// First bytes of the current response, when the receiver was probed.
+    pub reply_head: [u8; HEAD_BYTES],
 }
 
 /// [`Conn::phase`] values.
@@ -229,10 +258,16 @@ pub struct Fingerprint {
     /// Thread that is sending; 0 when the slot is empty.
     pub tid: u32,
     pub _pad: u32,
+    /// The send's first [`FINGERPRINT_HEAD`] bytes (a DNS query's name
+    /// starts at byte 12).
+    pub head: [u8; FINGERPRINT_HEAD],
+    pub _pad2: [u8; 4],
 }
 
 /// How many leading bytes of a send the fingerprint covers.
 pub const FINGERPRINT_BYTES: usize = 64;
+/// How many leading bytes of a send are kept beside its fingerprint.
+pub const FINGERPRINT_HEAD: usize = 12 + HEAD_BYTES;
 
 /// Tracepoint field offsets, read from tracefs format files at load time
 /// and written into the programs' `.rodata` before load, so a kernel that
@@ -309,8 +344,11 @@ pub mod capacity {
     pub const PRE_SYN: u32 = 16_384;
     /// UDP sockets with a connected destination.
     pub const UDP_DEST: u32 = 65_536;
-    /// Processes counted by the on-demand syscall probe.
-    pub const SUSPECTS: u32 = 1_024;
+    /// Processes the on-demand probes look at (LRU: children of a suspect
+    /// inherit it in the kernel, so a fork storm can only evict).
+    pub const SUSPECTS: u32 = 16_384;
+    /// Threads inside a receive syscall of a suspect process.
+    pub const RECV_NOTES: u32 = 4_096;
     /// Client TCP connections tracked for request/response exchanges.
     pub const CONNS: u32 = 65_536;
     /// Ring buffer bytes: 4 MiB, about 40,000 records, so the 100 ms

@@ -8,7 +8,7 @@ use detector_common::{Conn, Event, Fingerprint, MsgDest, Offsets, TupleKey, UdpD
 
 #[test]
 fn event_layout() {
-    assert_eq!(size_of::<Event>(), 104);
+    assert_eq!(size_of::<Event>(), 136);
     assert_eq!(align_of::<Event>(), 8, "ring buffer items must align ≤ 8");
     assert_eq!(offset_of!(Event, ts_ns), 0);
     assert_eq!(offset_of!(Event, start_ns), 8);
@@ -28,6 +28,7 @@ fn event_layout() {
     assert_eq!(offset_of!(Event, _pad), 71);
     assert_eq!(offset_of!(Event, daddr), 72);
     assert_eq!(offset_of!(Event, comm), 88);
+    assert_eq!(offset_of!(Event, head), 104);
 }
 
 #[test]
@@ -52,21 +53,23 @@ fn map_key_and_value_layouts_have_no_implicit_padding() {
     assert_eq!(offset_of!(MsgDest, _pad), 12);
     assert_eq!(offset_of!(MsgDest, dest), 16);
 
-    assert_eq!(size_of::<Conn>(), 104 + 32);
+    assert_eq!(size_of::<Conn>(), 136 + 32 + 32);
     assert_eq!(offset_of!(Conn, tmpl), 0);
-    assert_eq!(offset_of!(Conn, req_hash), 104);
-    assert_eq!(offset_of!(Conn, req_sent), 112);
-    assert_eq!(offset_of!(Conn, req_recv), 116);
-    assert_eq!(offset_of!(Conn, total_sent), 120);
-    assert_eq!(offset_of!(Conn, total_recv), 124);
-    assert_eq!(offset_of!(Conn, phase), 128);
-    assert_eq!(offset_of!(Conn, _pad), 132);
+    assert_eq!(offset_of!(Conn, req_hash), 136);
+    assert_eq!(offset_of!(Conn, req_sent), 144);
+    assert_eq!(offset_of!(Conn, req_recv), 148);
+    assert_eq!(offset_of!(Conn, total_sent), 152);
+    assert_eq!(offset_of!(Conn, total_recv), 156);
+    assert_eq!(offset_of!(Conn, phase), 160);
+    assert_eq!(offset_of!(Conn, head_set), 164);
+    assert_eq!(offset_of!(Conn, reply_head), 168);
 
-    assert_eq!(size_of::<Fingerprint>(), 24);
+    assert_eq!(size_of::<Fingerprint>(), 24 + 44 + 4);
     assert_eq!(offset_of!(Fingerprint, whole), 0);
     assert_eq!(offset_of!(Fingerprint, skip2), 8);
     assert_eq!(offset_of!(Fingerprint, tid), 16);
     assert_eq!(offset_of!(Fingerprint, _pad), 20);
+    assert_eq!(offset_of!(Fingerprint, head), 24);
 }
 
 #[test]

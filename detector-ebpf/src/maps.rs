@@ -3,7 +3,7 @@
 //! crashed consumer can only evict, never wedge the probes.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{Conn, Event, Fingerprint, MsgDest, TupleKey, UdpDest, capacity, stat};
 
@@ -39,14 +39,28 @@ pub static UDP_DEST: LruHashMap<u64, UdpDest> = LruHashMap::with_max_entries(cap
 #[map]
 pub static MSG_DEST: PerCpuArray<MsgDest> = PerCpuArray::with_max_entries(1, 0);
 
-/// Processes whose syscalls the on-demand probe counts (user space fills it).
+/// Processes the on-demand probes look at: user space writes the engine's
+/// suspects (value 1); a child forked by a suspect inherits it here
+/// ([`SUSPECT_INHERITED`]), so a shell loop's next curl is read from its
+/// first request. LRU: a thousand forking workers can only evict.
 #[map]
-pub static SUSPECTS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::SUSPECTS, 0);
+pub static SUSPECTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(capacity::SUSPECTS, 0);
 
-/// Syscalls per suspect process, per CPU.
+/// [`SUSPECTS`] value written by user space: 1. [`SUSPECTS`] value of a child that inherited its parent's suspicion.
+pub const SUSPECT_INHERITED: u8 = 2;
+
+/// Syscalls per suspect process, per CPU (LRU: never wedges).
 #[map]
-pub static SYSCALLS: PerCpuHashMap<u32, u64> =
-    PerCpuHashMap::with_max_entries(capacity::SUSPECTS, 0);
+pub static SYSCALLS: LruPerCpuHashMap<u32, u64> =
+    LruPerCpuHashMap::with_max_entries(capacity::SUSPECTS, 0);
+
+/// The user buffer of the receive syscall a suspect thread is in, keyed by
+/// thread id: the socket receive tracepoint that fires after the copy reads
+/// the reply's first bytes from it. A hash map, not a per-CPU slot, since a
+/// blocking receive often wakes up on another CPU.
+#[map]
+pub static RECV_NOTES: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
 
 /// Client TCP connections (went through SYN_SENT) from ESTABLISHED until
 /// they end, keyed by socket address: request/response bookkeeping.

@@ -29,6 +29,8 @@ pub struct FlowCounts {
     pub udp_bytes: u64,
     /// Datagrams received on a connected UDP socket (replies).
     pub udp_recvs: u64,
+    /// ICMP errors reported on UDP sockets (destination netns unknown: 0).
+    pub udp_errors: u64,
     /// Request/response exchanges on client TCP connections.
     pub exchanges: u64,
     /// RSTs received while connecting.
@@ -125,6 +127,9 @@ impl FlowTable {
             Observation::Exchange {
                 pid, comm, dest, ..
             } => self.entry(pid, dest, comm).exchanges += 1,
+            Observation::UdpError {
+                pid, comm, dest, ..
+            } => self.entry(pid, dest, comm).udp_errors += 1,
             Observation::ConnEnd { .. }
             | Observation::Syscalls { .. }
             | Observation::Fork { .. }
@@ -247,6 +252,8 @@ mod tests {
                 bytes: 40,
                 fingerprint: 0,
                 sock: 9,
+                connected: true,
+                question: None,
             });
         }
         let rows = t.take_interval();

@@ -5,15 +5,16 @@ use aya_ebpf::{
     helpers::generated::bpf_probe_read_user,
     programs::{RawTracePointContext, TracePointContext},
 };
-use detector_common::{FINGERPRINT_BYTES, Fingerprint};
+use detector_common::{FINGERPRINT_BYTES, FINGERPRINT_HEAD, Fingerprint};
 
 use crate::{
-    maps::{FINGERPRINTS, PRE_SYN, SUSPECTS, SYSCALLS},
+    maps::{FINGERPRINTS, PRE_SYN, RECV_NOTES, SUSPECTS, SYSCALLS},
     util::{current, emit, field, now, off},
 };
 
-/// `raw_syscalls:sys_enter`: counts syscalls of suspect processes, and
-/// fingerprints what they send.
+/// `raw_syscalls:sys_enter`: counts syscalls of suspect processes,
+/// fingerprints what they send and notes where they receive, so the socket
+/// tracepoints can read the request's head and the reply's first bytes.
 pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
     let (tgid, tid) = current();
     // SAFETY: the value is only tested for presence.
@@ -28,8 +29,14 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
     let slot = FINGERPRINTS.get_ptr_mut(0).ok_or(-1i64)?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
     let slot = unsafe { &mut *slot };
-    match send_buffer(ctx) {
-        Some((buf, len)) => *slot = fingerprint(buf, len, tid),
+    match user_buffer(ctx) {
+        Some(Buffer::Send(buf, len)) => fingerprint(slot, buf, len, tid),
+        Some(Buffer::Recv(buf)) => {
+            RECV_NOTES.insert(tid, buf as u64, 0).map_err(|e| e as i64)?;
+            if slot.tid == tid {
+                slot.tid = 0;
+            }
+        }
         // Not a send: a fingerprint left by an earlier syscall (a write to
         // a file, say) must not be taken for the next socket send.
         None if slot.tid == tid => slot.tid = 0,
@@ -38,15 +45,59 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// The user buffer and length of a write/sendto/sendmsg (first iovec).
-/// Syscall numbers and registers are x86_64's; other architectures get no
-/// fingerprints (the rest of the probe works everywhere).
+/// The user buffer a syscall sends from or receives into.
+#[cfg_attr(not(bpf_target_arch = "x86_64"), allow(dead_code))]
+enum Buffer {
+    Send(*const u8, usize),
+    Recv(*const u8),
+}
+
+/// The first iovec of a `struct user_msghdr` (msg_iov at 16; iovec: base,
+/// len).
+///
+/// # Safety
+/// Probe reads of user memory only; failures return None.
 #[cfg(bpf_target_arch = "x86_64")]
-fn send_buffer(ctx: &RawTracePointContext) -> Option<(*const u8, usize)> {
+unsafe fn first_iov_of_msghdr(msg: *const u8) -> Option<(*const u8, usize)> {
+    // SAFETY: see the function's contract.
+    unsafe {
+        let iov: u64 = aya_ebpf::helpers::bpf_probe_read_user(msg.add(16).cast()).ok()?;
+        first_iov(iov as *const u64)
+    }
+}
+
+/// Base and length of the first `struct iovec` at `iov`.
+///
+/// # Safety
+/// Probe reads of user memory only; failures return None.
+#[cfg(bpf_target_arch = "x86_64")]
+unsafe fn first_iov(iov: *const u64) -> Option<(*const u8, usize)> {
+    // SAFETY: see the function's contract.
+    unsafe {
+        let base: u64 = aya_ebpf::helpers::bpf_probe_read_user(iov).ok()?;
+        let len: u64 = aya_ebpf::helpers::bpf_probe_read_user(iov.add(1)).ok()?;
+        Some((base as *const u8, len as usize))
+    }
+}
+
+/// The user buffer of every send and receive path real runtimes use:
+/// write/writev/sendto (send)/sendmsg/sendmmsg and
+/// read/readv/recvfrom (recv)/recvmsg/recvmmsg — the first buffer of
+/// vectored and batched calls. Syscall numbers and registers are x86_64's;
+/// other architectures get no fingerprints (the rest works everywhere).
+#[cfg(bpf_target_arch = "x86_64")]
+fn user_buffer(ctx: &RawTracePointContext) -> Option<Buffer> {
     use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_kernel};
+    const READ: u64 = 0;
     const WRITE: u64 = 1;
+    const READV: u64 = 19;
+    const WRITEV: u64 = 20;
     const SENDTO: u64 = 44;
+    const RECVFROM: u64 = 45;
     const SENDMSG: u64 = 46;
+    const RECVMSG: u64 = 47;
+    const RECVMMSG: u64 = 299;
+    const SENDMMSG: u64 = 307;
     let regs: *const pt_regs = ctx.arg(0);
     let id: u64 = ctx.arg(1);
     // SAFETY: probe reads of the syscall's saved registers; a bad pointer
@@ -57,31 +108,31 @@ fn send_buffer(ctx: &RawTracePointContext) -> Option<(*const u8, usize)> {
             bpf_probe_read_kernel(&(*regs).rdx).ok()?,
         )
     };
+    // SAFETY (all arms): probe reads of user memory; failures give None.
     match id {
-        WRITE | SENDTO => Some((a1 as *const u8, a2 as usize)),
-        SENDMSG => {
-            // struct user_msghdr: msg_iov at 16; struct iovec: base, len.
-            let msg = a1 as *const u8;
-            // SAFETY: probe reads of user memory; failures return None.
-            unsafe {
-                let iov: u64 = aya_ebpf::helpers::bpf_probe_read_user(msg.add(16).cast()).ok()?;
-                let base: u64 = aya_ebpf::helpers::bpf_probe_read_user(iov as *const u64).ok()?;
-                let len: u64 =
-                    aya_ebpf::helpers::bpf_probe_read_user((iov as *const u64).add(1)).ok()?;
-                Some((base as *const u8, len as usize))
-            }
+        WRITE | SENDTO => Some(Buffer::Send(a1 as *const u8, a2 as usize)),
+        READ | RECVFROM => Some(Buffer::Recv(a1 as *const u8)),
+        WRITEV => unsafe { first_iov(a1 as *const u64) }.map(|(b, l)| Buffer::Send(b, l)),
+        READV => unsafe { first_iov(a1 as *const u64) }.map(|(b, _)| Buffer::Recv(b)),
+        // struct mmsghdr starts with its struct user_msghdr.
+        SENDMSG | SENDMMSG => {
+            unsafe { first_iov_of_msghdr(a1 as *const u8) }.map(|(b, l)| Buffer::Send(b, l))
+        }
+        RECVMSG | RECVMMSG => {
+            unsafe { first_iov_of_msghdr(a1 as *const u8) }.map(|(b, _)| Buffer::Recv(b))
         }
         _ => None,
     }
 }
 
 #[cfg(not(bpf_target_arch = "x86_64"))]
-fn send_buffer(_ctx: &RawTracePointContext) -> Option<(*const u8, usize)> {
+fn user_buffer(_ctx: &RawTracePointContext) -> Option<Buffer> {
     None
 }
 
-/// FNV-1a over the first bytes of the send, whole and from byte 2 on.
-fn fingerprint(buf: *const u8, len: usize, tid: u32) -> Fingerprint {
+/// FNV-1a over the first bytes of the send, whole and from byte 2 on, and
+/// its first [`FINGERPRINT_HEAD`] bytes, into this CPU's slot.
+fn fingerprint(slot: &mut Fingerprint, buf: *const u8, len: usize, tid: u32) {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
     let mut bytes = [0u8; FINGERPRINT_BYTES];
@@ -107,12 +158,10 @@ fn fingerprint(buf: *const u8, len: usize, tid: u32) -> Fingerprint {
         }
     }
     // 0 means "no fingerprint" to user space.
-    Fingerprint {
-        whole: whole | 1,
-        skip2: skip2 | 1,
-        tid,
-        _pad: 0,
-    }
+    slot.whole = whole | 1;
+    slot.skip2 = skip2 | 1;
+    slot.tid = tid;
+    slot.head.copy_from_slice(&bytes[..FINGERPRINT_HEAD]);
 }
 
 /// `syscalls:sys_exit_connect`: the errno of a connect that never reached

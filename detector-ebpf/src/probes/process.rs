@@ -4,7 +4,7 @@ use aya_ebpf::programs::TracePointContext;
 use detector_common::{Event, flags, kind};
 
 use crate::{
-    maps::PRE_SYN,
+    maps::{PRE_SYN, RECV_NOTES, SUSPECT_INHERITED, SUSPECTS, SYSCALLS},
     util::{comm, current, emit, field, now, off},
 };
 
@@ -20,6 +20,12 @@ fn record(kind: u8) -> Event {
 pub fn fork(ctx: &TracePointContext) -> Result<(), i64> {
     let child: i32 = field(ctx, off!(fk_child_pid))?;
     let mut ev = record(kind::PROC_FORK);
+    // A suspect's children are read from their first request: a shell
+    // loop of curl is one new process per attempt.
+    // SAFETY: the value is only tested for presence.
+    if unsafe { SUSPECTS.get(ev.tgid) }.is_some() {
+        let _ = SUSPECTS.insert(child as u32, SUSPECT_INHERITED, 0);
+    }
     ev.aux = child as u32;
     emit(&ev);
     Ok(())
@@ -47,7 +53,10 @@ pub fn exit(ctx: &TracePointContext) -> Result<(), i64> {
     ev.aux = tid as u32;
     if group_dead != 0 {
         ev.flags = flags::GROUP_DEAD;
+        let _ = SUSPECTS.remove(ev.tgid);
+        let _ = SYSCALLS.remove(ev.tgid);
     }
+    let _ = RECV_NOTES.remove(tid as u32);
     emit(&ev);
     Ok(())
 }

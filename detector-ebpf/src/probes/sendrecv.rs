@@ -11,12 +11,13 @@
 //!   its error reply keep their lengths, even through TLS.
 use aya_ebpf::programs::TracePointContext;
 use detector_common::{
-    AF_INET, AF_INET6, Event, IPPROTO_TCP, IPPROTO_UDP, UdpDest, conn_phase, kind,
+    AF_INET, AF_INET6, Event, Fingerprint, HEAD_BYTES, IPPROTO_TCP, IPPROTO_UDP, UdpDest,
+    conn_phase, flags, kind,
 };
 
 use super::tcp::exchange;
 use crate::{
-    maps::{CONNS, FINGERPRINTS, MSG_DEST, UDP_DEST},
+    maps::{CONNS, FINGERPRINTS, MSG_DEST, RECV_NOTES, UDP_DEST},
     util::{cgroup, comm, current, emit, field, now, off, sock_id},
 };
 
@@ -25,22 +26,47 @@ const MSG_PEEK: i32 = 2;
 /// DNS: its first two bytes are a transaction id that changes per retry.
 const DNS_PORT: u16 = 53;
 
-/// The fingerprint the on-demand probe left for this thread's send.
+/// The fingerprint the on-demand probe left for this thread's send, and
+/// the head of what it sends; None when the thread was not probed.
 #[inline(always)]
-fn take_fingerprint(tid: u32, dport: u16) -> u64 {
-    let Some(p) = FINGERPRINTS.get_ptr_mut(0) else {
-        return 0;
-    };
+fn take_fingerprint(tid: u32) -> Option<&'static Fingerprint> {
+    let p = FINGERPRINTS.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
     let fp = unsafe { &mut *p };
     if fp.tid != tid || tid == 0 {
-        return 0;
+        return None;
     }
     fp.tid = 0;
-    if dport == DNS_PORT {
-        fp.skip2
-    } else {
-        fp.whole
+    Some(fp)
+}
+
+/// The fingerprint to compare requests by: a DNS query's without its
+/// transaction id.
+#[inline(always)]
+fn request_hash(fp: &Fingerprint, dport: u16) -> u64 {
+    if dport == DNS_PORT { fp.skip2 } else { fp.whole }
+}
+
+/// The user buffer a probed thread is receiving into, consumed.
+#[inline(always)]
+fn take_recv_note(tid: u32) -> Option<u64> {
+    // SAFETY: pointer from a successful lookup, copied at once.
+    let buf = unsafe { *RECV_NOTES.get_ptr(tid)? };
+    let _ = RECV_NOTES.remove(tid);
+    Some(buf)
+}
+
+/// Reads the first [`HEAD_BYTES`] of a user buffer the kernel just filled.
+#[inline(always)]
+fn read_head(dst: &mut [u8; HEAD_BYTES], buf: u64) -> bool {
+    // SAFETY: a probe read of at most HEAD_BYTES of user memory into a
+    // buffer of that size; a failure leaves zeros and returns false.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            dst.as_mut_ptr().cast(),
+            HEAD_BYTES as u32,
+            buf as *const core::ffi::c_void,
+        ) == 0
     }
 }
 
@@ -76,9 +102,12 @@ fn tcp_send(sk: u64, bytes: u32) {
         emit(&exchange(conn, now()));
         conn.req_sent = 0;
         conn.req_recv = 0;
+        conn.head_set = 0;
     }
     if conn.req_sent == 0 {
-        conn.req_hash = take_fingerprint(tid, conn.tmpl.dport);
+        conn.req_hash = take_fingerprint(tid)
+            .map(|fp| request_hash(fp, conn.tmpl.dport))
+            .unwrap_or(0);
     }
     conn.phase = conn_phase::SENDING;
     conn.req_sent = conn.req_sent.saturating_add(bytes);
@@ -90,6 +119,7 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
     // An unconnected send: the sendmsg hook left this thread a note with
     // the destination. Consume it whether or not the send succeeded.
     let mut dest = None;
+    let mut connected = false;
     if let Some(p) = MSG_DEST.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
         let note = unsafe { &mut *p };
@@ -99,18 +129,33 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
         note.tid = 0;
     }
     if ret < 0 {
-        let _ = take_fingerprint(tid, 0);
+        let _ = take_fingerprint(tid);
         return Ok(());
     }
     // Otherwise a connected socket: the destination its connect() named.
-    // SAFETY: pointer from a successful lookup, copied at once.
-    let dest = dest.or_else(|| UDP_DEST.get_ptr(sk).map(|p| unsafe { *p }));
+    if dest.is_none() {
+        // SAFETY: pointer from a successful lookup, copied at once.
+        dest = UDP_DEST.get_ptr(sk).map(|p| unsafe { *p });
+        connected = dest.is_some();
+    }
     let mut ev = Event::zeroed();
     ev.kind = kind::UDP_SEND;
     ev.aux = ret as u32;
     ev.sock = sock_id(sk);
     fill(&mut ev, tgid, family, dest);
-    ev.hash = take_fingerprint(tid, ev.dport);
+    if connected {
+        ev.flags |= flags::CONNECTED;
+    }
+    if let Some(fp) = take_fingerprint(tid) {
+        ev.hash = request_hash(fp, ev.dport);
+        // A DNS query's name starts after its 12-byte header.
+        if ev.dport == DNS_PORT {
+            ev.head.copy_from_slice(&fp.head[12..12 + HEAD_BYTES]);
+        } else {
+            ev.head.copy_from_slice(&fp.head[..HEAD_BYTES]);
+        }
+        ev.flags |= flags::HEAD;
+    }
     emit(&ev);
     Ok(())
 }
@@ -152,6 +197,14 @@ pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
         if let Some(conn) = CONNS.get_ptr_mut(sk) {
             // SAFETY: pointer into the map value; see tcp_send.
             let conn = unsafe { &mut *conn };
+            // The response's first chunk: where a status line starts.
+            if let Some(buf) = take_recv_note(current().1)
+                && conn.req_recv == 0
+                && conn.head_set == 0
+                && read_head(&mut conn.reply_head, buf)
+            {
+                conn.head_set = 1;
+            }
             conn.phase = conn_phase::RECEIVING;
             conn.req_recv = conn.req_recv.saturating_add(ret as u32);
             conn.total_recv = conn.total_recv.saturating_add(ret as u32);
@@ -165,7 +218,13 @@ pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
             ev.kind = kind::UDP_RECV;
             ev.aux = ret as u32;
             ev.sock = sock_id(sk);
-            fill(&mut ev, current().0, family, Some(dest));
+            let (tgid, tid) = current();
+            fill(&mut ev, tgid, family, Some(dest));
+            if let Some(buf) = take_recv_note(tid)
+                && read_head(&mut ev.head, buf)
+            {
+                ev.flags |= flags::HEAD;
+            }
             emit(&ev);
         }
     }

@@ -8,7 +8,8 @@
 //! process is the one recorded at SYN_SENT, never the current one.
 use aya_ebpf::programs::TracePointContext;
 use detector_common::{
-    AF_INET, AF_INET6, Conn, Event, FIELD_ABSENT, IPPROTO_TCP, TupleKey, conn_phase, flags, kind,
+    AF_INET, AF_INET6, Conn, Event, FIELD_ABSENT, HEAD_BYTES, IPPROTO_TCP, IPPROTO_UDP, TupleKey,
+    conn_phase, flags, kind,
     outcome, stat, tcp_state,
 };
 
@@ -93,7 +94,8 @@ fn connection_established(sk: u64, attempt: &Event) {
         total_sent: 0,
         total_recv: 0,
         phase: conn_phase::IDLE,
-        _pad: 0,
+        head_set: 0,
+        reply_head: [0; HEAD_BYTES],
     };
     if CONNS.insert(sk, conn, 0).is_err() {
         count(stat::MAP_FULL);
@@ -134,6 +136,13 @@ pub fn exchange(conn: &Conn, ts: u64) -> Event {
     ev.aux2 = conn.req_recv;
     ev.hash = conn.req_hash;
     ev.outcome = 0;
+    if conn.total_sent == conn.req_sent {
+        ev.flags |= flags::FIRST_EXCHANGE;
+    }
+    if conn.head_set != 0 {
+        ev.head = conn.reply_head;
+        ev.flags |= flags::HEAD;
+    }
     ev
 }
 
@@ -174,10 +183,16 @@ pub fn error_report(ctx: &TracePointContext) -> Result<(), i64> {
     let protocol: u16 = field(ctx, off!(er_protocol))?;
     let error: i32 = field(ctx, off!(er_error))?;
     // Each failure is reported twice, the second time with error=0.
-    if protocol != IPPROTO_TCP || error == 0 {
+    if error == 0 {
         return Ok(());
     }
     let family: u16 = field(ctx, off!(er_family))?;
+    if protocol == IPPROTO_UDP {
+        return udp_error(ctx, family, error);
+    }
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
     let key = TupleKey {
         family,
         sport: field(ctx, off!(er_sport))?,
@@ -197,6 +212,29 @@ pub fn error_report(ctx: &TracePointContext) -> Result<(), i64> {
         ev.outcome = outcome::FAILED;
         emit(&ev);
     }
+    Ok(())
+}
+
+/// An ICMP error on a UDP socket (port unreachable → ECONNREFUSED…): the
+/// datagram's sender learns it only from the socket. The report carries the
+/// tuple but no socket, so it is attributed to the task it fires in — the
+/// sender's own on loopback, where the ICMP is made while the send is
+/// still being processed.
+fn udp_error(ctx: &TracePointContext, family: u16, error: i32) -> Result<(), i64> {
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let mut ev = Event::zeroed();
+    ev.kind = kind::UDP_ERROR;
+    ev.ts_ns = now();
+    ev.tgid = current().0;
+    ev.family = family;
+    ev.dport = field(ctx, off!(er_dport))?;
+    ev.daddr = daddr(ctx, family, off!(er_daddr), off!(er_daddr_v6))?;
+    ev.errno = error.abs();
+    ev.comm = comm();
+    ev.cgroup = cgroup();
+    emit(&ev);
     Ok(())
 }
 

@@ -43,6 +43,10 @@ pub struct DetectConfig {
     /// Most flows tracked; beyond it the least recently active healthy ones
     /// are evicted.
     pub max_flows: usize,
+    /// Failed attempts without backoff that are a storm however soon the
+    /// run ends (a capped retry loop can fire thousands in 100 ms, sooner
+    /// than `min_span_ms`).
+    pub burst_attempts: u64,
 }
 
 impl Default for DetectConfig {
@@ -62,6 +66,7 @@ impl Default for DetectConfig {
             run_gap_ms: 10_000,
             rollup_min_pids: 3,
             max_flows: 10_000,
+            burst_attempts: 1_000,
         }
     }
 }
@@ -107,6 +112,13 @@ impl DetectConfig {
                 "backoff_growth",
                 self.backoff_growth.to_string(),
                 "must be > 1",
+            );
+        }
+        if self.burst_attempts < 2 {
+            return bad(
+                "burst_attempts",
+                self.burst_attempts.to_string(),
+                "must be ≥ 2",
             );
         }
         if self.max_flows == 0 {

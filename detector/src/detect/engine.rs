@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use super::{
     config::DetectConfig,
     signals::{Assessment, Signals, label},
+    udp::{self, Owner, UdpSockets},
     verdict::{State, Subject, Verdict, VerdictChange, explain},
     window::{GAP_BUCKETS, WINDOW_NS},
 };
@@ -50,13 +51,16 @@ impl RollupKey {
     }
 
     /// How a roll-up is named in explanations.
-    fn who(&self, r: &Rollup, now: u64) -> String {
-        let pids = r.active_pids(now);
+    fn who(&self, r: &Rollup) -> String {
+        let pids = r.distinct.len();
         match *self {
-            RollupKey::Parent(ppid, _) => {
-                format!("{pids} child processes of pid {ppid} ({})", r.t.comm)
+            RollupKey::Parent(ppid, _) => format!(
+                "{pids} {} processes of {} (pid {ppid})",
+                r.t.comm, r.parent_comm
+            ),
+            RollupKey::Cgroup(cgroup, _) => {
+                format!("{pids} {} processes of cgroup {cgroup}", r.t.comm)
             }
-            RollupKey::Cgroup(cgroup, _) => format!("{pids} processes of cgroup {cgroup}"),
         }
     }
 }
@@ -140,10 +144,27 @@ struct Rollup {
     t: Tracked,
     /// Recent member pids with when they last attempted.
     members: [(u32, u64); 8],
+    /// Distinct member pids in the current run, up to [`MAX_DISTINCT`]:
+    /// "1,000 processes" is what a person must read in an incident.
+    distinct: std::collections::HashSet<u32>,
+    /// `run_start_ns` of the run `distinct` counts.
+    distinct_run: u64,
+    /// The parent's own name (Parent roll-ups), from its fork records.
+    parent_comm: Comm,
 }
+
+/// Most member pids a roll-up counts one by one.
+const MAX_DISTINCT: usize = 100_000;
 
 impl Rollup {
     fn touch(&mut self, pid: u32, ts: u64) {
+        if self.distinct_run != self.t.sig.run_start_ns {
+            self.distinct_run = self.t.sig.run_start_ns;
+            self.distinct.clear();
+        }
+        if self.distinct.len() < MAX_DISTINCT {
+            self.distinct.insert(pid);
+        }
         if let Some(m) = self.members.iter_mut().find(|m| m.0 == pid && m.1 > 0) {
             m.1 = m.1.max(ts);
         } else if let Some(m) = self.members.iter_mut().min_by_key(|m| m.1) {
@@ -186,8 +207,10 @@ pub struct SubjectStats {
     pub median_gap_us: Option<u32>,
     pub backoff: String,
     pub explanation: String,
-    /// Processes in it (one for a flow).
+    /// Processes in it (one for a flow; a roll-up's most recent, at most 8).
     pub members: Vec<u32>,
+    /// How many distinct processes took part in the current run.
+    pub member_count: usize,
     pub persistent: bool,
     pub syscalls_per_s: Option<f64>,
 }
@@ -202,11 +225,17 @@ pub struct Engine {
     /// Flows of processes that exited, kept until their verdict settles.
     ended: Vec<(FlowKey, Tracked)>,
     rollups: HashMap<RollupKey, Rollup>,
-    parents: HashMap<u32, u32>,
+    /// Child pid → parent pid and the parent's name when it forked.
+    parents: HashMap<u32, (u32, Comm)>,
     /// Syscalls per second of probed processes, with when last measured.
     syscalls: HashMap<u32, (u64, f64)>,
+    /// UDP sockets: replies awaited, servers.
+    udp: UdpSockets,
     now: u64,
 }
+
+/// DNS: a request/response peer by its port.
+const DNS_PORT: u16 = 53;
 
 /// Most parent links remembered (a fork bomb must not grow the engine).
 const MAX_PARENTS: usize = 65_536;
@@ -221,6 +250,7 @@ impl Engine {
             rollups: HashMap::new(),
             parents: HashMap::new(),
             syscalls: HashMap::new(),
+            udp: UdpSockets::default(),
             now: 0,
         }
     }
@@ -261,10 +291,35 @@ impl Engine {
                 bytes,
                 fingerprint,
                 sock,
+                connected,
+                question,
             } => {
+                let replied = self
+                    .flows
+                    .get(&FlowKey { pid, dest })
+                    .is_some_and(|t| t.sig.replied);
+                let watch = connected && (dest.port == DNS_PORT || replied);
+                let owner = Owner {
+                    pid,
+                    comm,
+                    cgroup,
+                    dest,
+                };
+                let unanswered = match self.udp.send(sock, owner, ts_ns, watch) {
+                    udp::Send::Server => return,
+                    udp::Send::Client { unanswered } => unanswered,
+                };
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
+                    for _ in 0..unanswered {
+                        s.failure(ts_ns, label::NO_REPLY);
+                    }
                     s.attempt(ts_ns, None, cfg);
                     s.request(ts_ns, sock, bytes, 0, fingerprint);
+                    if let Some(q) = question
+                        && s.last_question.as_deref() != Some(&q)
+                    {
+                        s.last_question = Some(Box::new(q));
+                    }
                 });
             }
             Observation::Exchange {
@@ -277,9 +332,24 @@ impl Engine {
                 received,
                 fingerprint,
                 sock,
+                first,
+                reply,
             } => {
+                let failure = reply.failure();
+                // A response that came but was not read: outcome unknown.
+                let unread = received > 0 && !reply.is_known();
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
-                    s.attempt(ts_ns, None, cfg);
+                    if first {
+                        // The connect was the attempt; the reply is its outcome.
+                        if let Some(code) = failure {
+                            s.failure(ts_ns, code);
+                        }
+                    } else {
+                        s.attempt(ts_ns, failure, cfg);
+                    }
+                    if unread {
+                        s.unknown(ts_ns);
+                    }
                     s.request(ts_ns, sock, sent, received, fingerprint);
                 });
             }
@@ -289,8 +359,35 @@ impl Engine {
                 comm,
                 cgroup,
                 dest,
+                sock,
+                reply,
                 ..
-            } => self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| s.reply(ts_ns)),
+            } => {
+                if self.udp.is_server(sock) {
+                    return;
+                }
+                self.udp.reply(sock);
+                let failure = reply.failure();
+                self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| {
+                    s.reply(ts_ns);
+                    if let Some(code) = failure {
+                        s.failure(ts_ns, code);
+                    }
+                });
+            }
+            Observation::UdpError {
+                ts_ns,
+                pid,
+                dest,
+                errno,
+                ..
+            } => {
+                if let Some(o) = self.udp.error(pid, &dest) {
+                    self.apply(o.pid, o.comm, o.cgroup, o.dest, ts_ns, |s, _| {
+                        s.failure(ts_ns, errno)
+                    });
+                }
+            }
             Observation::ConnEnd {
                 ts_ns,
                 start_ns,
@@ -298,10 +395,15 @@ impl Engine {
                 comm,
                 cgroup,
                 dest,
+                sent,
                 received,
-                ..
             } => {
+                // A request sent and the connection gone young without a
+                // byte back: the peer closed or reset before answering. A
+                // connection closed with nothing sent is a port check or a
+                // health probe, not a failure.
                 if received == 0
+                    && sent > 0
                     && ts_ns.saturating_sub(start_ns) < self.cfg.short_lived_ms * 1_000_000
                 {
                     self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| {
@@ -318,9 +420,14 @@ impl Engine {
                     self.syscalls.insert(pid, (ts_ns, 0.0));
                 }
             }
-            Observation::Fork { parent, child, .. } => {
+            Observation::Fork {
+                parent,
+                child,
+                comm,
+                ..
+            } => {
                 if self.parents.len() < MAX_PARENTS || self.parents.contains_key(&child) {
-                    self.parents.insert(child, parent);
+                    self.parents.insert(child, (parent, comm));
                 }
             }
             Observation::Exit {
@@ -328,9 +435,12 @@ impl Engine {
                 group_dead: true,
                 ..
             } => self.process_exited(pid),
-            Observation::Exit { .. }
-            | Observation::Exec { .. }
-            | Observation::UdpConnect { .. } => {}
+            // A thread's end: its id is no process's, and must not fill the
+            // parent table.
+            Observation::Exit { tid, .. } => {
+                self.parents.remove(&tid);
+            }
+            Observation::Exec { .. } | Observation::UdpConnect { .. } => {}
         }
     }
 
@@ -352,16 +462,22 @@ impl Engine {
         });
         flow.comm = comm;
         f(&mut flow.sig, &self.cfg);
-        let parent = self.parents.get(&pid).map(|&p| RollupKey::Parent(p, dest));
+        let (parent, parent_comm) = match self.parents.get(&pid) {
+            Some(&(p, pcomm)) => (Some(RollupKey::Parent(p, dest)), pcomm),
+            None => (None, Comm::default()),
+        };
         let group = (cgroup != 0).then_some(RollupKey::Cgroup(cgroup, dest));
         for key in [parent, group].into_iter().flatten() {
             let r = self.rollups.entry(key).or_insert_with(|| Rollup {
                 t: Tracked::new(comm, now),
                 members: [(0, 0); 8],
+                distinct: Default::default(),
+                distinct_run: 0,
+                parent_comm,
             });
-            r.touch(pid, ts);
             r.t.comm = comm;
             f(&mut r.t.sig, &self.cfg);
+            r.touch(pid, ts);
         }
     }
 
@@ -386,6 +502,7 @@ impl Engine {
         }
         self.parents.remove(&pid);
         self.syscalls.remove(&pid);
+        self.udp.process_exited(pid);
     }
 
     /// Syscalls per second of a probed process.
@@ -401,6 +518,13 @@ impl Engine {
     pub fn tick(&mut self, now: u64) -> Vec<VerdictChange> {
         self.now = self.now.max(now);
         let now = self.now;
+        for (o, n) in self.udp.sweep(now) {
+            self.apply(o.pid, o.comm, o.cgroup, o.dest, now, |s, _| {
+                for _ in 0..n {
+                    s.failure(now, label::NO_REPLY);
+                }
+            });
+        }
         let mut changes = Vec::new();
         let cfg = self.cfg.clone();
 
@@ -448,7 +572,7 @@ impl Engine {
                 a.storm = false;
                 a.suspect = false;
             }
-            let who = key.who(r, now);
+            let who = key.who(r);
             report(
                 &mut changes,
                 &mut r.t,
@@ -546,7 +670,7 @@ impl Engine {
                 continue;
             }
             let a = r.t.sig.assess(now, &self.cfg);
-            let who = key.who(r, now);
+            let who = key.who(r);
             let subject = key.subject();
             out.push((
                 subject,
@@ -564,7 +688,7 @@ impl Engine {
 
     /// Everything known of one subject now, for incidents.
     pub fn subject_stats(&self, subject: &Subject) -> Option<SubjectStats> {
-        let (t, who, members, syscalls) = match *subject {
+        let (t, who, members, member_count, syscalls) = match *subject {
             Subject::Flow { pid, dest } => {
                 let key = FlowKey { pid, dest };
                 let t = self
@@ -575,13 +699,14 @@ impl Engine {
                     t,
                     format!("{} (pid {pid})", t.comm),
                     vec![pid],
+                    1,
                     self.syscall_rate(pid),
                 )
             }
             Subject::Parent { .. } | Subject::Cgroup { .. } => {
                 let key = RollupKey::of(subject)?;
                 let r = self.rollups.get(&key)?;
-                (&r.t, key.who(r, self.now), r.member_pids(), None)
+                (&r.t, key.who(r), r.member_pids(), r.distinct.len(), None)
             }
         };
         let a = t.sig.assess(self.now, &self.cfg);
@@ -612,6 +737,7 @@ impl Engine {
             },
             explanation: explain(&who, &subject.dest(), &t.sig, &a, syscalls, &self.cfg),
             members,
+            member_count,
             persistent: t.persistent,
             syscalls_per_s: syscalls,
         })

@@ -6,10 +6,15 @@
 //! same verdicts for the same input — live or replayed from a recording.
 //!
 //! A storm is a sustained high rate of attempts at one destination (per
-//! process, or per parent / cgroup across short-lived processes) with
-//! evidence of failure — errno, RST, timeout, connections that die young
-//! with no response — or the same request repeated with the same response,
-//! and no backoff. See [`DetectConfig`] for the thresholds.
+//! process, or per parent / cgroup across short-lived processes) — or a
+//! burst of more than `burst_attempts` — with evidence of failure: errno,
+//! RST, timeout, a request the peer closed on without answering, a UDP
+//! request left unanswered or refused by ICMP, or a reply that says no
+//! (HTTP 4xx/5xx, DNS SERVFAIL, a PostgreSQL or Redis error) — and no
+//! backoff. The same request repeated (on one connection or across new
+//! connections and processes) makes a flow suspect, so its replies are
+//! read; identical requests that succeed are load, not a storm. See
+//! [`DetectConfig`] for the thresholds.
 //!
 //! [`Observation`]: crate::ingest::Observation
 pub mod config;
@@ -17,6 +22,7 @@ pub mod engine;
 pub mod probes;
 pub mod signals;
 pub mod synthetic;
+pub mod udp;
 pub mod verdict;
 pub mod window;
 

@@ -69,6 +69,12 @@ pub struct Signals {
     /// Lengths of the last request and its response, for explanations.
     pub last_sent: u32,
     pub last_received: u32,
+    /// A UDP reply was ever seen: the peer answers, so a request it leaves
+    /// unanswered is a failure.
+    pub replied: bool,
+    /// The question of the last probed DNS query (boxed: most flows never
+    /// have one, and a flow must stay small).
+    pub last_question: Option<Box<[u8; crate::ingest::decode::QUESTION_BYTES]>>,
 }
 
 impl Signals {
@@ -97,8 +103,15 @@ impl Signals {
         }
     }
 
+    /// An attempt whose outcome was not seen (a reply not read).
+    pub fn unknown(&mut self, ts: u64) {
+        let c = self.window.at(ts);
+        c.unknown = c.unknown.saturating_add(1);
+    }
+
     /// A failure that is not an attempt of its own (a connection that
-    /// ended young with no response: the connect was already counted).
+    /// ended young with no response, a reply that said no: the connect
+    /// or send was already counted).
     pub fn failure(&mut self, ts: u64, code: i32) {
         let c = self.window.at(ts);
         c.failures = c.failures.saturating_add(1);
@@ -107,10 +120,12 @@ impl Signals {
     }
 
     /// The lengths (and fingerprint, 0 if none) of a request and its
-    /// response on socket `sock`, compared with the one before on the same
-    /// socket: a client that opens a new connection per request is not
-    /// repeating itself, one that resends on the same connection is.
-    /// Call after `attempt`.
+    /// response, compared with the one before — on any connection: a loop
+    /// that opens a new connection (or a new process) per retry repeats
+    /// itself as much as one that resends on a keep-alive connection.
+    /// Repetition alone only makes a flow a candidate for a closer look;
+    /// whether it is a retry (fails) or load (succeeds) is the outcome's
+    /// to say. Call after `attempt`.
     pub fn request(&mut self, ts: u64, sock: u64, sent: u32, received: u32, fingerprint: u64) {
         let req = Request {
             sock,
@@ -121,7 +136,6 @@ impl Signals {
         let c = self.window.at(ts);
         c.requests = c.requests.saturating_add(1);
         if let Some(prev) = self.last_request
-            && prev.sock == sock
             && prev.sent == sent
             && prev.received == received
         {
@@ -140,6 +154,7 @@ impl Signals {
     pub fn reply(&mut self, ts: u64) {
         let c = self.window.at(ts);
         c.replies = c.replies.saturating_add(1);
+        self.replied = true;
     }
 
     /// What the signals say at `now`.
@@ -153,7 +168,11 @@ impl Signals {
                 (n as f64 / d as f64).min(1.0)
             }
         };
-        let fail_ratio = ratio(w.failures, w.attempts);
+        // Over the attempts whose outcome is known: before the on-demand
+        // probes read a flow's replies, its requests are neither failures
+        // nor successes.
+        let known = w.attempts.saturating_sub(w.unknown).max(w.failures);
+        let fail_ratio = ratio(w.failures, known);
         let enough_requests = w.requests >= 5;
         let same_length = if enough_requests {
             ratio(w.same_length, w.requests)
@@ -181,12 +200,23 @@ impl Signals {
         let failing = fail_ratio >= cfg.failure_ratio;
         let repeating = same_content >= cfg.repeat_ratio;
         let looks_failing = fail_ratio >= 0.5 || same_length >= cfg.repeat_ratio;
+        // A burst: more failed attempts than any reconnecting pool makes,
+        // however soon it ends.
+        let burst = active
+            && self.run_failures >= cfg.burst_attempts
+            && self.run_failures as f64 >= cfg.failure_ratio * self.run_attempts as f64;
+        // Identical requests that succeed are polling or load: a storm
+        // needs failures.
         let storm = rate >= cfg.storm_rate
-            && span_ns >= cfg.min_span_ms * 1_000_000
-            && (failing || repeating)
+            && (span_ns >= cfg.min_span_ms * 1_000_000 || burst)
+            && failing
             && !backoff;
         let suspect = rate >= cfg.suspect_rate && looks_failing && !backoff;
-        let calm = rate < cfg.storm_rate / 2.0 || !looks_failing || backoff;
+        // Attempts whose outcome is no longer seen (the on-demand probes
+        // rest) are not evidence of recovery while they keep repeating.
+        let blind = w.attempts > 0 && known == 0;
+        let still_failing = fail_ratio >= 0.5 || (blind && same_length >= cfg.repeat_ratio);
+        let calm = rate < cfg.storm_rate / 2.0 || backoff || !still_failing;
         let run_span = self.last_ns.saturating_sub(self.run_start_ns);
         let persistent = self.run_attempts >= 3
             && run_span >= cfg.persistent_ms * 1_000_000

@@ -4,7 +4,7 @@ use super::{
     DetectConfig, Engine, State, Subject,
     synthetic::{dest, failing_client, refused, run, time_to_storm, times},
 };
-use crate::ingest::{Comm, Observation, Proto};
+use crate::ingest::{Comm, Observation, Proto, Reply};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
@@ -26,7 +26,15 @@ fn a_tight_refused_loop_is_a_storm_within_a_second_with_an_explanation() {
     assert!(
         storm
             .explanation
-            .ends_with("100% ECONNREFUSED, median gap 1 ms, no backoff"),
+            .contains("100% ECONNREFUSED, median gap 1 ms, no backoff"),
+        "{}",
+        storm.explanation
+    );
+    assert!(
+        storm.explanation.contains("none succeeded")
+            && storm
+                .explanation
+                .contains("× the budget (20% of requests + 10/s)"),
         "{}",
         storm.explanation
     );
@@ -107,6 +115,18 @@ fn busy_healthy_traffic_is_never_suspect() {
 }
 
 fn exchange(ts: u64, pid: u32, fingerprint: u64, sent: u32) -> Observation {
+    reply_exchange(ts, pid, 1, false, Reply::NotRead, fingerprint, sent)
+}
+
+fn reply_exchange(
+    ts: u64,
+    pid: u32,
+    sock: u64,
+    first: bool,
+    reply: Reply,
+    fingerprint: u64,
+    sent: u32,
+) -> Observation {
     Observation::Exchange {
         ts_ns: ts,
         pid,
@@ -116,14 +136,19 @@ fn exchange(ts: u64, pid: u32, fingerprint: u64, sent: u32) -> Observation {
         sent,
         received: 57,
         fingerprint,
-        sock: 1,
+        sock,
+        first,
+        reply,
     }
 }
 
+const HTTP_503: Reply = Reply::Http { status: 503 };
+const HTTP_200: Reply = Reply::Http { status: 200 };
+
 #[test]
-fn the_same_request_and_response_repeated_is_a_storm_once_fingerprinted() {
+fn the_same_request_repeated_is_suspect_and_a_storm_only_when_it_fails() {
     let ts = times(SEC, std::iter::repeat_n(MS, 3000));
-    // Lengths only (probes not attached yet): suspect, never storm.
+    // Lengths only (replies not read yet): suspect, never storm.
     let unprobed: Vec<Observation> = ts.iter().map(|t| exchange(*t, 7, 0, 35)).collect();
     let changes = run(&mut Engine::new(DetectConfig::default()), &unprobed, SEC);
     assert_eq!(changes[0].to, State::Suspect);
@@ -131,60 +156,277 @@ fn the_same_request_and_response_repeated_is_a_storm_once_fingerprinted() {
     assert!(
         changes[0]
             .explanation
-            .contains("same-length 35 B request answered with 57 B")
+            .contains("same-length 35 B request answered with 57 B"),
+        "{}",
+        changes[0].explanation
     );
-    // With fingerprints, identical content: storm.
-    let same: Vec<Observation> = ts.iter().map(|t| exchange(*t, 7, 0xabc, 35)).collect();
-    let changes = run(&mut Engine::new(DetectConfig::default()), &same, SEC);
+    // Replies read after 200 ms (the probes attached): 503 every time.
+    let read = |status: Reply| -> Vec<Observation> {
+        ts.iter()
+            .map(|t| {
+                let r = if *t >= SEC + 200 * MS {
+                    status
+                } else {
+                    Reply::NotRead
+                };
+                reply_exchange(*t, 7, 1, false, r, 0xabc, 35)
+            })
+            .collect()
+    };
+    let changes = run(
+        &mut Engine::new(DetectConfig::default()),
+        &read(HTTP_503),
+        SEC,
+    );
     let t = time_to_storm(&changes).expect("storm");
     assert!(t <= SEC, "{} ms", t / MS);
     let storm = changes.iter().find(|c| c.to == State::Storm).unwrap();
     assert!(
-        storm
-            .explanation
-            .contains("100% the same 35 B request answered with 57 B"),
+        storm.explanation.contains("HTTP 503"),
         "{}",
         storm.explanation
     );
-    // The same request on a new connection each time: not a repeat.
-    let per_conn: Vec<Observation> = ts
-        .iter()
+    // The same identical requests answered 200: load, never a storm.
+    let changes = run(
+        &mut Engine::new(DetectConfig::default()),
+        &read(HTTP_200),
+        SEC,
+    );
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+    // Bytes no protocol explains: unknown, never a failure.
+    let changes = run(
+        &mut Engine::new(DetectConfig::default()),
+        &read(Reply::Unknown),
+        SEC,
+    );
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn a_new_connection_per_failing_request_is_a_storm() {
+    // connect, then the one request on it answered 503 — e.g. curl in a
+    // shell loop (a new process each time would roll up to the parent).
+    let mut obs = Vec::new();
+    for (i, t) in times(SEC, std::iter::repeat_n(2 * MS, 1500))
+        .into_iter()
         .enumerate()
-        .map(|(i, t)| match exchange(*t, 7, 0xabc, 35) {
+    {
+        obs.push(Observation::Connect {
+            ts_ns: t,
+            start_ns: t,
+            pid: 9,
+            comm: Comm::from("http"),
+            cgroup: 1,
+            dest: dest(80),
+            outcome: crate::ingest::ConnectOutcome::Established,
+            rst: false,
+            syn_retransmits: 0,
+        });
+        obs.push(reply_exchange(
+            t + MS,
+            9,
+            i as u64 + 1,
+            true,
+            HTTP_503,
+            0,
+            35,
+        ));
+    }
+    let changes = run(&mut Engine::new(DetectConfig::default()), &obs, SEC);
+    let t = time_to_storm(&changes).expect("storm");
+    assert!(t <= SEC, "{} ms", t / MS);
+    // The same with 200s: healthy load (suspect by repetition at most).
+    let ok: Vec<Observation> = obs
+        .into_iter()
+        .map(|o| match o {
             Observation::Exchange {
-                ts_ns,
-                pid,
-                comm,
-                cgroup,
-                dest,
-                sent,
-                received,
-                fingerprint,
-                ..
-            } => Observation::Exchange {
-                ts_ns,
-                pid,
-                comm,
-                cgroup,
-                dest,
-                sent,
-                received,
-                fingerprint,
-                sock: i as u64 + 1,
-            },
+                ts_ns, pid, sock, ..
+            } => reply_exchange(ts_ns, pid, sock, true, HTTP_200, 0, 35),
             other => other,
         })
         .collect();
-    let changes = run(&mut Engine::new(DetectConfig::default()), &per_conn, SEC);
-    assert!(changes.is_empty(), "{changes:#?}");
-    // Distinct content of the same length: healthy keep-alive.
-    let distinct: Vec<Observation> = ts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| exchange(*t, 7, i as u64 + 1, 35))
-        .collect();
-    let changes = run(&mut Engine::new(DetectConfig::default()), &distinct, SEC);
+    let changes = run(&mut Engine::new(DetectConfig::default()), &ok, SEC);
     assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn a_port_check_is_not_a_failure_a_request_left_unanswered_is() {
+    let conn_end = |t: u64, sent: u32| Observation::ConnEnd {
+        ts_ns: t + MS,
+        start_ns: t,
+        pid: 5,
+        comm: Comm::from("probe"),
+        cgroup: 1,
+        dest: dest(80),
+        sent,
+        received: 0,
+    };
+    let connect = |t: u64| Observation::Connect {
+        ts_ns: t,
+        start_ns: t,
+        pid: 5,
+        comm: Comm::from("probe"),
+        cgroup: 1,
+        dest: dest(80),
+        outcome: crate::ingest::ConnectOutcome::Established,
+        rst: false,
+        syn_retransmits: 0,
+    };
+    let trace = |sent: u32| -> Vec<Observation> {
+        times(SEC, std::iter::repeat_n(5 * MS, 600))
+            .into_iter()
+            .flat_map(|t| [connect(t), conn_end(t, sent)])
+            .collect()
+    };
+    let changes = run(&mut Engine::new(DetectConfig::default()), &trace(0), SEC);
+    assert!(changes.is_empty(), "a TCP health probe: {changes:#?}");
+    let changes = run(&mut Engine::new(DetectConfig::default()), &trace(40), SEC);
+    assert!(time_to_storm(&changes).is_some(), "{changes:#?}");
+}
+
+#[test]
+fn a_burst_of_a_thousand_failures_is_a_storm_however_short() {
+    // 5,000 refused in 90 ms: a capped retry loop.
+    let changes = failing_client(std::iter::repeat_n(18_000, 4_999));
+    let t = time_to_storm(&changes).expect("a burst is a storm");
+    assert!(t <= 200 * MS, "{} ms", t / MS);
+}
+
+fn udp_send(ts: u64, sock: u64, question: Option<[u8; 32]>) -> Observation {
+    Observation::UdpSend {
+        ts_ns: ts,
+        pid: 11,
+        comm: Comm::from("getent"),
+        cgroup: 1,
+        dest: crate::ingest::Destination {
+            proto: Proto::Udp,
+            ..dest(53)
+        },
+        bytes: 40,
+        fingerprint: 0,
+        sock,
+        connected: true,
+        question,
+    }
+}
+
+#[test]
+fn dns_refused_by_icmp_is_a_storm_naming_the_query() {
+    let mut q = [0u8; 32];
+    q[..23].copy_from_slice(b"\x05storm\x07example\x07invalid\x00");
+    let mut obs = Vec::new();
+    for (i, t) in times(SEC, std::iter::repeat_n(MS, 3000))
+        .into_iter()
+        .enumerate()
+    {
+        obs.push(udp_send(t, i as u64 + 1, Some(q)));
+        obs.push(Observation::UdpError {
+            ts_ns: t + 10_000,
+            pid: 11,
+            comm: Comm::from("getent"),
+            cgroup: 1,
+            dest: crate::ingest::Destination {
+                proto: Proto::Udp,
+                netns: 0,
+                ..dest(53)
+            },
+            errno: libc::ECONNREFUSED,
+        });
+    }
+    let changes = run(&mut Engine::new(DetectConfig::default()), &obs, SEC);
+    let t = time_to_storm(&changes).expect("storm");
+    assert!(t <= SEC, "{} ms", t / MS);
+    let storm = changes.iter().find(|c| c.to == State::Storm).unwrap();
+    assert!(
+        storm.explanation.contains("ECONNREFUSED")
+            && storm.explanation.contains("storm.example.invalid"),
+        "{}",
+        storm.explanation
+    );
+}
+
+#[test]
+fn dns_resent_without_replies_is_a_storm_answered_is_not() {
+    let sends: Vec<Observation> = times(SEC, std::iter::repeat_n(10 * MS, 300))
+        .into_iter()
+        .map(|t| udp_send(t, 1, None))
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &sends, SEC);
+    assert!(time_to_storm(&changes).is_some(), "{changes:#?}");
+    // Each answered (NOERROR): healthy.
+    let answered: Vec<Observation> = sends
+        .iter()
+        .flat_map(|o| {
+            [
+                o.clone(),
+                Observation::UdpRecv {
+                    ts_ns: o.ts_ns() + MS,
+                    pid: 11,
+                    comm: Comm::from("getent"),
+                    cgroup: 1,
+                    dest: crate::ingest::Destination {
+                        proto: Proto::Udp,
+                        ..dest(53)
+                    },
+                    bytes: 60,
+                    sock: 1,
+                    reply: Reply::Dns {
+                        rcode: 0,
+                        answers: 1,
+                    },
+                },
+            ]
+        })
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &answered, SEC);
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn fire_and_forget_udp_is_never_a_storm_by_volume() {
+    let obs: Vec<Observation> = times(SEC, std::iter::repeat_n(MS, 3000))
+        .into_iter()
+        .map(|t| match udp_send(t, 1, None) {
+            Observation::UdpSend { mut dest, .. } => {
+                dest.port = 8125;
+                Observation::UdpSend {
+                    ts_ns: t,
+                    pid: 11,
+                    comm: Comm::from("statsd"),
+                    cgroup: 1,
+                    dest,
+                    bytes: 40,
+                    fingerprint: 0xfeed,
+                    sock: 1,
+                    connected: true,
+                    question: None,
+                }
+            }
+            other => other,
+        })
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &obs, SEC);
+    assert!(time_to_storm(&changes).is_none(), "{changes:#?}");
+}
+
+#[test]
+fn a_storm_whose_replies_are_no_longer_read_stays_a_storm() {
+    // 503 on keep-alive, read for 2 s, then the probes rest: the loop goes
+    // on for 8 s more with the same lengths. It must hold its verdict.
+    let obs: Vec<Observation> = times(SEC, std::iter::repeat_n(2 * MS, 5000))
+        .into_iter()
+        .map(|t| {
+            let r = if t < 3 * SEC {
+                HTTP_503
+            } else {
+                Reply::NotRead
+            };
+            reply_exchange(t, 7, 1, false, r, 0, 35)
+        })
+        .collect();
+    let changes = run(&mut Engine::new(DetectConfig::default()), &obs, 0);
+    let states: Vec<State> = changes.iter().map(|c| c.to).collect();
+    assert_eq!(states, [State::Suspect, State::Storm], "{changes:#?}");
 }
 
 #[test]
@@ -291,6 +533,8 @@ fn flows_are_capped_evicting_the_oldest_healthy() {
             bytes: 10,
             fingerprint: 0,
             sock: pid as u64,
+            connected: false,
+            question: None,
         });
     }
     engine.tick(2 * SEC);

@@ -99,6 +99,39 @@ fn gap(us: u32) -> String {
     }
 }
 
+/// The retry budget stormguard measures against (Finagle's and Linkerd's
+/// default, `../shared/retry-facts.md`): retries ≤ 20% of requests plus 10
+/// retries a second.
+pub const RETRY_BUDGET_RATIO: f64 = 0.2;
+/// See [`RETRY_BUDGET_RATIO`].
+pub const RETRY_BUDGET_FLOOR: f64 = 10.0;
+
+/// Amplification (attempts per success) and how far the retries exceed the
+/// published budget. Every failed attempt is taken as a retry.
+fn budget(s: &mut String, attempts: u64, failures: u64, span_ns: u64) {
+    let successes = attempts.saturating_sub(failures);
+    if successes == 0 {
+        let _ = write!(s, "; amplification: {attempts} attempts, none succeeded");
+    } else {
+        let _ = write!(
+            s,
+            "; amplification {:.1} attempts per success",
+            attempts as f64 / successes as f64
+        );
+    }
+    let allowed =
+        RETRY_BUDGET_RATIO * attempts as f64 + RETRY_BUDGET_FLOOR * (span_ns as f64 / 1e9).max(1.0);
+    let over = failures as f64 / allowed;
+    if over > 1.0 {
+        let _ = write!(
+            s,
+            ", retries {over:.0}× the budget (20% of requests + 10/s)"
+        );
+    } else {
+        let _ = write!(s, ", retries within the budget (20% of requests + 10/s)");
+    }
+}
+
 /// The one line: who, where, how many in how long, failing how, how fast,
 /// and whether it backs off. Numbers are the current run's.
 pub fn explain(
@@ -122,7 +155,35 @@ pub fn explain(
         sig.run_attempts,
         duration(span.max(1))
     );
-    if a.repeating || (a.same_length >= cfg.repeat_ratio && sig.run_failures == 0) {
+    if let Some(name) = sig
+        .last_question
+        .as_deref()
+        .and_then(|q| crate::ingest::reply::dns_name(q))
+    {
+        let _ = write!(s, " asking {name}");
+    }
+    let repeated = a.repeating || a.same_length >= cfg.repeat_ratio;
+    if sig.run_failures > 0 {
+        let pct = 100.0 * sig.run_failures as f64 / sig.run_attempts.max(1) as f64;
+        let main = sig
+            .errors
+            .main()
+            .map(|(c, _)| label::name(c))
+            .unwrap_or_default();
+        if pct >= 99.5 {
+            let _ = write!(s, ", 100% {main}");
+        } else {
+            let _ = write!(s, ", {:.0}% failed, mostly {main}", pct.min(100.0));
+        }
+        if repeated {
+            let what = if a.repeating {
+                "the same"
+            } else {
+                "same-length"
+            };
+            let _ = write!(s, ", {what} {} B request each time", sig.last_sent);
+        }
+    } else if repeated {
         let what = if a.repeating {
             "the same"
         } else {
@@ -148,18 +209,6 @@ pub fn explain(
                 );
             }
         }
-    } else if sig.run_failures > 0 {
-        let pct = 100.0 * sig.run_failures as f64 / sig.run_attempts.max(1) as f64;
-        let main = sig
-            .errors
-            .main()
-            .map(|(c, _)| label::name(c))
-            .unwrap_or_default();
-        if pct >= 99.5 {
-            let _ = write!(s, ", 100% {main}");
-        } else {
-            let _ = write!(s, ", {pct:.0}% failed, mostly {main}");
-        }
     } else {
         let _ = write!(s, ", no failures");
     }
@@ -178,6 +227,9 @@ pub fn explain(
     }
     if let Some(r) = syscalls_per_s {
         let _ = write!(s, ", {:.0} syscalls/s", r);
+    }
+    if sig.run_failures >= RETRY_BUDGET_FLOOR as u64 {
+        budget(&mut s, sig.run_attempts, sig.run_failures, span);
     }
     if a.persistent && !a.storm {
         s.push_str(": persistent failure");

@@ -27,6 +27,10 @@ pub struct Counts<T = u16> {
     pub same_content: T,
     /// UDP replies received.
     pub replies: T,
+    /// Attempts whose outcome was not seen: requests whose reply was not
+    /// read (the process was not probed yet), so the failure ratio is taken
+    /// over what is known.
+    pub unknown: T,
 }
 
 /// Counts summed over a window.
@@ -40,6 +44,7 @@ impl Sums {
         self.same_length += u32::from(o.same_length);
         self.same_content += u32::from(o.same_content);
         self.replies += u32::from(o.replies);
+        self.unknown += u32::from(o.unknown);
     }
 }
 

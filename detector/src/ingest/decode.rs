@@ -5,8 +5,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use detector_common::{AF_INET, AF_INET6, Event, flags, kind, outcome};
+use detector_common::{AF_INET, AF_INET6, Event, HEAD_BYTES, flags, kind, outcome};
 use serde::{Deserialize, Serialize};
+
+use super::Reply;
 
 /// A task name as the kernel keeps it: up to 16 bytes, NUL padded. Kept
 /// inline so decoding an event allocates nothing.
@@ -141,6 +143,12 @@ pub enum Observation {
         fingerprint: u64,
         /// Opaque id of the sending socket.
         sock: u64,
+        /// Sent on a connected socket, whose replies are counted.
+        #[serde(default)]
+        connected: bool,
+        /// A probed DNS query's question bytes (after the header).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        question: Option<[u8; HEAD_BYTES]>,
     },
     /// One datagram received on a connected UDP socket.
     UdpRecv {
@@ -150,6 +158,22 @@ pub enum Observation {
         cgroup: u64,
         dest: Destination,
         bytes: u32,
+        /// Opaque id of the receiving socket.
+        #[serde(default)]
+        sock: u64,
+        /// What the reply said, when the receiver was probed.
+        #[serde(default)]
+        reply: Reply,
+    },
+    /// An ICMP error reported on a UDP socket (port unreachable…). The
+    /// destination's netns is unknown (0).
+    UdpError {
+        ts_ns: u64,
+        pid: u32,
+        comm: Comm,
+        cgroup: u64,
+        dest: Destination,
+        errno: i32,
     },
     /// One request and its response on a client TCP connection.
     Exchange {
@@ -164,6 +188,12 @@ pub enum Observation {
         fingerprint: u64,
         /// Opaque id of the connection's socket.
         sock: u64,
+        /// The connection's first request: its connect was the attempt.
+        #[serde(default)]
+        first: bool,
+        /// What the response said, when the client was probed.
+        #[serde(default)]
+        reply: Reply,
     },
     /// A client TCP connection ended.
     ConnEnd {
@@ -209,6 +239,7 @@ impl Observation {
             | Observation::UdpConnect { ts_ns, .. }
             | Observation::UdpSend { ts_ns, .. }
             | Observation::UdpRecv { ts_ns, .. }
+            | Observation::UdpError { ts_ns, .. }
             | Observation::Exchange { ts_ns, .. }
             | Observation::ConnEnd { ts_ns, .. }
             | Observation::Syscalls { ts_ns, .. }
@@ -249,6 +280,18 @@ fn destination(ev: &Event, proto: Proto) -> Result<Destination, DecodeError> {
         port: ev.dport,
         netns: ev.netns,
     })
+}
+
+/// Bytes of a DNS question a send record carries.
+pub const QUESTION_BYTES: usize = HEAD_BYTES;
+
+/// The reply a record carries, if its head was read.
+fn reply(ev: &Event) -> Reply {
+    if ev.flags & flags::HEAD == 0 {
+        Reply::NotRead
+    } else {
+        Reply::parse(&ev.head, ev.dport)
+    }
 }
 
 /// Turns an already-copied [`Event`] into an observation.
@@ -299,6 +342,8 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             bytes: ev.aux,
             fingerprint: ev.hash,
             sock: ev.sock,
+            connected: ev.flags & flags::CONNECTED != 0,
+            question: (ev.flags & flags::HEAD != 0 && ev.dport == 53).then_some(ev.head),
         },
         kind::UDP_RECV => Observation::UdpRecv {
             ts_ns: ev.ts_ns,
@@ -307,6 +352,16 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             cgroup: ev.cgroup,
             dest: destination(ev, Proto::Udp)?,
             bytes: ev.aux,
+            sock: ev.sock,
+            reply: reply(ev),
+        },
+        kind::UDP_ERROR => Observation::UdpError {
+            ts_ns: ev.ts_ns,
+            pid: ev.tgid,
+            comm,
+            cgroup: ev.cgroup,
+            dest: destination(ev, Proto::Udp)?,
+            errno: ev.errno,
         },
         kind::TCP_EXCHANGE => Observation::Exchange {
             ts_ns: ev.ts_ns,
@@ -318,6 +373,8 @@ pub fn from_event(ev: &Event) -> Result<Observation, DecodeError> {
             received: ev.aux2,
             fingerprint: ev.hash,
             sock: ev.sock,
+            first: ev.flags & flags::FIRST_EXCHANGE != 0,
+            reply: reply(ev),
         },
         kind::TCP_CONN_END => Observation::ConnEnd {
             ts_ns: ev.ts_ns,

@@ -7,8 +7,31 @@ use super::ConnectOutcome;
 pub const CLOSED: i32 = -1;
 /// Never reached SYN_SENT, errno unknown (on-demand probe not attached).
 pub const BEFORE_SYN: i32 = -2;
-/// Established, then closed young with no response bytes.
+/// Established, a request sent, then closed young with no response bytes.
 pub const NO_RESPONSE: i32 = -3;
+/// A UDP request (to a request/response peer) that got no reply before the
+/// next one was sent.
+pub const NO_REPLY: i32 = -4;
+/// HTTP 4xx/5xx: `HTTP_BASE - status`.
+pub const HTTP_BASE: i32 = -10_000;
+/// DNS rcode ≠ 0: `DNS_BASE - rcode`.
+pub const DNS_BASE: i32 = -20_000;
+/// A PostgreSQL ErrorResponse (e.g. a failed authentication).
+pub const POSTGRES_ERROR: i32 = -30_000;
+/// A Redis error reply ("-ERR", "-WRONGPASS"…).
+pub const REDIS_ERROR: i32 = -30_001;
+
+/// DNS rcode names (RFC 1035, 6895).
+fn rcode_name(rcode: i32) -> String {
+    match rcode {
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("rcode {n}"),
+    }
+}
 
 /// Label of [`BEFORE_SYN`].
 pub const FAILED_BEFORE_SYN: &str = "failed before SYN";
@@ -31,6 +54,15 @@ pub fn name(code: i32) -> String {
         CLOSED => CLOSED_IN_SYN_SENT,
         BEFORE_SYN => FAILED_BEFORE_SYN,
         NO_RESPONSE => "closed with no response",
+        NO_REPLY => "no reply",
+        POSTGRES_ERROR => "PostgreSQL error",
+        REDIS_ERROR => "Redis error",
+        c if (HTTP_BASE - 599..=HTTP_BASE - 100).contains(&c) => {
+            return format!("HTTP {}", HTTP_BASE - c);
+        }
+        c if (DNS_BASE - 15..DNS_BASE).contains(&c) => {
+            return format!("DNS {}", rcode_name(DNS_BASE - c));
+        }
         libc::ECONNREFUSED => "ECONNREFUSED",
         libc::ETIMEDOUT => "ETIMEDOUT",
         libc::ECONNRESET => "ECONNRESET",

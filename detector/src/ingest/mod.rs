@@ -4,5 +4,7 @@
 pub mod decode;
 pub mod failure;
 pub mod procs;
+pub mod reply;
 
 pub use decode::{Comm, ConnectOutcome, DecodeError, Destination, Observation, Proto, decode};
+pub use reply::Reply;

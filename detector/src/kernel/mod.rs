@@ -135,6 +135,9 @@ pub struct Sensors {
     on_demand: Option<OnDemand>,
     /// Hooks attached for the life of the sensors, for `status`/`watch`.
     pub always_on: Vec<String>,
+    /// Suspects the kernel's SUSPECTS map refused (it is LRU, so this
+    /// should stay 0; counted rather than fatal).
+    pub suspect_insert_failures: u64,
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -217,6 +220,7 @@ impl Sensors {
             ebpf,
             on_demand: None,
             always_on,
+            suspect_insert_failures: 0,
         })
     }
 
@@ -303,21 +307,35 @@ impl Sensors {
         a.and(b)
     }
 
-    /// Replaces the set of processes whose syscalls are counted.
+    /// Replaces the set of processes the on-demand probes look at. Entries
+    /// the kernel added for children of a suspect (value 2) are left alone:
+    /// they end with their process (the exit tracepoint removes them) or by
+    /// LRU eviction. An insert that fails is counted, not fatal: a process
+    /// not probed is only seen less closely.
     pub fn set_suspects(&mut self, pids: &[u32]) -> Result<(), KernelError> {
+        const SET_BY_USER: u8 = 1;
         let map_err = |cause| KernelError::Map {
             name: "SUSPECTS",
             cause,
         };
         let mut suspects: HashMap<_, u32, u8> =
             HashMap::try_from(self.map_mut("SUSPECTS")?).map_err(map_err)?;
-        let old: Vec<u32> = suspects.keys().filter_map(Result::ok).collect();
+        let old: Vec<u32> = suspects
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| *v == SET_BY_USER)
+            .map(|(k, _)| k)
+            .collect();
         for pid in old.iter().filter(|p| !pids.contains(p)) {
             let _ = suspects.remove(pid);
         }
+        let mut failed = 0;
         for pid in pids {
-            suspects.insert(pid, 1, 0).map_err(map_err)?;
+            if suspects.insert(pid, SET_BY_USER, 0).is_err() {
+                failed += 1;
+            }
         }
+        self.suspect_insert_failures += failed;
         let mut counts: PerCpuHashMap<_, u32, u64> =
             PerCpuHashMap::try_from(self.map_mut("SYSCALLS")?).map_err(|cause| {
                 KernelError::Map {

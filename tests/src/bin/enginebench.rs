@@ -97,6 +97,8 @@ fn observation(i: usize, flows: u32) -> Observation {
             received: 128 + (i % 7) as u32,
             fingerprint: i as u64,
             sock: flow as u64,
+            first: false,
+            reply: stormguard::ingest::Reply::Http { status: 200 },
         },
         _ => Observation::UdpSend {
             ts_ns: ts,
@@ -107,6 +109,8 @@ fn observation(i: usize, flows: u32) -> Observation {
             bytes: 40,
             fingerprint: 0,
             sock: flow as u64,
+            connected: true,
+            question: None,
         },
     }
 }
