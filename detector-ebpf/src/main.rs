@@ -9,12 +9,14 @@ mod probes;
 mod util;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, SockAddrContext, TracePointContext},
+    macros::{cgroup_sock_addr, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    programs::{
+        ProbeContext, RawTracePointContext, RetProbeContext, SockAddrContext, TracePointContext,
+    },
 };
 use detector_common::{AF_INET, AF_INET6};
 
-use probes::{connect, ondemand, process, sendrecv, tcp};
+use probes::{connect, ondemand, process, sendrecv, tcp, tls};
 
 const ALLOW: i32 = 1;
 
@@ -105,6 +107,30 @@ pub fn sg_sys_enter(ctx: RawTracePointContext) -> i32 {
 #[tracepoint]
 pub fn sg_exit_connect(ctx: TracePointContext) -> u32 {
     let _ = ondemand::exit_connect(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn sg_ssl_write(ctx: ProbeContext) -> u32 {
+    let _ = tls::write(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn sg_ssl_read(ctx: ProbeContext) -> u32 {
+    let _ = tls::read_enter(&ctx, false);
+    0
+}
+
+#[uprobe]
+pub fn sg_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    let _ = tls::read_enter(&ctx, true);
+    0
+}
+
+#[uretprobe]
+pub fn sg_ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    let _ = tls::read_return(&ctx);
     0
 }
 

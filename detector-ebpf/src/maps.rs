@@ -59,8 +59,7 @@ pub static SYSCALLS: LruPerCpuHashMap<u32, u64> =
 /// the reply's first bytes from it. A hash map, not a per-CPU slot, since a
 /// blocking receive often wakes up on another CPU.
 #[map]
-pub static RECV_NOTES: LruHashMap<u32, u64> =
-    LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
+pub static RECV_NOTES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
 
 /// Client TCP connections (went through SYN_SENT) from ESTABLISHED until
 /// they end, keyed by socket address: request/response bookkeeping.
@@ -72,3 +71,20 @@ pub static CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(capacity:
 /// tracepoint in the same syscall.
 #[map]
 pub static FINGERPRINTS: PerCpuArray<Fingerprint> = PerCpuArray::with_max_entries(1, 0);
+
+/// The plaintext fingerprint of the request a suspect thread is writing
+/// through libssl, taken by the `SSL_write` uprobe; the socket send that
+/// follows prefers it to the ciphertext's.
+#[map]
+pub static TLS_FP: LruHashMap<u32, u64> = LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
+
+/// Buffers of `SSL_read` calls in progress, by thread.
+#[map]
+pub static TLS_READS: LruHashMap<u32, crate::probes::tls::TlsRead> =
+    LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
+
+/// The TCP socket a probed thread last received on: where `SSL_read`'s
+/// plaintext belongs.
+#[map]
+pub static THREAD_SOCK: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);

@@ -6,3 +6,4 @@ pub mod ondemand;
 pub mod process;
 pub mod sendrecv;
 pub mod tcp;
+pub mod tls;

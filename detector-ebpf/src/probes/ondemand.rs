@@ -32,7 +32,9 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
     match user_buffer(ctx) {
         Some(Buffer::Send(buf, len)) => fingerprint(slot, buf, len, tid),
         Some(Buffer::Recv(buf)) => {
-            RECV_NOTES.insert(tid, buf as u64, 0).map_err(|e| e as i64)?;
+            RECV_NOTES
+                .insert(tid, buf as u64, 0)
+                .map_err(|e| e as i64)?;
             if slot.tid == tid {
                 slot.tid = 0;
             }

@@ -17,7 +17,7 @@ use detector_common::{
 
 use super::tcp::exchange;
 use crate::{
-    maps::{CONNS, FINGERPRINTS, MSG_DEST, RECV_NOTES, UDP_DEST},
+    maps::{CONNS, FINGERPRINTS, MSG_DEST, RECV_NOTES, THREAD_SOCK, TLS_FP, UDP_DEST},
     util::{cgroup, comm, current, emit, field, now, off, sock_id},
 };
 
@@ -44,7 +44,11 @@ fn take_fingerprint(tid: u32) -> Option<&'static Fingerprint> {
 /// transaction id.
 #[inline(always)]
 fn request_hash(fp: &Fingerprint, dport: u16) -> u64 {
-    if dport == DNS_PORT { fp.skip2 } else { fp.whole }
+    if dport == DNS_PORT {
+        fp.skip2
+    } else {
+        fp.whole
+    }
 }
 
 /// The user buffer a probed thread is receiving into, consumed.
@@ -105,9 +109,20 @@ fn tcp_send(sk: u64, bytes: u32) {
         conn.head_set = 0;
     }
     if conn.req_sent == 0 {
-        conn.req_hash = take_fingerprint(tid)
+        let syscall = take_fingerprint(tid)
             .map(|fp| request_hash(fp, conn.tmpl.dport))
             .unwrap_or(0);
+        // Through libssl: the plaintext's fingerprint, not the ciphertext's.
+        // SAFETY: pointer from a successful lookup, copied at once.
+        conn.req_hash = match TLS_FP.get_ptr(tid).map(|p| unsafe { *p }) {
+            Some(h) => {
+                let _ = TLS_FP.remove(tid);
+                h
+            }
+            None => syscall,
+        };
+    } else {
+        let _ = take_fingerprint(tid);
     }
     conn.phase = conn_phase::SENDING;
     conn.req_sent = conn.req_sent.saturating_add(bytes);
@@ -198,12 +213,14 @@ pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
             // SAFETY: pointer into the map value; see tcp_send.
             let conn = unsafe { &mut *conn };
             // The response's first chunk: where a status line starts.
-            if let Some(buf) = take_recv_note(current().1)
-                && conn.req_recv == 0
-                && conn.head_set == 0
-                && read_head(&mut conn.reply_head, buf)
-            {
-                conn.head_set = 1;
+            let tid = current().1;
+            if let Some(buf) = take_recv_note(tid) {
+                // A probed thread: its SSL_read's plaintext belongs here.
+                let _ = THREAD_SOCK.insert(tid, sk, 0);
+                if conn.req_recv == 0 && conn.head_set == 0 && read_head(&mut conn.reply_head, buf)
+                {
+                    conn.head_set = 1;
+                }
             }
             conn.phase = conn_phase::RECEIVING;
             conn.req_recv = conn.req_recv.saturating_add(ret as u32);

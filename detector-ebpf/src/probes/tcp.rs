@@ -9,8 +9,7 @@
 use aya_ebpf::programs::TracePointContext;
 use detector_common::{
     AF_INET, AF_INET6, Conn, Event, FIELD_ABSENT, HEAD_BYTES, IPPROTO_TCP, IPPROTO_UDP, TupleKey,
-    conn_phase, flags, kind,
-    outcome, stat, tcp_state,
+    conn_phase, flags, kind, outcome, stat, tcp_state,
 };
 
 use crate::{

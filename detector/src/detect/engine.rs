@@ -335,6 +335,12 @@ impl Engine {
                 first,
                 reply,
             } => {
+                // A last send with no answer as the connection ends (a TLS
+                // close_notify, a QUIT) is not a request: the connection's
+                // end judges it.
+                if received == 0 && !first {
+                    return;
+                }
                 let failure = reply.failure();
                 // A response that came but was not read: outcome unknown.
                 let unread = received > 0 && !reply.is_known();
@@ -753,7 +759,12 @@ impl Engine {
             .filter(|(_, t)| hot(t.state))
             .map(|(k, _)| k.pid)
             .collect();
-        for r in self.rollups.values().filter(|r| hot(r.t.state)) {
+        for (key, r) in self.rollups.iter().filter(|(_, r)| hot(r.t.state)) {
+            // The parent itself: the kernel passes suspicion on to the
+            // children it forks next, read from their first request.
+            if let RollupKey::Parent(ppid, _) = key {
+                v.push(*ppid);
+            }
             v.extend(
                 r.members
                     .iter()

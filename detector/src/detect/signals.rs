@@ -43,7 +43,12 @@ impl ErrorMix {
     }
 }
 
-/// The last request seen, to tell a repeat from a new one.
+/// Requests remembered to tell a repeat from a new one.
+const RECENT_REQUESTS: usize = 3;
+/// Bytes by which the answers to one repeated request may differ.
+const REPLY_SLACK: u32 = 8;
+
+/// A request seen, to tell a repeat from a new one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Request {
     sock: u64,
@@ -65,7 +70,13 @@ pub struct Signals {
     pub run_attempts: u64,
     pub run_failures: u64,
     pub run_requests: u64,
-    last_request: Option<Request>,
+    /// Attempts of the run whose outcome was not seen.
+    pub run_unknown: u64,
+    /// The last few requests: a retry over a new TLS connection is three
+    /// exchanges (handshake, request, close), so "the same as the one
+    /// before" must look a little further back.
+    recent: [Request; RECENT_REQUESTS],
+    recent_next: u8,
     /// Lengths of the last request and its response, for explanations.
     pub last_sent: u32,
     pub last_received: u32,
@@ -86,9 +97,10 @@ impl Signals {
             self.run_attempts = 0;
             self.run_failures = 0;
             self.run_requests = 0;
+            self.run_unknown = 0;
             self.errors = ErrorMix::default();
             self.gaps.clear();
-            self.last_request = None;
+            self.recent = Default::default();
         } else {
             self.gaps.push(ts.saturating_sub(self.last_ns));
         }
@@ -107,6 +119,7 @@ impl Signals {
     pub fn unknown(&mut self, ts: u64) {
         let c = self.window.at(ts);
         c.unknown = c.unknown.saturating_add(1);
+        self.run_unknown += 1;
     }
 
     /// A failure that is not an attempt of its own (a connection that
@@ -135,16 +148,19 @@ impl Signals {
         };
         let c = self.window.at(ts);
         c.requests = c.requests.saturating_add(1);
-        if let Some(prev) = self.last_request
-            && prev.sent == sent
-            && prev.received == received
-        {
+        // The same request; its answer the same give or take a few bytes
+        // (a request id, a TLS record's padding).
+        let alike = |prev: &&Request| {
+            prev.sent == sent && prev.sent > 0 && prev.received.abs_diff(received) <= REPLY_SLACK
+        };
+        if let Some(prev) = self.recent.iter().find(alike) {
             c.same_length = c.same_length.saturating_add(1);
             if fingerprint != 0 && prev.fingerprint == fingerprint {
                 c.same_content = c.same_content.saturating_add(1);
             }
         }
-        self.last_request = Some(req);
+        self.recent[self.recent_next as usize % RECENT_REQUESTS] = req;
+        self.recent_next = self.recent_next.wrapping_add(1);
         self.run_requests += 1;
         self.last_sent = sent;
         self.last_received = received;
@@ -190,6 +206,12 @@ impl Signals {
                 && g.ratio >= cfg.backoff_growth
                 && g.step_us as u64 >= cfg.backoff_min_step_ms * 1_000
         });
+        // Leaving a storm takes clearer backoff than staying out of one: a
+        // loop of short-lived processes on a busy host has gaps that wander
+        // by ×1.4 from scheduling alone; real exponential backoff grows by
+        // far more than ×2 over the last 32 gaps.
+        let strong_backoff =
+            backoff && growth.is_some_and(|g| g.ratio >= cfg.backoff_growth * cfg.backoff_growth);
         let growth = growth.map(|g| g.ratio);
         let active = now.saturating_sub(self.last_ns) <= WINDOW_NS;
         let span_ns = if active {
@@ -216,7 +238,7 @@ impl Signals {
         // rest) are not evidence of recovery while they keep repeating.
         let blind = w.attempts > 0 && known == 0;
         let still_failing = fail_ratio >= 0.5 || (blind && same_length >= cfg.repeat_ratio);
-        let calm = rate < cfg.storm_rate / 2.0 || backoff || !still_failing;
+        let calm = rate < cfg.storm_rate / 2.0 || strong_backoff || !still_failing;
         let run_span = self.last_ns.saturating_sub(self.run_start_ns);
         let persistent = self.run_attempts >= 3
             && run_span >= cfg.persistent_ms * 1_000_000

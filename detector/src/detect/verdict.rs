@@ -107,7 +107,8 @@ pub const RETRY_BUDGET_RATIO: f64 = 0.2;
 pub const RETRY_BUDGET_FLOOR: f64 = 10.0;
 
 /// Amplification (attempts per success) and how far the retries exceed the
-/// published budget. Every failed attempt is taken as a retry.
+/// published budget, over the attempts whose outcome was seen. Every failed
+/// attempt is taken as a retry.
 fn budget(s: &mut String, attempts: u64, failures: u64, span_ns: u64) {
     let successes = attempts.saturating_sub(failures);
     if successes == 0 {
@@ -164,7 +165,13 @@ pub fn explain(
     }
     let repeated = a.repeating || a.same_length >= cfg.repeat_ratio;
     if sig.run_failures > 0 {
-        let pct = 100.0 * sig.run_failures as f64 / sig.run_attempts.max(1) as f64;
+        // Of the attempts whose outcome was seen (replies are read only
+        // once a flow is suspect).
+        let known = sig
+            .run_attempts
+            .saturating_sub(sig.run_unknown)
+            .max(sig.run_failures);
+        let pct = 100.0 * sig.run_failures as f64 / known.max(1) as f64;
         let main = sig
             .errors
             .main()
@@ -229,7 +236,11 @@ pub fn explain(
         let _ = write!(s, ", {:.0} syscalls/s", r);
     }
     if sig.run_failures >= RETRY_BUDGET_FLOOR as u64 {
-        budget(&mut s, sig.run_attempts, sig.run_failures, span);
+        let known = sig
+            .run_attempts
+            .saturating_sub(sig.run_unknown)
+            .max(sig.run_failures);
+        budget(&mut s, known, sig.run_failures, span);
     }
     if a.persistent && !a.storm {
         s.push_str(": persistent failure");

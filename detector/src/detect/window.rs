@@ -183,11 +183,17 @@ impl Gaps {
         let third = n / 3;
         let (a, rest) = buf[..n].split_at_mut(third);
         let (b, c) = rest.split_at_mut(third);
+        // Means as well as medians: a loop of short-lived processes has
+        // bimodal gaps (a connect and its request 1 ms apart, then 30 ms to
+        // the next process), whose medians jump between the modes by chance
+        // while their means hold still. Backoff moves both.
+        let (a1, a2, a3) = (mean(a), mean(b), mean(c));
         let (m1, m2, m3) = (median(a)?, median(b)?, median(c)?);
+        let ratio = |x: u32, y: u32| (y as f64 + 1.0) / (x as f64 + 1.0);
         Some(Growth {
-            ratio: (m3 as f64 + 1.0) / (m1 as f64 + 1.0),
-            step_us: m3.saturating_sub(m1),
-            rising: m1 <= m2 && m2 <= m3,
+            ratio: ratio(m1, m3).min(ratio(a1, a3)),
+            step_us: m3.saturating_sub(m1).min(a3.saturating_sub(a1)),
+            rising: m1 <= m2 && m2 <= m3 && a1 <= a2 && a2 <= a3,
         })
     }
 }
@@ -198,6 +204,10 @@ pub struct Growth {
     pub ratio: f64,
     pub step_us: u32,
     pub rising: bool,
+}
+
+fn mean(v: &[u32]) -> u32 {
+    (v.iter().map(|x| u64::from(*x)).sum::<u64>() / v.len().max(1) as u64) as u32
 }
 
 fn median(v: &mut [u32]) -> Option<u32> {

@@ -14,8 +14,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
-        raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId,
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint, UProbe,
+        raw_trace_point::RawTracePointLinkId,
+        trace_point::TracePointLinkId,
+        uprobe::{UProbeLinkId, UProbeScope},
     },
 };
 use detector_common::{Event, Offsets, TupleKey, stat};
@@ -127,6 +129,34 @@ pub struct KernelStats {
 struct OnDemand {
     sys_enter: RawTracePointLinkId,
     exit_connect: TracePointLinkId,
+    /// libssl uprobes (program, link), when libssl was found.
+    tls: Vec<(&'static str, UProbeLinkId)>,
+}
+
+/// The libssl uprobes: (program, symbol). SSL_read_ex shares the return
+/// probe with SSL_read.
+const TLS_PROBES: [(&str, &str); 6] = [
+    ("sg_ssl_write", "SSL_write"),
+    ("sg_ssl_write", "SSL_write_ex"),
+    ("sg_ssl_read", "SSL_read"),
+    ("sg_ssl_read_ex", "SSL_read_ex"),
+    ("sg_ssl_read_ret", "SSL_read"),
+    ("sg_ssl_read_ret", "SSL_read_ex"),
+];
+
+/// The shared libssl processes load, if this host has one: where the
+/// plaintext of their TLS is (`SSL_write`/`SSL_read`).
+pub fn find_libssl() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+        "/lib/x86_64-linux-gnu/libssl.so.3",
+        "/usr/lib64/libssl.so.3",
+        "/usr/lib/libssl.so.3",
+        "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 /// Loaded and attached kernel sensors. Dropping it detaches everything.
@@ -138,6 +168,7 @@ pub struct Sensors {
     /// Suspects the kernel's SUSPECTS map refused (it is LRU, so this
     /// should stay 0; counted rather than fatal).
     pub suspect_insert_failures: u64,
+    tls_loaded: bool,
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -216,11 +247,32 @@ impl Sensors {
                 hook: tracefs::SYS_ENTER.to_string(),
                 cause,
             })?;
+        // Optional: without them TLS is judged by lengths only.
+        let mut tls_loaded = true;
+        for name in [
+            "sg_ssl_write",
+            "sg_ssl_read",
+            "sg_ssl_read_ex",
+            "sg_ssl_read_ret",
+        ] {
+            if let Err(e) = program::<UProbe>(&mut ebpf, name).and_then(|p| {
+                p.load().map_err(|cause| KernelError::Program {
+                    program: name,
+                    hook: "uprobe:libssl".into(),
+                    cause,
+                })
+            }) {
+                tracing::warn!("TLS plaintext probes unavailable: {e}");
+                tls_loaded = false;
+                break;
+            }
+        }
         Ok(Sensors {
             ebpf,
             on_demand: None,
             always_on,
             suspect_insert_failures: 0,
+            tls_loaded,
         })
     }
 
@@ -277,11 +329,49 @@ impl Sensors {
                 });
             }
         };
+        let tls = self.attach_tls();
         self.on_demand = Some(OnDemand {
             sys_enter,
             exit_connect,
+            tls,
         });
         Ok(())
+    }
+
+    /// Attaches the libssl uprobes for every process (they act only for
+    /// suspects). Optional: a host without a shared libssl, or one that
+    /// refuses uprobes, is judged by TLS lengths only, and says so once.
+    fn attach_tls(&mut self) -> Vec<(&'static str, UProbeLinkId)> {
+        let mut links = Vec::new();
+        if !self.tls_loaded {
+            return links;
+        }
+        let Some(lib) = find_libssl() else {
+            return links;
+        };
+        for (name, symbol) in TLS_PROBES {
+            let attached = program::<UProbe>(&mut self.ebpf, name)
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    p.attach(symbol, &lib, UProbeScope::AllProcesses)
+                        .map_err(|e| e.to_string())
+                });
+            match attached {
+                Ok(id) => links.push((name, id)),
+                Err(e) => {
+                    tracing::warn!(
+                        "TLS plaintext probe {symbol} in {} not attached: {e}",
+                        lib.display()
+                    );
+                }
+            }
+        }
+        links
+    }
+
+    /// Whether the libssl plaintext probes are attached now.
+    pub fn tls_attached(&self) -> bool {
+        self.on_demand.as_ref().is_some_and(|o| !o.tls.is_empty())
     }
 
     /// Detaches the syscall probes and forgets their counts.
@@ -289,6 +379,11 @@ impl Sensors {
         let Some(links) = self.on_demand.take() else {
             return Ok(());
         };
+        for (name, id) in links.tls {
+            if let Ok(p) = program::<UProbe>(&mut self.ebpf, name) {
+                let _ = p.detach(id);
+            }
+        }
         let a = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")?
             .detach(links.sys_enter)
             .map_err(|cause| KernelError::Program {
