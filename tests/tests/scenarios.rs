@@ -499,3 +499,102 @@ fn a_pool_of_50_reconnecting_once_after_a_server_restart_is_never_a_storm() {
         None,
     );
 }
+
+/// Runs `child` to its end under a live pipeline and checks that `subject`
+/// went to storm and then never left it while the client kept going
+/// (recovering is allowed only once the client has stopped).
+fn holds_storm(name: &str, subject: impl Fn(&Subject) -> bool, child: ChildGuard) {
+    let mut run = LiveRun::start(name).expect("eBPF");
+    let mut child = Some(child);
+    let started = Instant::now();
+    let mut ended_ns = None;
+    while ended_ns.is_none() && started.elapsed() < Duration::from_secs(60) {
+        run.run_until(Duration::from_millis(200), |_| false);
+        if child.as_mut().unwrap().0.try_wait().unwrap().is_some() {
+            ended_ns = Some(stormguard::kernel::monotonic_ns());
+        }
+    }
+    child.take().unwrap().finish(Duration::from_secs(5));
+    let ended_ns = ended_ns.expect("client ended within 60 s");
+    let (live, _) = run.finish();
+    let mine: Vec<&VerdictChange> = live.iter().filter(|c| subject(&c.subject)).collect();
+    let first = mine
+        .iter()
+        .position(|c| c.to == State::Storm)
+        .unwrap_or_else(|| panic!("{name}: never a storm: {mine:#?}"));
+    let flagged_ns = mine[first].ts_ns;
+    let left: Vec<&&VerdictChange> = mine[first + 1..]
+        .iter()
+        .filter(|c| c.ts_ns < ended_ns && c.to != State::Storm)
+        .collect();
+    println!(
+        "{name}: storm from {:.1} s after start until the client ended {:.1} s later; {}",
+        (flagged_ns - mine[0].run_start_ns) as f64 / 1e9,
+        (ended_ns.saturating_sub(flagged_ns)) as f64 / 1e9,
+        mine[first].explanation
+    );
+    assert!(
+        left.is_empty(),
+        "{name}: left the storm verdict while the storm went on: {left:#?}"
+    );
+    assert!(
+        ended_ns.saturating_sub(flagged_ns) >= 20 * SEC,
+        "{name}: flagged too late to show it holds"
+    );
+}
+
+/// Item 8 of the detection issue: a 30-second storm of each shape holds one
+/// storm verdict from its first flag to its end — also past the moment the
+/// on-demand probes would rest for a shorter cap (their default cap is
+/// 60 s, so this checks the verdict does not decay with time alone).
+#[test]
+fn a_30_second_storm_of_each_shape_holds_its_verdict() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !stormguard_tests::ebpf_required() && LiveRun::start("hold-probe").is_none() {
+        return;
+    }
+    // Refused connects.
+    let dest = closed_port(false).to_string();
+    let c = client(&["storm", "--addr", &dest, "--secs", "30"]);
+    let pid = c.pid();
+    holds_storm("hold: refused connects", flow_of(pid), c);
+
+    // 503 on one keep-alive connection.
+    let addr = reply_server(REPLY_503).to_string();
+    let reply_len = REPLY_503.len().to_string();
+    let c = client(&[
+        "http",
+        "--addr",
+        &addr,
+        "--count",
+        "100000000",
+        "--max-secs",
+        "30",
+        "--reply-len",
+        &reply_len,
+    ]);
+    let pid = c.pid();
+    holds_storm("hold: 503 on keep-alive", flow_of(pid), c);
+
+    // 503 on a new connection (and a new curl process) per request.
+    let addr = reply_server(REPLY_503);
+    let c = ChildGuard::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "end=$(($(date +%s) + 30)); while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://{addr}/api; done"
+            ))
+            .stdout(Stdio::null()),
+    );
+    let sh = c.pid();
+    let parent = move |s: &Subject| matches!(s, Subject::Parent { ppid, .. } if *ppid == sh);
+    holds_storm("hold: 503 on new connections (curl loop)", parent, c);
+
+    // The same DNS query resent to a resolver that never answers.
+    let server = UdpSocket::bind("127.0.0.78:53").expect("bind 127.0.0.78:53");
+    let addr = server.local_addr().unwrap().to_string();
+    let c = client(&["dns", "--addr", &addr, "--secs", "30", "--gap-ms", "10"]);
+    let pid = c.pid();
+    holds_storm("hold: DNS resent unanswered", flow_of(pid), c);
+    drop(server);
+}

@@ -232,7 +232,15 @@ pub struct Engine {
     /// UDP sockets: replies awaited, servers.
     udp: UdpSockets,
     now: u64,
+    /// When flows were last evaluated (by a tick or a catch-up).
+    last_eval: u64,
+    /// Changes found while catching up, for the next tick to return.
+    backlog: Vec<VerdictChange>,
 }
+
+/// Observation time after the last evaluation at which the engine
+/// evaluates on its own (ticks come every 100 ms when the host keeps up).
+const CATCH_UP_NS: u64 = 200_000_000;
 
 /// DNS: a request/response peer by its port.
 const DNS_PORT: u16 = 53;
@@ -252,6 +260,8 @@ impl Engine {
             syscalls: HashMap::new(),
             udp: UdpSockets::default(),
             now: 0,
+            last_eval: 0,
+            backlog: Vec::new(),
         }
     }
 
@@ -267,6 +277,14 @@ impl Engine {
     /// Feeds one observation.
     pub fn observe(&mut self, obs: &Observation) {
         self.now = self.now.max(obs.ts_ns());
+        // Catching up on a backlog (a flood drained for longer than a
+        // tick): judge it as it happened, on the observations' own clock,
+        // or everything in it is older than the window by the next tick.
+        // Only observations decide when, so a replay does the same.
+        if self.now >= self.last_eval.saturating_add(CATCH_UP_NS) && self.last_eval > 0 {
+            let changes = self.evaluate(self.now);
+            self.backlog.extend(changes);
+        }
         match *obs {
             Observation::Connect {
                 ts_ns,
@@ -523,7 +541,14 @@ impl Engine {
     /// in a stable order.
     pub fn tick(&mut self, now: u64) -> Vec<VerdictChange> {
         self.now = self.now.max(now);
-        let now = self.now;
+        let mut changes = std::mem::take(&mut self.backlog);
+        changes.extend(self.evaluate(self.now));
+        changes
+    }
+
+    /// Evaluates every flow and roll-up at `now`.
+    fn evaluate(&mut self, now: u64) -> Vec<VerdictChange> {
+        self.last_eval = now;
         for (o, n) in self.udp.sweep(now) {
             self.apply(o.pid, o.comm, o.cgroup, o.dest, now, |s, _| {
                 for _ in 0..n {

@@ -611,3 +611,16 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_backlog_drained_late_is_judged_on_its_own_clock() {
+    // A flood kept the drain busy: 3 s of a refused loop arrive with no
+    // tick in between; the next tick still reports the storm.
+    let mut engine = Engine::new(DetectConfig::default());
+    engine.tick(SEC);
+    for t in times(SEC + MS, std::iter::repeat_n(MS, 3000)) {
+        engine.observe(&refused(t, 4242, dest(8080)));
+    }
+    let changes = engine.tick(5 * SEC);
+    assert!(changes.iter().any(|c| c.to == State::Storm), "{changes:#?}");
+}
