@@ -347,6 +347,8 @@ pub mod capacity {
     /// Processes the on-demand probes look at (LRU: children of a suspect
     /// inherit it in the kernel, so a fork storm can only evict).
     pub const SUSPECTS: u32 = 16_384;
+    /// cgroups whose processes are all suspect.
+    pub const SUSPECT_CGROUPS: u32 = 256;
     /// Threads inside a receive syscall of a suspect process.
     pub const RECV_NOTES: u32 = 4_096;
     /// Client TCP connections tracked for request/response exchanges.

@@ -3,7 +3,7 @@
 //! crashed consumer can only evict, never wedge the probes.
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{Conn, Event, Fingerprint, MsgDest, TupleKey, UdpDest, capacity, stat};
 
@@ -48,6 +48,13 @@ pub static SUSPECTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(capacity
 
 /// [`SUSPECTS`] value written by user space: 1. [`SUSPECTS`] value of a child that inherited its parent's suspicion.
 pub const SUSPECT_INHERITED: u8 = 2;
+
+/// cgroups whose every process the on-demand probes look at (a suspect
+/// cgroup roll-up: its new processes are read from their first request).
+/// User space never puts the root cgroup here.
+#[map]
+pub static SUSPECT_CGROUPS: HashMap<u64, u8> =
+    HashMap::with_max_entries(capacity::SUSPECT_CGROUPS, 0);
 
 /// Syscalls per suspect process, per CPU (LRU: never wedges).
 #[map]

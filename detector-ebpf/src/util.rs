@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use detector_common::{Event, Offsets, capacity, stat};
 
-use crate::maps::{EVENTS, STATS};
+use crate::maps::{EVENTS, STATS, SUSPECT_CGROUPS, SUSPECTS};
 
 /// Tracepoint field offsets; the loader overwrites this from tracefs.
 #[unsafe(no_mangle)]
@@ -134,4 +134,12 @@ pub fn count(index: u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *p += 1 };
     }
+}
+
+/// Whether the on-demand probes look at this process: it is a suspect, a
+/// suspect's child, or in a suspect cgroup.
+#[inline(always)]
+pub fn is_suspect(tgid: u32) -> bool {
+    // SAFETY: the values are only tested for presence.
+    unsafe { SUSPECTS.get(tgid).is_some() || SUSPECT_CGROUPS.get(cgroup()).is_some() }
 }

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use detector_common::{FINGERPRINT_BYTES, FINGERPRINT_HEAD, Fingerprint};
 
 use crate::{
-    maps::{FINGERPRINTS, PRE_SYN, RECV_NOTES, SUSPECTS, SYSCALLS},
-    util::{current, emit, field, now, off},
+    maps::{FINGERPRINTS, PRE_SYN, RECV_NOTES, SYSCALLS},
+    util::{current, emit, field, is_suspect, now, off},
 };
 
 /// `raw_syscalls:sys_enter`: counts syscalls of suspect processes,
@@ -17,8 +17,7 @@ use crate::{
 /// tracepoints can read the request's head and the reply's first bytes.
 pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
     let (tgid, tid) = current();
-    // SAFETY: the value is only tested for presence.
-    if unsafe { SUSPECTS.get(tgid) }.is_none() {
+    if !is_suspect(tgid) {
         return Ok(());
     }
     match SYSCALLS.get_ptr_mut(tgid) {

@@ -11,23 +11,18 @@ use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 use detector_common::{FINGERPRINT_BYTES, HEAD_BYTES};
 
 use crate::{
-    maps::{CONNS, SUSPECTS, THREAD_SOCK, TLS_FP, TLS_READS},
-    util::current,
+    maps::{CONNS, THREAD_SOCK, TLS_FP, TLS_READS},
+    util::{current, is_suspect},
 };
 
 /// [`detector_common::Conn::head_set`] when the head is plaintext.
 pub const HEAD_PLAINTEXT: u32 = 2;
 
-#[inline(always)]
-fn suspect(tgid: u32) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { SUSPECTS.get(tgid) }.is_some()
-}
 
 /// `SSL_write(ssl, buf, num)` and `SSL_write_ex(ssl, buf, num, written)`.
 pub fn write(ctx: &ProbeContext) -> Result<(), i64> {
     let (tgid, tid) = current();
-    if !suspect(tgid) {
+    if !is_suspect(tgid) {
         return Ok(());
     }
     let buf: u64 = ctx.arg(1).ok_or(-1i64)?;
@@ -71,7 +66,7 @@ pub struct TlsRead {
 /// `SSL_read(ssl, buf, num)`; `ex` for `SSL_read_ex(ssl, buf, num, readbytes)`.
 pub fn read_enter(ctx: &ProbeContext, ex: bool) -> Result<(), i64> {
     let (tgid, tid) = current();
-    if !suspect(tgid) {
+    if !is_suspect(tgid) {
         return Ok(());
     }
     let buf: u64 = ctx.arg(1).ok_or(-1i64)?;

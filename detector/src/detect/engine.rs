@@ -804,6 +804,23 @@ impl Engine {
         v
     }
 
+    /// cgroups of suspect or storming cgroup roll-ups: every process in
+    /// them, new ones too, is looked at closely.
+    pub fn suspect_cgroups(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .rollups
+            .iter()
+            .filter(|(_, r)| matches!(r.t.state, State::Suspect | State::Storm))
+            .filter_map(|(k, _)| match k {
+                RollupKey::Cgroup(id, _) => Some(*id),
+                RollupKey::Parent(..) => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Bytes one tracked flow costs, table overhead included (for the bench).
     pub fn bytes_per_flow() -> usize {
         // Entry plus hashbrown's control byte, at its worst load factor (7/8).

@@ -169,6 +169,8 @@ pub struct Sensors {
     /// should stay 0; counted rather than fatal).
     pub suspect_insert_failures: u64,
     tls_loaded: bool,
+    /// Id (inode) of the cgroup v2 root, never made suspect as a whole.
+    root_cgroup: Option<u64>,
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -273,6 +275,10 @@ impl Sensors {
             always_on,
             suspect_insert_failures: 0,
             tls_loaded,
+            root_cgroup: {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(&cgroup).ok().map(|m| m.ino())
+            },
         })
     }
 
@@ -399,6 +405,7 @@ impl Sensors {
                 cause,
             });
         self.set_suspects(&[])?;
+        self.set_suspect_cgroups(&[])?;
         a.and(b)
     }
 
@@ -441,6 +448,31 @@ impl Sensors {
         for pid in old.iter().filter(|p| !pids.contains(p)) {
             let _ = counts.remove(pid);
         }
+        Ok(())
+    }
+
+    /// Replaces the cgroups whose every process the on-demand probes look
+    /// at. The cgroup v2 root is never one (it holds the whole host); past
+    /// the map's size the rest are left out and counted.
+    pub fn set_suspect_cgroups(&mut self, cgroups: &[u64]) -> Result<(), KernelError> {
+        let map_err = |cause| KernelError::Map {
+            name: "SUSPECT_CGROUPS",
+            cause,
+        };
+        let root = self.root_cgroup;
+        let mut map: HashMap<_, u64, u8> =
+            HashMap::try_from(self.map_mut("SUSPECT_CGROUPS")?).map_err(map_err)?;
+        let old: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for id in old.iter().filter(|id| !cgroups.contains(id)) {
+            let _ = map.remove(id);
+        }
+        let mut failed = 0;
+        for id in cgroups.iter().filter(|id| Some(**id) != root) {
+            if map.insert(id, 1, 0).is_err() {
+                failed += 1;
+            }
+        }
+        self.suspect_insert_failures += failed;
         Ok(())
     }
 
