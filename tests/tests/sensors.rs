@@ -372,3 +372,117 @@ fn udp_replies_on_a_connected_socket_are_counted() {
     let f = cap.flow(pid, Proto::Udp, dest);
     assert_eq!((f.udp_sends, f.udp_recvs, f.udp_connects), (120, 120, 1));
 }
+
+/// The reply's first bytes are read for a probed process: every response
+/// the client got after it became a suspect is an HTTP 503 — and only the
+/// connection's first request is marked first.
+#[test]
+fn replies_of_a_probed_client_are_read_as_http_statuses() {
+    use stormguard::ingest::{Observation, Reply};
+    let Some(mut cap) = Capture::start("http_replies_read") else {
+        return;
+    };
+    const REPLY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => s.write_all(REPLY).unwrap(),
+            }
+        }
+    });
+    let c = client(&[
+        "http",
+        "--addr",
+        &dest.to_string(),
+        "--count",
+        "100",
+        "--gap-ms",
+        "10",
+        "--reply-len",
+        &REPLY.len().to_string(),
+    ]);
+    let pid = c.pid();
+    cap.sensors.attach_on_demand().expect("on-demand probes");
+    cap.sensors.set_suspects(&[pid]).expect("suspects");
+    cap.wait_child(c, Duration::from_secs(60));
+    server.join().unwrap();
+    cap.settle();
+    cap.sensors.detach_on_demand().expect("detach");
+    let replies: Vec<(bool, Reply)> = cap
+        .observations
+        .iter()
+        .filter_map(|o| match *o {
+            Observation::Exchange {
+                pid: p,
+                first,
+                reply,
+                ..
+            } if p == pid => Some((first, reply)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), 100);
+    assert_eq!(replies.iter().filter(|(first, _)| *first).count(), 1);
+    assert!(replies[0].0, "the first exchange is the connection's first");
+    let read: Vec<Reply> = replies
+        .iter()
+        .map(|(_, r)| *r)
+        .skip_while(|r| *r == Reply::NotRead)
+        .collect();
+    assert!(read.len() >= 90, "only {} of 100 read", read.len());
+    assert!(
+        read.iter().all(|r| *r == Reply::Http { status: 503 }),
+        "{read:?}"
+    );
+}
+
+/// ICMP port unreachable on a connected UDP socket is one UDP error per
+/// datagram that drew it, attributed to the sender.
+#[test]
+fn icmp_errors_on_a_connected_udp_socket_are_counted() {
+    use stormguard::ingest::Observation;
+    let Some(mut cap) = Capture::start("udp_icmp_errors") else {
+        return;
+    };
+    let port = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.connect(('127.0.0.1', {port}))\n\
+         ok = 0\n\
+         for i in range(100):\n\
+         \x20   try:\n\
+         \x20       s.send(b'x' * 20); ok += 1\n\
+         \x20   except ConnectionRefusedError:\n\
+         \x20       pass\n\
+         \x20   time.sleep(0.002)\n\
+         print(ok)\n"
+    );
+    let c = ChildGuard::spawn(
+        Command::new("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped()),
+    );
+    let pid = c.pid();
+    let out = cap.wait_child(c, Duration::from_secs(60));
+    cap.settle();
+    let sent: usize = out.trim().parse().expect("sends");
+    let errors = cap
+        .observations
+        .iter()
+        .filter(|o| {
+            matches!(o, Observation::UdpError { pid: p, errno, dest, .. }
+                if *p == pid && *errno == libc::ECONNREFUSED && dest.port == port)
+        })
+        .count();
+    assert!(sent >= 40, "python sent {sent}");
+    assert_eq!(errors, sent, "one ICMP error per datagram sent");
+}
