@@ -363,16 +363,22 @@ impl Engine {
                 // A response that came but was not read: outcome unknown.
                 let unread = received > 0 && !reply.is_known();
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, cfg| {
-                    if first {
-                        // The connect was the attempt; the reply is its outcome.
+                    // A request is an attempt of its own when it repeats one
+                    // on its connection (keep-alive). Otherwise the connect
+                    // was the attempt and this exchange — the first, or a
+                    // later step of the protocol — tells its outcome.
+                    if !first && s.repeats_on(sock, sent) {
+                        s.attempt(ts_ns, failure, cfg);
+                        if unread {
+                            s.unknown(ts_ns);
+                        }
+                    } else {
                         if let Some(code) = failure {
                             s.failure(ts_ns, code);
                         }
-                    } else {
-                        s.attempt(ts_ns, failure, cfg);
-                    }
-                    if unread {
-                        s.unknown(ts_ns);
+                        if first && unread {
+                            s.unknown(ts_ns);
+                        }
                     }
                     s.request(ts_ns, sock, sent, received, fingerprint);
                 });

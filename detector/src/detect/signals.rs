@@ -166,6 +166,16 @@ impl Signals {
         self.last_received = received;
     }
 
+    /// Whether a request of `sent` bytes on socket `sock` repeats one of
+    /// the last few on that same connection: a keep-alive client sending
+    /// again, as opposed to the next step of a protocol (TLS handshake,
+    /// then the request; PostgreSQL startup, then the password).
+    pub fn repeats_on(&self, sock: u64, sent: u32) -> bool {
+        self.recent
+            .iter()
+            .any(|r| r.sock == sock && r.sent == sent && sent > 0)
+    }
+
     /// A UDP reply.
     pub fn reply(&mut self, ts: u64) {
         let c = self.window.at(ts);

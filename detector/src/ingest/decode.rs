@@ -289,6 +289,9 @@ pub const QUESTION_BYTES: usize = HEAD_BYTES;
 fn reply(ev: &Event) -> Reply {
     if ev.flags & flags::HEAD == 0 {
         Reply::NotRead
+    } else if ev.kind == kind::TCP_EXCHANGE && ev.dport == 53 {
+        // DNS over TCP: a 2-byte length, then the message.
+        Reply::parse(&ev.head[2..], ev.dport)
     } else {
         Reply::parse(&ev.head, ev.dport)
     }
@@ -578,6 +581,39 @@ mod tests {
             } => assert_eq!((start_ns, ts_ns, sent, received), (1_000, 2_000, 78, 1024)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn replies_are_parsed_from_the_head_dns_over_tcp_after_its_length() {
+        let mut ev = tcp_event();
+        ev.kind = kind::TCP_EXCHANGE;
+        ev.aux = 40;
+        ev.aux2 = 60;
+        ev.flags = flags::HEAD | flags::FIRST_EXCHANGE;
+        ev.head[..12].copy_from_slice(b"HTTP/1.1 503");
+        let Observation::Exchange { reply, first, .. } = decode(&event_bytes(&ev)).unwrap() else {
+            panic!("not an exchange");
+        };
+        assert_eq!(reply, Reply::Http { status: 503 });
+        assert!(first);
+        ev.dport = 53;
+        ev.head = [0; 32];
+        ev.head[..14].copy_from_slice(&[0, 40, 0x12, 0x34, 0x81, 0x82, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let Observation::Exchange { reply, .. } = decode(&event_bytes(&ev)).unwrap() else {
+            panic!("not an exchange");
+        };
+        assert_eq!(
+            reply,
+            Reply::Dns {
+                rcode: 2,
+                answers: 0
+            }
+        );
+        ev.flags = 0;
+        let Observation::Exchange { reply, .. } = decode(&event_bytes(&ev)).unwrap() else {
+            panic!("not an exchange");
+        };
+        assert_eq!(reply, Reply::NotRead, "no head, nothing read");
     }
 
     #[test]
