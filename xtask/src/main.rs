@@ -2,6 +2,7 @@
 //! except `setup` itself runs setup first, so a fresh machine needs nothing
 //! but rustup and the two README commands.
 mod bench;
+mod corpus_tools;
 mod setup;
 mod tasks;
 

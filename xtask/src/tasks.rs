@@ -109,6 +109,7 @@ pub fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
 pub fn test(env: &Env) -> anyhow::Result<()> {
     ensure_packages(&TEST_TOOLS)?;
     ensure_prometheus_parser()?;
+    crate::corpus_tools::ensure_corpus_tools()?;
     status(env.cargo().args(["fmt", "--all", "--", "--check"]))?;
     status(
         env.cargo()

@@ -41,11 +41,14 @@ pub fn set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
         return attempt_started(ctx, sk);
     }
-    if old == tcp_state::ESTABLISHED {
-        connection_ended(sk);
-        return Ok(());
-    }
     if old != tcp_state::SYN_SENT {
+        // A client connection ends when it is finally closed, not when it
+        // leaves ESTABLISHED: a server that answers and closes at once
+        // (HTTP/1.0, `ab`) has its FIN arrive with the response, before the
+        // client has read it in CLOSE_WAIT.
+        if new == tcp_state::CLOSE {
+            connection_ended(sk);
+        }
         return Ok(());
     }
     let Some(p) = INFLIGHT.get_ptr(sk) else {
@@ -101,7 +104,7 @@ fn connection_established(sk: u64, attempt: &Event) {
     }
 }
 
-/// ESTABLISHED → anything: the connection is ending. Reports the request
+/// → CLOSE after ESTABLISHED: the connection has ended. Reports the request
 /// still open (a response may never have come) and the connection's life.
 fn connection_ended(sk: u64) {
     let Some(p) = CONNS.get_ptr(sk) else {

@@ -43,18 +43,23 @@ impl ErrorMix {
     }
 }
 
-/// Requests remembered to tell a repeat from a new one.
-const RECENT_REQUESTS: usize = 3;
+/// Requests remembered to tell a repeat from a new one: a retry on a new
+/// connection repeats the whole conversation (PostgreSQL's SSL request,
+/// startup and two SCRAM steps are four requests).
+const RECENT_REQUESTS: usize = 6;
 /// Bytes by which the answers to one repeated request may differ.
 const REPLY_SLACK: u32 = 8;
 
 /// A request seen, to tell a repeat from a new one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Request {
-    sock: u64,
+    /// Low bits of the socket id and of the fingerprint: enough to tell
+    /// one connection or one content from the few others remembered, and
+    /// half the size (a flow must stay under 1 KB).
+    sock: u32,
+    fingerprint: u32,
     sent: u32,
     received: u32,
-    fingerprint: u64,
 }
 
 /// Accumulated signals of one flow or roll-up.
@@ -72,9 +77,9 @@ pub struct Signals {
     pub run_requests: u64,
     /// Attempts of the run whose outcome was not seen.
     pub run_unknown: u64,
-    /// The last few requests: a retry over a new TLS connection is three
-    /// exchanges (handshake, request, close), so "the same as the one
-    /// before" must look a little further back.
+    /// The last few requests: a retry over a new connection is several
+    /// exchanges (TLS handshake then request; a database login), so "the
+    /// same as the one before" must look a little further back.
     recent: [Request; RECENT_REQUESTS],
     recent_next: u8,
     /// Lengths of the last request and its response, for explanations.
@@ -141,10 +146,10 @@ impl Signals {
     /// to say. Call after `attempt`.
     pub fn request(&mut self, ts: u64, sock: u64, sent: u32, received: u32, fingerprint: u64) {
         let req = Request {
-            sock,
+            sock: sock as u32,
+            fingerprint: fingerprint as u32,
             sent,
             received,
-            fingerprint,
         };
         let c = self.window.at(ts);
         c.requests = c.requests.saturating_add(1);
@@ -155,7 +160,7 @@ impl Signals {
         };
         if let Some(prev) = self.recent.iter().find(alike) {
             c.same_length = c.same_length.saturating_add(1);
-            if fingerprint != 0 && prev.fingerprint == fingerprint {
+            if fingerprint != 0 && prev.fingerprint == fingerprint as u32 {
                 c.same_content = c.same_content.saturating_add(1);
             }
         }
@@ -173,7 +178,7 @@ impl Signals {
     pub fn repeats_on(&self, sock: u64, sent: u32) -> bool {
         self.recent
             .iter()
-            .any(|r| r.sock == sock && r.sent == sent && sent > 0)
+            .any(|r| r.sock == sock as u32 && r.sent == sent && sent > 0)
     }
 
     /// A UDP reply.
