@@ -25,7 +25,7 @@ use crate::{
     cli::watch::{self, Interval, Options},
     config::{Config, DaemonConfig},
     detect::{State, VerdictChange},
-    incident::IncidentTracker,
+    incident::{self, IncidentTracker},
     ingest::failure,
     kernel::{self, Sensors},
     metrics::Metrics,
@@ -302,18 +302,20 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
 
 impl Daemon {
     fn on_changes(&mut self, pipe: &mut Pipeline, changes: &[VerdictChange]) -> anyhow::Result<()> {
-        if changes.is_empty() {
-            return Ok(());
-        }
+        // Called on every tick, even without changes: storms waiting for a
+        // roll-up's verdict are placed then (see `incident`).
         let opened = self.tracker.on_changes(
             changes,
-            &pipe.engine,
-            &mut pipe.procs,
-            &self.store,
-            now_ms(),
+            &mut incident::Context {
+                engine: &pipe.engine,
+                procs: &mut pipe.procs,
+                groups: &pipe.groups,
+                store: &self.store,
+                now_ms: now_ms(),
+            },
         )?;
         for inc in opened {
-            tracing::warn!(id = %inc.id, comm = %inc.comm, destination = %inc.destination, "incident opened: {}", inc.explanation);
+            tracing::warn!(id = %inc.id, comm = %inc.comm, destination = %inc.destination, processes = inc.processes(), "incident opened: {}", inc.explanation);
         }
         for c in changes {
             let _ = self.shared.events.send(c.clone());

@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod detect;
 pub mod flows;
+pub mod groups;
 pub mod incident;
 pub mod ingest;
 pub mod kernel;

@@ -10,6 +10,7 @@ use crate::{
         probes::{ProbeConfig, ProbePlan, ProbeScheduler},
     },
     flows::FlowTable,
+    groups::Groups,
     ingest::{Observation, decode::from_event, procs::ProcessTable},
     kernel::{KernelError, Sensors},
     record::{Line, Recorder},
@@ -33,6 +34,9 @@ pub struct Pipeline {
     pub engine: Engine,
     pub flows: FlowTable,
     pub procs: ProcessTable,
+    /// Parent and cgroup id per process, as the engine rolls flows up
+    /// (the incident tracker groups a storm's flows by them).
+    pub groups: Groups,
     pub plan: ProbePlan,
     pub on_demand: OnDemand,
     scheduler: ProbeScheduler,
@@ -52,6 +56,7 @@ impl Pipeline {
             engine: Engine::new(detect),
             flows: FlowTable::new(),
             procs,
+            groups: Groups::new(),
             plan: ProbePlan::default(),
             on_demand,
             scheduler: ProbeScheduler::new(probes),
@@ -77,6 +82,7 @@ impl Pipeline {
             self.recorder = None;
         }
         self.procs.observe(obs);
+        self.groups.observe(obs);
         self.flows.observe(obs);
         self.engine.observe(obs);
         if let Observation::Exit {
@@ -139,6 +145,7 @@ impl Pipeline {
                     sensors.attach_on_demand()?;
                 }
                 sensors.set_suspects(&plan.suspects)?;
+                sensors.set_suspect_cgroups(&self.engine.suspect_cgroups())?;
             }
             OnDemand::Auto => {
                 if sensors.on_demand_attached() {
@@ -152,6 +159,7 @@ impl Pipeline {
             OnDemand::Always => {
                 sensors.attach_on_demand()?;
                 sensors.set_suspects(&plan.suspects)?;
+                sensors.set_suspect_cgroups(&self.engine.suspect_cgroups())?;
             }
             OnDemand::Never => {}
         }

@@ -115,11 +115,16 @@ impl Store {
             .pop())
     }
 
-    /// The most recent incident of a process.
+    /// The most recent incident of a process: its own, or a group
+    /// incident that lists it as a member (a child of a storming parent has
+    /// no incident of its own; see `incident`). Members live in the JSON
+    /// body, so this scans; it answers one interactive `explain`.
     pub fn latest_for_pid(&self, pid: u32) -> Result<Option<Incident>, StoreError> {
         Ok(self
             .rows(
-                "SELECT id, body FROM incidents WHERE pid = ?1 ORDER BY id DESC LIMIT 1",
+                "SELECT id, body FROM incidents WHERE pid = ?1
+                     OR EXISTS (SELECT 1 FROM json_each(incidents.body, '$.members') WHERE value = ?1)
+                 ORDER BY id DESC LIMIT 1",
                 params![pid],
             )?
             .pop())

@@ -24,6 +24,15 @@ fn none_attached(pid: u32) -> bool {
     !progs.iter().any(|n| ON_DEMAND.contains(&n.as_str()))
 }
 
+/// `watch` sees every process on the host: one test's storm would make the
+/// other's idle moments suspect. They run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    // A failed test poisons it; the next one may still run.
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Waits until `ok()` holds, up to `bound`; returns the time it took.
 fn wait_for(what: &str, bound: Duration, mut ok: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -47,6 +56,7 @@ fn rows_for(rx: &Receiver<String>, pid: u32, seen: &mut Vec<serde_json::Value>) 
 
 #[test]
 fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
+    let _alone = alone();
     let mut watch = ChildGuard::spawn(
         Command::new(stormguard_bin())
             .args([
@@ -174,4 +184,105 @@ fn watch_json_shows_a_storm_and_probes_attach_only_while_it_lasts() {
     assert!(status.success(), "watch exited with {status}");
     let rest: Vec<String> = stderr.try_iter().collect();
     assert!(rest.iter().any(|l| l == "stormguard: detached"), "{rest:?}");
+}
+
+/// Issue 7 item 7: a storm of short-lived processes — each connects once,
+/// so every flow is healthy — is visible in `watch --json` as a roll-up row
+/// of their parent, with its verdict and members.
+#[test]
+fn watch_json_shows_a_parent_roll_up_storming_through_short_lived_children() {
+    let _alone = alone();
+    let mut watch = ChildGuard::spawn(
+        Command::new(stormguard_bin())
+            .args([
+                "watch",
+                "--json",
+                "--interval-ms",
+                "500",
+                "--duration",
+                "60",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let stdout = lines(watch.0.stdout.take().expect("stdout"));
+    let stderr = lines(watch.0.stderr.take().expect("stderr"));
+    loop {
+        match stderr.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.starts_with("stormguard: watching") => break,
+            Ok(l) if l.starts_with("stormguard: ") => {
+                skip_or_fail("watch roll-up", &l);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("watch did not start in 30 s: {e}"),
+        }
+    }
+    let port = closed_port(false).to_string();
+    // 400 children, one every 5 ms, each one refused connect.
+    let spawner = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["spawn", "--count", "400", "--gap-ms", "5", "--"])
+            .args(["tcp", "--addr", &port, "--count", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let parent = spawner.pid();
+    let mut flows = 0;
+    let mut rollup = None;
+    let took = wait_for(
+        "a parent roll-up row with a storm verdict",
+        Duration::from_secs(20),
+        || {
+            while let Ok(line) = stdout.try_recv() {
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad JSON row {line:?}: {e}"));
+                if v["destination"] != port.as_str() {
+                    continue;
+                }
+                match v["subject"].as_str() {
+                    Some("flow") => {
+                        flows += 1;
+                        assert_ne!(v["verdict"], "storm", "one connect is no storm: {v}");
+                    }
+                    Some("parent")
+                        if v["ppid"] == parent
+                            && v["verdict"] == "storm"
+                            && v["members"].as_array().is_some_and(|m| m.len() >= 2) =>
+                    {
+                        rollup = Some(v);
+                    }
+                    Some("parent" | "cgroup") => {}
+                    other => panic!("row without a known subject ({other:?}): {v}"),
+                }
+            }
+            rollup.is_some()
+        },
+    );
+    let row = rollup.expect("roll-up row");
+    println!("watch: parent roll-up storm row after {took:?}: {row}");
+    assert_eq!(row["comm"], "stormclient", "the parent's name: {row}");
+    assert_eq!(row["proto"], "tcp");
+    assert!(row["pid"].is_null(), "a roll-up row is no process: {row}");
+    assert!(row["member_count"].as_u64().unwrap_or(0) >= 2, "{row}");
+    assert!(
+        row["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m.as_u64().is_some_and(|p| p != u64::from(parent))),
+        "members are the children: {row}"
+    );
+    assert!(
+        row["explanation"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("pid {parent}")) && e.contains("ECONNREFUSED")),
+        "{row}"
+    );
+    assert!(flows > 0, "the children's own flow rows are there too");
+    spawner.finish(Duration::from_secs(30));
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGINT) };
+    let status = watch.0.wait().expect("wait for watch");
+    assert!(status.success(), "watch exited with {status}");
 }

@@ -18,7 +18,6 @@ use crate::{
 /// [`detector_common::Conn::head_set`] when the head is plaintext.
 pub const HEAD_PLAINTEXT: u32 = 2;
 
-
 /// `SSL_write(ssl, buf, num)` and `SSL_write_ex(ssl, buf, num, written)`.
 pub fn write(ctx: &ProbeContext) -> Result<(), i64> {
     let (tgid, tid) = current();

@@ -47,9 +47,31 @@ pub fn render(i: &Incident) -> String {
     let who = match (i.kind.as_str(), i.pid) {
         ("flow", Some(p)) => format!("{} (pid {p})", i.comm),
         ("parent", Some(p)) => format!("children of {} (pid {p})", i.comm),
-        _ => format!("processes of cgroup {}", i.cgroup_id.unwrap_or(0)),
+        _ => match &i.cgroup {
+            Some(path) => format!(
+                "processes of cgroup {path} (id {})",
+                i.cgroup_id.unwrap_or(0)
+            ),
+            None => format!("processes of cgroup {}", i.cgroup_id.unwrap_or(0)),
+        },
     };
     line("process", who);
+    if i.kind != "flow" {
+        // A group incident stands for every storming process in it (their
+        // own storms are not incidents): say how many, and the busiest.
+        line("processes", i.processes().to_string());
+        if !i.top_members.is_empty() {
+            let top: Vec<String> = i
+                .top_members
+                .iter()
+                .map(|m| {
+                    let comm = if m.comm.is_empty() { "?" } else { &m.comm };
+                    format!("{comm} (pid {}) {} attempts", m.pid, m.attempts)
+                })
+                .collect();
+            line("busiest", top.join(", "));
+        }
+    }
     if let Some(u) = i.uid {
         line("uid", u.to_string());
     }
@@ -145,13 +167,22 @@ pub fn render(i: &Incident) -> String {
         ),
     );
     if i.kind != "flow" {
+        let listed = i.members.len() as u64;
         line(
             "members",
-            i.members
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
+            format!(
+                "{}{}",
+                i.members
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if i.processes() > listed {
+                    format!(" ({listed} of {} listed)", i.processes())
+                } else {
+                    String::new()
+                }
+            ),
         );
     }
     out

@@ -30,20 +30,37 @@ pub fn run(args: IncidentsArgs) -> anyhow::Result<()> {
         println!("no incidents");
         return Ok(());
     }
+    // PROCS: processes in the storm — 1 for a flow; for a group (comm
+    // marked `*`: the parent's, or the cgroup's busiest member's) every
+    // storming child or member, whose own storms are not listed.
     println!(
-        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:<26} {:>9} {:>9} ERROR",
-        "ID", "STATE", "STARTED", "LASTED", "PID", "COMM", "DESTINATION", "PEAK/s", "ATTEMPTS"
+        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9} {:>9} ERROR",
+        "ID",
+        "STATE",
+        "STARTED",
+        "LASTED",
+        "PID",
+        "COMM",
+        "PROCS",
+        "DESTINATION",
+        "PEAK/s",
+        "ATTEMPTS"
     );
     for i in list {
         let lasted = (i.ended_at.unwrap_or(i.updated_at) - i.started_at).max(0) / 1000;
         println!(
-            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:<26} {:>9.0} {:>9} {}",
+            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9.0} {:>9} {}",
             i.id,
-            if i.active { i.state.as_str() } else { "ended" },
+            match (i.active, i.end_reason.as_deref()) {
+                (true, _) => i.state.as_str(),
+                (false, Some(r)) if r.starts_with("merged") => "merged",
+                (false, _) => "ended",
+            },
             fmt_time(i.started_at),
             fmt_secs(lasted as u64),
             i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             format!("{}{}", i.comm, if i.kind == "flow" { "" } else { "*" }),
+            i.processes(),
             i.destination,
             i.peak_rate,
             i.total_attempts,

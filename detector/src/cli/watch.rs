@@ -1,7 +1,10 @@
 //! `stormguard watch`: foreground view of connect attempts, failures and
 //! verdicts per process × destination, one table (or JSON rows) per
-//! interval. Also the loop `record` runs.
+//! interval — plus a row for each parent or cgroup roll-up that is not
+//! healthy, since a storm of many short-lived processes is visible only
+//! there (each process alone is healthy). Also the loop `record` runs.
 use std::{
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write as _,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -14,8 +17,8 @@ use tokio::io::{Interest, unix::AsyncFd};
 use super::EngineArgs;
 use crate::{
     config::Config,
-    detect::{State, VerdictChange, probes::ProbeConfig},
-    flows::FlowRow,
+    detect::{State, Subject, Verdict, VerdictChange, probes::ProbeConfig},
+    flows::{FlowCounts, FlowRow},
     ingest::Proto,
     kernel::{self, Sensors},
     pipeline::{OnDemand, Pipeline, TICK_NS},
@@ -189,6 +192,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 struct JsonRow<'a> {
     time: f64,
     interval_s: f64,
+    /// "flow": one process towards one destination.
+    subject: &'static str,
     pid: u32,
     comm: String,
     ppid: Option<u32>,
@@ -215,6 +220,155 @@ struct JsonRow<'a> {
     explanation: Option<String>,
 }
 
+/// A roll-up that is not healthy: the children of one parent, or the
+/// processes of one cgroup, towards one destination.
+struct RollupView {
+    subject: Subject,
+    verdict: Verdict,
+    /// Its members' counts in this interval (their flow rows, grouped the
+    /// way the engine rolls them up).
+    counts: FlowCounts,
+    /// Most recent member pids (at most 8) and distinct members in the
+    /// current run.
+    members: Vec<u32>,
+    member_count: usize,
+    /// The parent's name, or for a cgroup its latest member's.
+    comm: String,
+    /// The cgroup's path (for a parent, the parent's cgroup), if known.
+    cgroup: Option<String>,
+    /// The parent's executable and command line.
+    exe: Option<String>,
+    cmdline: Option<String>,
+}
+
+impl RollupView {
+    fn kind(&self) -> &'static str {
+        match self.subject {
+            Subject::Parent { .. } => "parent",
+            Subject::Cgroup { .. } => "cgroup",
+            Subject::Flow { .. } => "flow",
+        }
+    }
+}
+
+fn add_counts(to: &mut FlowCounts, c: &FlowCounts) {
+    to.attempts += c.attempts;
+    to.established += c.established;
+    to.failures += c.failures;
+    for (code, n) in &c.failure_codes {
+        *to.failure_codes.entry(*code).or_default() += n;
+    }
+    to.udp_sends += c.udp_sends;
+    to.exchanges += c.exchanges;
+}
+
+/// The roll-ups the engine finds not healthy, highest score first.
+fn rollups(pipe: &mut Pipeline, iv: &Interval) -> Vec<RollupView> {
+    let alerts: Vec<(Subject, Verdict)> = pipe
+        .engine
+        .alerts()
+        .into_iter()
+        .filter(|(s, _)| !matches!(s, Subject::Flow { .. }))
+        .collect();
+    if alerts.is_empty() {
+        return Vec::new();
+    }
+    let wanted: HashSet<Subject> = alerts.iter().map(|(s, _)| *s).collect();
+    let mut counts: HashMap<Subject, FlowCounts> = HashMap::new();
+    for row in &iv.rows {
+        let (pid, dest) = (row.key.pid, row.key.dest);
+        let parent = pipe
+            .groups
+            .parent(pid)
+            .map(|ppid| Subject::Parent { ppid, dest });
+        let cgroup = pipe
+            .groups
+            .cgroup(pid)
+            .map(|cgroup| Subject::Cgroup { cgroup, dest });
+        for s in [parent, cgroup].into_iter().flatten() {
+            if wanted.contains(&s) {
+                add_counts(counts.entry(s).or_default(), &row.counts);
+            }
+        }
+    }
+    alerts
+        .into_iter()
+        .map(|(subject, verdict)| {
+            let stats = pipe.engine.subject_stats(&subject);
+            let latest = stats
+                .as_ref()
+                .map(|s| s.comm.to_string())
+                .unwrap_or_default();
+            let members = stats
+                .as_ref()
+                .map(|s| s.members.clone())
+                .unwrap_or_default();
+            let member_count = stats
+                .as_ref()
+                .map_or(0, |s| s.member_count)
+                .max(members.len());
+            let (comm, cgroup, exe, cmdline) = match subject {
+                Subject::Parent { ppid, .. } => {
+                    let info = pipe.procs.describe(ppid);
+                    let comm = Some(info.comm.to_string())
+                        .filter(|c| !c.is_empty())
+                        .unwrap_or(latest);
+                    (comm, info.cgroup, info.exe, info.cmdline)
+                }
+                _ => {
+                    let path = members.iter().find_map(|m| pipe.procs.describe(*m).cgroup);
+                    (latest, path, None, None)
+                }
+            };
+            RollupView {
+                counts: counts.remove(&subject).unwrap_or_default(),
+                subject,
+                verdict,
+                members,
+                member_count,
+                comm,
+                cgroup,
+                exe,
+                cmdline,
+            }
+        })
+        .collect()
+}
+
+/// One JSON row of a roll-up. Flow rows' fields where they apply; `pid`
+/// is absent (many processes), `ppid` or `cgroup_id` says which group.
+#[derive(Debug, Serialize)]
+struct RollupJsonRow<'a> {
+    time: f64,
+    interval_s: f64,
+    /// "parent" or "cgroup".
+    subject: &'static str,
+    ppid: Option<u32>,
+    comm: &'a str,
+    cgroup_id: Option<u64>,
+    cgroup: Option<&'a str>,
+    exe: Option<&'a str>,
+    cmdline: Option<&'a str>,
+    proto: Proto,
+    destination: String,
+    netns: u64,
+    attempts: u64,
+    attempts_per_s: f64,
+    failures: u64,
+    failures_per_s: f64,
+    established: u64,
+    main_error: Option<String>,
+    errors: BTreeMap<String, u64>,
+    udp_sends: u64,
+    exchanges: u64,
+    verdict: &'static str,
+    score: u8,
+    persistent_failure: bool,
+    explanation: Option<&'a str>,
+    members: &'a [u32],
+    member_count: usize,
+}
+
 fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
     let time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -229,6 +383,7 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
         let json = JsonRow {
             time,
             interval_s: iv.secs,
+            subject: "flow",
             pid: row.key.pid,
             comm: row.comm.to_string(),
             ppid: info.ppid,
@@ -255,6 +410,47 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
             explanation: verdict
                 .filter(|v| v.state != State::Healthy || v.persistent_failure)
                 .map(|v| v.explanation),
+        };
+        serde_json::to_writer(&mut out, &json)?;
+        writeln!(out)?;
+    }
+    for r in rollups(pipe, iv) {
+        let dest = r.subject.dest();
+        let c = &r.counts;
+        let json = RollupJsonRow {
+            time,
+            interval_s: iv.secs,
+            subject: r.kind(),
+            ppid: match r.subject {
+                Subject::Parent { ppid, .. } => Some(ppid),
+                _ => None,
+            },
+            comm: &r.comm,
+            cgroup_id: match r.subject {
+                Subject::Cgroup { cgroup, .. } => Some(cgroup),
+                _ => None,
+            },
+            cgroup: r.cgroup.as_deref(),
+            exe: r.exe.as_deref(),
+            cmdline: r.cmdline.as_deref(),
+            proto: dest.proto,
+            destination: dest.to_string(),
+            netns: dest.netns,
+            attempts: c.attempts,
+            attempts_per_s: c.attempts as f64 / iv.secs,
+            failures: c.failures,
+            failures_per_s: c.failures as f64 / iv.secs,
+            established: c.established,
+            main_error: c.main_error(),
+            errors: c.errors(),
+            udp_sends: c.udp_sends,
+            exchanges: c.exchanges,
+            verdict: r.verdict.state.as_str(),
+            score: r.verdict.score,
+            persistent_failure: r.verdict.persistent_failure,
+            explanation: Some(r.verdict.explanation.as_str()),
+            members: &r.members,
+            member_count: r.member_count,
         };
         serde_json::to_writer(&mut out, &json)?;
         writeln!(out)?;
@@ -341,6 +537,56 @@ fn print_table(
     }
     if iv.rows.len() > top {
         writeln!(out, "… {} more (use --top or --json)", iv.rows.len() - top)?;
+    }
+    let groups = rollups(pipe, iv);
+    if !groups.is_empty() {
+        // WHO spans PID, COMM and CGROUP above, so the columns line up.
+        writeln!(
+            out,
+            "{:>7} {:<36} {:<4} {:<24} {:>9} {:>9} {:<18} {:>9} {:<10} MEMBERS",
+            "ROLL-UP",
+            "PARENT / CGROUP",
+            "PROTO",
+            "DESTINATION",
+            "ATTEMPT/s",
+            "FAIL/s",
+            "ERROR",
+            "PROCS",
+            "VERDICT"
+        )?;
+        for r in groups.iter().take(top) {
+            let who = match r.subject {
+                Subject::Parent { ppid, .. } => format!("{ppid} {}", r.comm),
+                Subject::Cgroup { cgroup, .. } => r
+                    .cgroup
+                    .clone()
+                    .unwrap_or_else(|| format!("cgroup id {cgroup}")),
+                Subject::Flow { pid, .. } => pid.to_string(),
+            };
+            let dest = r.subject.dest();
+            let c = &r.counts;
+            let mut members: Vec<String> = r.members.iter().map(u32::to_string).collect();
+            if r.member_count > r.members.len() {
+                members.push("…".into());
+            }
+            writeln!(
+                out,
+                "{:>7} {:<36} {:<4} {:<24} {:>9.1} {:>9.1} {:<18} {:>9} {:<10} {}",
+                r.kind(),
+                truncate(&who, 36),
+                match dest.proto {
+                    Proto::Tcp => "tcp",
+                    Proto::Udp => "udp",
+                },
+                dest.to_string(),
+                c.attempts as f64 / iv.secs,
+                c.failures as f64 / iv.secs,
+                c.main_error().as_deref().unwrap_or("-"),
+                r.member_count,
+                r.verdict.state.as_str(),
+                members.join(" "),
+            )?;
+        }
     }
     for (_, v) in pipe.engine.alerts().iter().take(top) {
         writeln!(

@@ -117,6 +117,21 @@ enum Cmd {
         #[arg(long)]
         size: usize,
     },
+    /// Forks `children` copies of itself (no exec), each making `rate`
+    /// refused-or-not connects a second to `addr` for `secs` seconds, then
+    /// waits for them all: many processes of one parent storming one
+    /// destination. The children die with the parent (PR_SET_PDEATHSIG), so
+    /// killing it stops the storm. Prints how many children exited cleanly.
+    Fanout {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        children: u32,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Refused connects in a tight loop for `secs` seconds (at most
     /// `max` attempts): a retry storm.
     Storm {
@@ -332,6 +347,24 @@ fn main() -> anyhow::Result<()> {
                 tally.ok += 1;
             }
         }
+        Cmd::Fanout {
+            addr,
+            children,
+            rate,
+            secs,
+        } => {
+            let pids = fanout(addr, children, rate, secs)?;
+            for pid in pids {
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+                if rc == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                    tally.ok += 1;
+                } else {
+                    tally.other += 1;
+                }
+            }
+        }
         Cmd::Storm { addr, secs, max } => {
             let end = Instant::now() + Duration::from_secs_f64(secs);
             let mut n = 0;
@@ -343,6 +376,49 @@ fn main() -> anyhow::Result<()> {
     }
     tally.print(started.elapsed());
     Ok(())
+}
+
+/// Forks the children of `fanout`; returns their pids. On a failed fork
+/// the children already started are killed.
+fn fanout(addr: SocketAddr, children: u32, rate: f64, secs: f64) -> anyhow::Result<Vec<i32>> {
+    let parent = std::process::id() as i32;
+    let mut pids = Vec::with_capacity(children as usize);
+    for _ in 0..children {
+        // SAFETY: this program has one thread, so the child may run Rust
+        // code; it leaves with _exit, never returning into main.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let err = std::io::Error::last_os_error();
+            for p in &pids {
+                // SAFETY: signalling our own children.
+                unsafe { libc::kill(*p, libc::SIGKILL) };
+            }
+            anyhow::bail!("fork after {} children: {err}", pids.len());
+        }
+        if pid == 0 {
+            // SAFETY: prctl and getppid have no memory effects; _exit ends
+            // the child without running the parent's destructors.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1); // the parent died before prctl
+                }
+            }
+            let end = Instant::now() + Duration::from_secs_f64(secs);
+            let max = (rate * secs).ceil() as u64;
+            let mut pace = Pacer::new(rate);
+            let mut n = 0;
+            while n < max && Instant::now() < end {
+                pace.wait();
+                let _ = TcpStream::connect(addr);
+                n += 1;
+            }
+            // SAFETY: see above.
+            unsafe { libc::_exit(0) };
+        }
+        pids.push(pid);
+    }
+    Ok(pids)
 }
 
 /// Spaces operations evenly at a rate, catching up after a late one.
