@@ -6,9 +6,11 @@
 //!
 //! Rows run one at a time (a mutex): they measure rates on a shared machine.
 use std::{
+    cell::Cell,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, UdpSocket},
     process::{Command, Stdio},
+    rc::Rc,
     sync::Mutex,
     thread,
     time::{Duration, Instant},
@@ -503,9 +505,10 @@ fn a_pool_of_50_reconnecting_once_after_a_server_restart_is_never_a_storm() {
 /// Runs `child` to its end under a live pipeline and checks that `subject`
 /// went to storm and then never left it while the client kept going
 /// (recovering is allowed only once the client has stopped).
-fn holds_storm(name: &str, subject: impl Fn(&Subject) -> bool, child: ChildGuard) {
+fn holds_storm(name: &str, subject: impl Fn(&Subject) -> bool, spawn: impl FnOnce() -> ChildGuard) {
+    // Sensors first: a connection made before they load is invisible.
     let mut run = LiveRun::start(name).expect("eBPF");
-    let mut child = Some(child);
+    let mut child = Some(spawn());
     let started = Instant::now();
     let mut ended_ns = None;
     while ended_ns.is_none() && started.elapsed() < Duration::from_secs(60) {
@@ -517,11 +520,17 @@ fn holds_storm(name: &str, subject: impl Fn(&Subject) -> bool, child: ChildGuard
     child.take().unwrap().finish(Duration::from_secs(5));
     let ended_ns = ended_ns.expect("client ended within 60 s");
     let (live, _) = run.finish();
-    let mine: Vec<&VerdictChange> = live.iter().filter(|c| subject(&c.subject)).collect();
+    let flagged = live
+        .iter()
+        .find(|c| subject(&c.subject) && c.to == State::Storm)
+        .unwrap_or_else(|| panic!("{name}: never a storm: {live:#?}"))
+        .subject;
+    // The very subject that stormed (one process or group, one destination).
+    let mine: Vec<&VerdictChange> = live.iter().filter(|c| c.subject == flagged).collect();
     let first = mine
         .iter()
         .position(|c| c.to == State::Storm)
-        .unwrap_or_else(|| panic!("{name}: never a storm: {mine:#?}"));
+        .expect("stormed");
     let flagged_ns = mine[first].ts_ns;
     let left: Vec<&&VerdictChange> = mine[first + 1..]
         .iter()
@@ -533,9 +542,21 @@ fn holds_storm(name: &str, subject: impl Fn(&Subject) -> bool, child: ChildGuard
         (ended_ns.saturating_sub(flagged_ns)) as f64 / 1e9,
         mine[first].explanation
     );
+    let states: Vec<String> = mine
+        .iter()
+        .map(|c| {
+            format!(
+                "{:.1}s {}→{}",
+                c.ts_ns.saturating_sub(mine[0].run_start_ns) as f64 / 1e9,
+                c.from.as_str(),
+                c.to.as_str()
+            )
+        })
+        .collect();
+    println!("{name}: {states:?}");
     assert!(
         left.is_empty(),
-        "{name}: left the storm verdict while the storm went on: {left:#?}"
+        "{name}: left the storm verdict while the storm went on: {states:?} {left:#?}"
     );
     assert!(
         ended_ns.saturating_sub(flagged_ns) >= 20 * SEC,
@@ -553,48 +574,71 @@ fn a_30_second_storm_of_each_shape_holds_its_verdict() {
     if !stormguard_tests::ebpf_required() && LiveRun::start("hold-probe").is_none() {
         return;
     }
+    // The client's pid, known once holds_storm has spawned it.
+    let pid = Rc::new(Cell::new(0u32));
+    let flow = |pid: &Rc<Cell<u32>>| {
+        let pid = pid.clone();
+        move |s: &Subject| matches!(s, Subject::Flow { pid: p, .. } if *p == pid.get())
+    };
+    let spawn = |pid: &Rc<Cell<u32>>, c: ChildGuard| {
+        pid.set(c.pid());
+        c
+    };
+
     // Refused connects.
     let dest = closed_port(false).to_string();
-    let c = client(&["storm", "--addr", &dest, "--secs", "30"]);
-    let pid = c.pid();
-    holds_storm("hold: refused connects", flow_of(pid), c);
+    holds_storm("hold: refused connects", flow(&pid), || {
+        spawn(&pid, client(&["storm", "--addr", &dest, "--secs", "30"]))
+    });
 
     // 503 on one keep-alive connection.
     let addr = reply_server(REPLY_503).to_string();
     let reply_len = REPLY_503.len().to_string();
-    let c = client(&[
-        "http",
-        "--addr",
-        &addr,
-        "--count",
-        "100000000",
-        "--max-secs",
-        "30",
-        "--reply-len",
-        &reply_len,
-    ]);
-    let pid = c.pid();
-    holds_storm("hold: 503 on keep-alive", flow_of(pid), c);
+    holds_storm("hold: 503 on keep-alive", flow(&pid), || {
+        spawn(
+            &pid,
+            client(&[
+                "http",
+                "--addr",
+                &addr,
+                "--count",
+                "100000000",
+                "--max-secs",
+                "30",
+                "--reply-len",
+                &reply_len,
+            ]),
+        )
+    });
 
     // 503 on a new connection (and a new curl process) per request.
     let addr = reply_server(REPLY_503);
-    let c = ChildGuard::spawn(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "end=$(($(date +%s) + 30)); while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://{addr}/api; done"
-            ))
-            .stdout(Stdio::null()),
-    );
-    let sh = c.pid();
-    let parent = move |s: &Subject| matches!(s, Subject::Parent { ppid, .. } if *ppid == sh);
-    holds_storm("hold: 503 on new connections (curl loop)", parent, c);
+    let parent = {
+        let pid = pid.clone();
+        move |s: &Subject| matches!(s, Subject::Parent { ppid, .. } if *ppid == pid.get())
+    };
+    holds_storm("hold: 503 on new connections (curl loop)", parent, || {
+        spawn(
+            &pid,
+            ChildGuard::spawn(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "end=$(($(date +%s) + 30)); while [ $(date +%s) -lt $end ]; do curl -s -o /dev/null http://{addr}/api; done"
+                    ))
+                    .stdout(Stdio::null()),
+            ),
+        )
+    });
 
     // The same DNS query resent to a resolver that never answers.
     let server = UdpSocket::bind("127.0.0.78:53").expect("bind 127.0.0.78:53");
     let addr = server.local_addr().unwrap().to_string();
-    let c = client(&["dns", "--addr", &addr, "--secs", "30", "--gap-ms", "10"]);
-    let pid = c.pid();
-    holds_storm("hold: DNS resent unanswered", flow_of(pid), c);
+    holds_storm("hold: DNS resent unanswered", flow(&pid), || {
+        spawn(
+            &pid,
+            client(&["dns", "--addr", &addr, "--secs", "30", "--gap-ms", "10"]),
+        )
+    });
     drop(server);
 }

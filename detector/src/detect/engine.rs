@@ -227,6 +227,9 @@ pub struct Engine {
     rollups: HashMap<RollupKey, Rollup>,
     /// Child pid → parent pid and the parent's name when it forked.
     parents: HashMap<u32, (u32, Comm)>,
+    /// Exited children whose parent link is kept a little longer: (exit
+    /// time, pid, parent), oldest first.
+    exited_parents: std::collections::VecDeque<(u64, u32, u32)>,
     /// Syscalls per second of probed processes, with when last measured.
     syscalls: HashMap<u32, (u64, f64)>,
     /// UDP sockets: replies awaited, servers.
@@ -245,6 +248,9 @@ const CATCH_UP_NS: u64 = 200_000_000;
 /// DNS: a request/response peer by its port.
 const DNS_PORT: u16 = 53;
 
+/// How long an exited child's parent link is kept.
+const EXITED_PARENT_NS: u64 = 2_000_000_000;
+
 /// Most parent links remembered (a fork bomb must not grow the engine).
 const MAX_PARENTS: usize = 65_536;
 
@@ -257,6 +263,7 @@ impl Engine {
             ended: Vec::new(),
             rollups: HashMap::new(),
             parents: HashMap::new(),
+            exited_parents: Default::default(),
             syscalls: HashMap::new(),
             udp: UdpSockets::default(),
             now: 0,
@@ -530,7 +537,13 @@ impl Engine {
                 }
             }
         }
-        self.parents.remove(&pid);
+        // Its parent link outlives it a little: a socket the process left
+        // open is closed after its exit record (the kernel closes files
+        // after sched_process_exit), and that connection's last exchange
+        // still belongs to the parent's roll-up.
+        if let Some(&(parent, _)) = self.parents.get(&pid) {
+            self.exited_parents.push_back((self.now, pid, parent));
+        }
         self.syscalls.remove(&pid);
         self.udp.process_exited(pid);
     }
@@ -555,6 +568,17 @@ impl Engine {
     /// Evaluates every flow and roll-up at `now`.
     fn evaluate(&mut self, now: u64) -> Vec<VerdictChange> {
         self.last_eval = now;
+        while let Some(&(at, pid, parent)) = self.exited_parents.front() {
+            if now.saturating_sub(at) < EXITED_PARENT_NS && self.exited_parents.len() <= MAX_PARENTS
+            {
+                break;
+            }
+            self.exited_parents.pop_front();
+            // Unless the pid was reused meanwhile by another parent's child.
+            if self.parents.get(&pid).is_some_and(|(p, _)| *p == parent) {
+                self.parents.remove(&pid);
+            }
+        }
         for (o, n) in self.udp.sweep(now) {
             self.apply(o.pid, o.comm, o.cgroup, o.dest, now, |s, _| {
                 for _ in 0..n {

@@ -624,3 +624,55 @@ fn a_backlog_drained_late_is_judged_on_its_own_clock() {
     let changes = engine.tick(5 * SEC);
     assert!(changes.iter().any(|c| c.to == State::Storm), "{changes:#?}");
 }
+
+#[test]
+fn a_connection_closed_after_its_process_exited_still_counts_for_the_parent() {
+    // The kernel reports a process's exit before it closes the sockets the
+    // process left open: the last exchange of each child arrives after its
+    // exit record and must still reach the parent's roll-up.
+    let mut engine = Engine::new(DetectConfig::default());
+    let mut obs = Vec::new();
+    for (i, t) in times(SEC, std::iter::repeat_n(10 * MS, 300))
+        .into_iter()
+        .enumerate()
+    {
+        let child = 1000 + i as u32;
+        obs.push(Observation::Fork {
+            ts_ns: t,
+            parent: 77,
+            child,
+            comm: Comm::from("sh"),
+        });
+        obs.push(Observation::Connect {
+            ts_ns: t + MS,
+            start_ns: t + MS,
+            pid: child,
+            comm: Comm::from("curl"),
+            cgroup: 0,
+            dest: dest(80),
+            outcome: crate::ingest::ConnectOutcome::Established,
+            rst: false,
+            syn_retransmits: 0,
+        });
+        obs.push(Observation::Exit {
+            ts_ns: t + 3 * MS,
+            pid: child,
+            tid: child,
+            group_dead: true,
+        });
+        // Closed when the server's FIN came, a tick or two later.
+        let mut ex = reply_exchange(t + 250 * MS, child, i as u64, true, HTTP_503, 0, 82);
+        if let Observation::Exchange { cgroup, .. } = &mut ex {
+            *cgroup = 0;
+        }
+        obs.push(ex);
+    }
+    obs.sort_by_key(|o| o.ts_ns());
+    let changes = run(&mut engine, &obs, SEC);
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c.subject, Subject::Parent { ppid: 77, .. }) && c.to == State::Storm),
+        "{changes:#?}"
+    );
+}

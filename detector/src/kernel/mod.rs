@@ -546,12 +546,20 @@ pub struct EventRing {
     ring: RingBuf<MapData>,
 }
 
+/// Most records one [`EventRing::drain`] reads (about 2.7 MB, tens of
+/// milliseconds of work).
+pub const DRAIN_MAX: usize = 20_000;
+
 impl EventRing {
-    /// Decodes every record waiting now; returns how many were read.
-    /// Undecodable records are passed on as errors, not dropped silently.
+    /// Decodes the records waiting now, at most [`DRAIN_MAX`]; returns how
+    /// many were read. Undecodable records are passed on as errors, not
+    /// dropped silently. Bounded so that a flood faster than the reader
+    /// cannot hold it here forever: the caller ticks (verdicts, on-demand
+    /// probes, signals) between turns, and what is left waits for the next.
     pub fn drain(&mut self, mut f: impl FnMut(Result<Observation, DecodeError>)) -> usize {
         let mut n = 0;
-        while let Some(item) = self.ring.next() {
+        while n < DRAIN_MAX {
+            let Some(item) = self.ring.next() else { break };
             f(decode(&item));
             n += 1;
         }
