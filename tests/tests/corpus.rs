@@ -316,6 +316,18 @@ fn pg_bin() -> Option<PathBuf> {
     found.pop().map(|(_, b)| b)
 }
 
+/// A private PostgreSQL cluster for case `id`, or None (after failing under
+/// CI, where the server must be there) when this host has none.
+fn postgres_or_skip(id: &str) -> Option<Postgres> {
+    let Some(bin) = pg_bin() else {
+        let why = format!("{id}: missing the PostgreSQL server (/usr/lib/postgresql/N/bin/initdb)");
+        assert!(!ebpf_required(), "{why}; `cargo xtask test` installs it");
+        eprintln!("SKIPPED {why}");
+        return None;
+    };
+    Some(Postgres::start(bin))
+}
+
 /// A private PostgreSQL cluster in a temporary directory, password
 /// (SCRAM) authentication only, listening on 127.0.0.1; stopped and
 /// removed when dropped. PostgreSQL refuses to run as root, so it runs as
@@ -1129,13 +1141,9 @@ fn s6_psql_with_a_wrong_password_in_a_shell_loop_is_a_storm() {
     let Some(_serial) = begin("s6", &["bash", "runuser"], &[]) else {
         return;
     };
-    let Some(bin) = pg_bin() else {
-        let why = "s6: missing the PostgreSQL server (/usr/lib/postgresql/N/bin/initdb)";
-        assert!(!ebpf_required(), "{why}; `cargo xtask test` installs it");
-        eprintln!("SKIPPED {why}");
+    let Some(pg) = postgres_or_skip("s6") else {
         return;
     };
-    let pg = Postgres::start(bin);
     let Some(live) = LiveRun::start("corpus-s6") else {
         return;
     };
@@ -1630,13 +1638,9 @@ fn h10_psql_queries_with_the_right_password_in_a_loop_are_healthy() {
     let Some(_serial) = begin("h10", &["bash", "runuser"], &[]) else {
         return;
     };
-    let Some(bin) = pg_bin() else {
-        let why = "h10: missing the PostgreSQL server (/usr/lib/postgresql/N/bin/initdb)";
-        assert!(!ebpf_required(), "{why}; `cargo xtask test` installs it");
-        eprintln!("SKIPPED {why}");
+    let Some(pg) = postgres_or_skip("h10") else {
         return;
     };
-    let pg = Postgres::start(bin);
     let Some(live) = LiveRun::start("corpus-h10") else {
         return;
     };

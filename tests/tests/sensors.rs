@@ -266,25 +266,33 @@ fn connects_failing_before_syn_get_their_errno_when_probed() {
     unreachable(true, "unreachable_probed");
 }
 
-#[test]
-fn keep_alive_requests_are_one_exchange_each_with_their_lengths() {
-    let Some(mut cap) = Capture::start("keep_alive_exchanges") else {
-        return;
-    };
-    const REPLY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+/// The reply a test server gives every request.
+const REPLY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+
+/// A server for one connection that answers every request with `reply`
+/// until the client closes.
+fn answer_one_connection(reply: &'static [u8]) -> (SocketAddr, thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let dest = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = [0u8; 256];
-        // Answer every request; the client closes after its last one.
         loop {
             match s.read(&mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(_) => s.write_all(REPLY).unwrap(),
+                Ok(_) => s.write_all(reply).unwrap(),
             }
         }
     });
+    (dest, server)
+}
+
+#[test]
+fn keep_alive_requests_are_one_exchange_each_with_their_lengths() {
+    let Some(mut cap) = Capture::start("keep_alive_exchanges") else {
+        return;
+    };
+    let (dest, server) = answer_one_connection(REPLY);
     let c = client(&[
         "http",
         "--addr",
@@ -382,19 +390,7 @@ fn replies_of_a_probed_client_are_read_as_http_statuses() {
     let Some(mut cap) = Capture::start("http_replies_read") else {
         return;
     };
-    const REPLY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dest = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 256];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => s.write_all(REPLY).unwrap(),
-            }
-        }
-    });
+    let (dest, server) = answer_one_connection(REPLY);
     let c = client(&[
         "http",
         "--addr",

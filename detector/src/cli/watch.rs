@@ -19,7 +19,7 @@ use crate::{
     config::Config,
     detect::{State, Subject, Verdict, VerdictChange, probes::ProbeConfig},
     flows::{FlowCounts, FlowRow},
-    ingest::Proto,
+    ingest::{Destination, Proto},
     kernel::{self, Sensors},
     pipeline::{OnDemand, Pipeline, TICK_NS},
 };
@@ -187,6 +187,42 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     .await
 }
 
+/// What a flow or roll-up did in the interval, as both JSON rows carry it.
+#[derive(Debug, Serialize)]
+struct Traffic {
+    proto: Proto,
+    destination: String,
+    netns: u64,
+    attempts: u64,
+    attempts_per_s: f64,
+    failures: u64,
+    failures_per_s: f64,
+    established: u64,
+    main_error: Option<String>,
+    errors: BTreeMap<String, u64>,
+    udp_sends: u64,
+    exchanges: u64,
+}
+
+impl Traffic {
+    fn new(dest: &Destination, c: &FlowCounts, secs: f64) -> Self {
+        Traffic {
+            proto: dest.proto,
+            destination: dest.to_string(),
+            netns: dest.netns,
+            attempts: c.attempts,
+            attempts_per_s: c.attempts as f64 / secs,
+            failures: c.failures,
+            failures_per_s: c.failures as f64 / secs,
+            established: c.established,
+            main_error: c.main_error(),
+            errors: c.errors(),
+            udp_sends: c.udp_sends,
+            exchanges: c.exchanges,
+        }
+    }
+}
+
 /// One JSON row.
 #[derive(Debug, Serialize)]
 struct JsonRow<'a> {
@@ -200,18 +236,8 @@ struct JsonRow<'a> {
     cgroup: Option<&'a str>,
     exe: Option<&'a str>,
     cmdline: Option<&'a str>,
-    proto: Proto,
-    destination: String,
-    netns: u64,
-    attempts: u64,
-    attempts_per_s: f64,
-    failures: u64,
-    failures_per_s: f64,
-    established: u64,
-    main_error: Option<String>,
-    errors: std::collections::BTreeMap<String, u64>,
-    udp_sends: u64,
-    exchanges: u64,
+    #[serde(flatten)]
+    traffic: Traffic,
     syscalls_per_s: Option<f64>,
     suspect: bool,
     verdict: &'static str,
@@ -349,18 +375,8 @@ struct RollupJsonRow<'a> {
     cgroup: Option<&'a str>,
     exe: Option<&'a str>,
     cmdline: Option<&'a str>,
-    proto: Proto,
-    destination: String,
-    netns: u64,
-    attempts: u64,
-    attempts_per_s: f64,
-    failures: u64,
-    failures_per_s: f64,
-    established: u64,
-    main_error: Option<String>,
-    errors: BTreeMap<String, u64>,
-    udp_sends: u64,
-    exchanges: u64,
+    #[serde(flatten)]
+    traffic: Traffic,
     verdict: &'static str,
     score: u8,
     persistent_failure: bool,
@@ -390,18 +406,7 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
             cgroup: info.cgroup.as_deref(),
             exe: info.exe.as_deref(),
             cmdline: info.cmdline.as_deref(),
-            proto: row.key.dest.proto,
-            destination: row.key.dest.to_string(),
-            netns: row.key.dest.netns,
-            attempts: c.attempts,
-            attempts_per_s: c.attempts as f64 / iv.secs,
-            failures: c.failures,
-            failures_per_s: c.failures as f64 / iv.secs,
-            established: c.established,
-            main_error: c.main_error(),
-            errors: c.errors(),
-            udp_sends: c.udp_sends,
-            exchanges: c.exchanges,
+            traffic: Traffic::new(&row.key.dest, c, iv.secs),
             syscalls_per_s: pipe.engine.syscall_rate(row.key.pid),
             suspect: pipe.plan.suspects.contains(&row.key.pid),
             verdict: state.as_str(),
@@ -433,18 +438,7 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
             cgroup: r.cgroup.as_deref(),
             exe: r.exe.as_deref(),
             cmdline: r.cmdline.as_deref(),
-            proto: dest.proto,
-            destination: dest.to_string(),
-            netns: dest.netns,
-            attempts: c.attempts,
-            attempts_per_s: c.attempts as f64 / iv.secs,
-            failures: c.failures,
-            failures_per_s: c.failures as f64 / iv.secs,
-            established: c.established,
-            main_error: c.main_error(),
-            errors: c.errors(),
-            udp_sends: c.udp_sends,
-            exchanges: c.exchanges,
+            traffic: Traffic::new(&dest, c, iv.secs),
             verdict: r.verdict.state.as_str(),
             score: r.verdict.score,
             persistent_failure: r.verdict.persistent_failure,

@@ -98,20 +98,31 @@ fn busy_healthy_traffic_is_never_suspect() {
     let d = dest(80);
     let obs: Vec<Observation> = times(SEC, std::iter::repeat_n(500_000, 10_000))
         .into_iter()
-        .map(|t| Observation::Connect {
-            ts_ns: t,
-            start_ns: t,
-            pid: 1,
-            comm: Comm::from("ok"),
-            cgroup: 1,
-            dest: d,
-            outcome: crate::ingest::ConnectOutcome::Established,
-            rst: false,
-            syn_retransmits: 0,
-        })
+        .map(|t| established(t, 1, "ok", 1, d))
         .collect();
     let changes = run(&mut Engine::new(DetectConfig::default()), &obs, SEC);
     assert!(changes.is_empty(), "{changes:#?}");
+}
+
+/// A TCP connect that was established.
+fn established(
+    ts: u64,
+    pid: u32,
+    comm: &str,
+    cgroup: u64,
+    dest: crate::ingest::Destination,
+) -> Observation {
+    Observation::Connect {
+        ts_ns: ts,
+        start_ns: ts,
+        pid,
+        comm: Comm::from(comm),
+        cgroup,
+        dest,
+        outcome: crate::ingest::ConnectOutcome::Established,
+        rst: false,
+        syn_retransmits: 0,
+    }
 }
 
 fn exchange(ts: u64, pid: u32, fingerprint: u64, sent: u32) -> Observation {
@@ -211,17 +222,7 @@ fn a_new_connection_per_failing_request_is_a_storm() {
         .into_iter()
         .enumerate()
     {
-        obs.push(Observation::Connect {
-            ts_ns: t,
-            start_ns: t,
-            pid: 9,
-            comm: Comm::from("http"),
-            cgroup: 1,
-            dest: dest(80),
-            outcome: crate::ingest::ConnectOutcome::Established,
-            rst: false,
-            syn_retransmits: 0,
-        });
+        obs.push(established(t, 9, "http", 1, dest(80)));
         obs.push(reply_exchange(
             t + MS,
             9,
@@ -261,17 +262,7 @@ fn a_port_check_is_not_a_failure_a_request_left_unanswered_is() {
         sent,
         received: 0,
     };
-    let connect = |t: u64| Observation::Connect {
-        ts_ns: t,
-        start_ns: t,
-        pid: 5,
-        comm: Comm::from("probe"),
-        cgroup: 1,
-        dest: dest(80),
-        outcome: crate::ingest::ConnectOutcome::Established,
-        rst: false,
-        syn_retransmits: 0,
-    };
+    let connect = |t: u64| established(t, 5, "probe", 1, dest(80));
     let trace = |sent: u32| -> Vec<Observation> {
         times(SEC, std::iter::repeat_n(5 * MS, 600))
             .into_iter()
@@ -643,17 +634,7 @@ fn a_connection_closed_after_its_process_exited_still_counts_for_the_parent() {
             child,
             comm: Comm::from("sh"),
         });
-        obs.push(Observation::Connect {
-            ts_ns: t + MS,
-            start_ns: t + MS,
-            pid: child,
-            comm: Comm::from("curl"),
-            cgroup: 0,
-            dest: dest(80),
-            outcome: crate::ingest::ConnectOutcome::Established,
-            rst: false,
-            syn_retransmits: 0,
-        });
+        obs.push(established(t + MS, child, "curl", 0, dest(80)));
         obs.push(Observation::Exit {
             ts_ns: t + 3 * MS,
             pid: child,
