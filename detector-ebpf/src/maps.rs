@@ -3,7 +3,7 @@
 //! crashed consumer can only evict, never wedge the probes.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use detector_common::{Conn, Event, Fingerprint, MsgDest, TupleKey, UdpDest, capacity, stat};
 
@@ -95,3 +95,10 @@ pub static TLS_READS: LruHashMap<u32, crate::probes::tls::TlsRead> =
 #[map]
 pub static THREAD_SOCK: LruHashMap<u32, u64> =
     LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
+
+/// 1 while the on-demand probes are attached (user space sets it): the
+/// always-on socket tracepoints look for receive notes and TLS
+/// fingerprints only then, so a host with nothing suspect pays one array
+/// read, not hash lookups, per send and receive.
+#[map]
+pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use detector_common::{Event, Offsets, capacity, stat};
 
-use crate::maps::{EVENTS, STATS, SUSPECT_CGROUPS, SUSPECTS};
+use crate::maps::{ARMED, EVENTS, STATS, SUSPECT_CGROUPS, SUSPECTS};
 
 /// Tracepoint field offsets; the loader overwrites this from tracefs.
 #[unsafe(no_mangle)]
@@ -142,4 +142,10 @@ pub fn count(index: u32) {
 pub fn is_suspect(tgid: u32) -> bool {
     // SAFETY: the values are only tested for presence.
     unsafe { SUSPECTS.get(tgid).is_some() || SUSPECT_CGROUPS.get(cgroup()).is_some() }
+}
+
+/// Whether the on-demand probes are attached (see [`ARMED`]).
+#[inline(always)]
+pub fn armed() -> bool {
+    ARMED.get(0).is_some_and(|v| *v != 0)
 }

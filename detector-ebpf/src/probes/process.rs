@@ -5,7 +5,7 @@ use detector_common::{Event, flags, kind};
 
 use crate::{
     maps::{PRE_SYN, RECV_NOTES, SUSPECT_INHERITED, SUSPECTS, SYSCALLS},
-    util::{comm, current, emit, field, now, off},
+    util::{armed, comm, current, emit, field, now, off},
 };
 
 fn record(kind: u8) -> Event {
@@ -23,7 +23,7 @@ pub fn fork(ctx: &TracePointContext) -> Result<(), i64> {
     // A suspect's children are read from their first request: a shell
     // loop of curl is one new process per attempt.
     // SAFETY: the value is only tested for presence.
-    if unsafe { SUSPECTS.get(ev.tgid) }.is_some() {
+    if armed() && unsafe { SUSPECTS.get(ev.tgid) }.is_some() {
         let _ = SUSPECTS.insert(child as u32, SUSPECT_INHERITED, 0);
     }
     ev.aux = child as u32;

@@ -18,7 +18,7 @@ use detector_common::{
 use super::tcp::exchange;
 use crate::{
     maps::{CONNS, FINGERPRINTS, MSG_DEST, RECV_NOTES, THREAD_SOCK, TLS_FP, UDP_DEST},
-    util::{cgroup, comm, current, emit, field, now, off, sock_id},
+    util::{armed, cgroup, comm, current, emit, field, now, off, sock_id},
 };
 
 /// MSG_PEEK: a peek is read again later; count it once, then.
@@ -54,6 +54,9 @@ fn request_hash(fp: &Fingerprint, dport: u16) -> u64 {
 /// The user buffer a probed thread is receiving into, consumed.
 #[inline(always)]
 fn take_recv_note(tid: u32) -> Option<u64> {
+    if !armed() {
+        return None;
+    }
     // SAFETY: pointer from a successful lookup, copied at once.
     let buf = unsafe { *RECV_NOTES.get_ptr(tid)? };
     let _ = RECV_NOTES.remove(tid);
@@ -114,7 +117,8 @@ fn tcp_send(sk: u64, bytes: u32) {
             .unwrap_or(0);
         // Through libssl: the plaintext's fingerprint, not the ciphertext's.
         // SAFETY: pointer from a successful lookup, copied at once.
-        conn.req_hash = match TLS_FP.get_ptr(tid).map(|p| unsafe { *p }) {
+        let tls = if armed() { TLS_FP.get_ptr(tid) } else { None };
+        conn.req_hash = match tls.map(|p| unsafe { *p }) {
             Some(h) => {
                 let _ = TLS_FP.remove(tid);
                 h

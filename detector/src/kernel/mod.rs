@@ -336,6 +336,7 @@ impl Sensors {
             }
         };
         let tls = self.attach_tls();
+        self.set_armed(true)?;
         self.on_demand = Some(OnDemand {
             sys_enter,
             exit_connect,
@@ -375,6 +376,19 @@ impl Sensors {
         links
     }
 
+    /// Tells the always-on socket tracepoints whether the on-demand probes
+    /// are attached (they look for receive notes and TLS fingerprints only
+    /// then).
+    fn set_armed(&mut self, on: bool) -> Result<(), KernelError> {
+        let map_err = |cause| KernelError::Map {
+            name: "ARMED",
+            cause,
+        };
+        let mut armed: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.map_mut("ARMED")?).map_err(map_err)?;
+        armed.set(0, u32::from(on), 0).map_err(map_err)
+    }
+
     /// Whether the libssl plaintext probes are attached now.
     pub fn tls_attached(&self) -> bool {
         self.on_demand.as_ref().is_some_and(|o| !o.tls.is_empty())
@@ -406,6 +420,7 @@ impl Sensors {
             });
         self.set_suspects(&[])?;
         self.set_suspect_cgroups(&[])?;
+        self.set_armed(false)?;
         a.and(b)
     }
 
