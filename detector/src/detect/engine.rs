@@ -162,7 +162,13 @@ impl Rollup {
             self.distinct_run = self.t.sig.run_start_ns;
             self.distinct.clear();
         }
-        if self.distinct.len() < MAX_DISTINCT {
+        // A recent member seen since the run began was counted already;
+        // only others (new, or back after a while) pay for a hash insert.
+        let counted = self
+            .members
+            .iter()
+            .any(|m| m.0 == pid && m.1 > 0 && m.1 >= self.distinct_run);
+        if !counted && self.distinct.len() < MAX_DISTINCT {
             self.distinct.insert(pid);
         }
         if let Some(m) = self.members.iter_mut().find(|m| m.0 == pid && m.1 > 0) {
@@ -319,18 +325,16 @@ impl Engine {
                 connected,
                 question,
             } => {
-                let replied = self
-                    .flows
-                    .get(&FlowKey { pid, dest })
-                    .is_some_and(|t| t.sig.replied);
-                let watch = connected && (dest.port == DNS_PORT || replied);
                 let owner = Owner {
                     pid,
                     comm,
                     cgroup,
                     dest,
                 };
-                let unanswered = match self.udp.send(sock, owner, ts_ns, watch) {
+                let sent = self
+                    .udp
+                    .send(sock, owner, ts_ns, connected, dest.port == DNS_PORT);
+                let unanswered = match sent {
                     udp::Send::Server => return,
                     udp::Send::Client { unanswered } => unanswered,
                 };
@@ -403,7 +407,13 @@ impl Engine {
                 if self.udp.is_server(sock) {
                     return;
                 }
-                self.udp.reply(sock);
+                let owner = Owner {
+                    pid,
+                    comm,
+                    cgroup,
+                    dest,
+                };
+                self.udp.reply(sock, owner, ts_ns);
                 let failure = reply.failure();
                 self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| {
                     s.reply(ts_ns);
@@ -415,12 +425,14 @@ impl Engine {
             Observation::UdpError {
                 ts_ns,
                 pid,
-                dest,
+                comm,
+                cgroup,
+                mut dest,
                 errno,
-                ..
             } => {
-                if let Some(o) = self.udp.error(pid, &dest) {
-                    self.apply(o.pid, o.comm, o.cgroup, o.dest, ts_ns, |s, _| {
+                if let Some(netns) = self.udp.error(pid, &dest) {
+                    dest.netns = netns;
+                    self.apply(pid, comm, cgroup, dest, ts_ns, |s, _| {
                         s.failure(ts_ns, errno)
                     });
                 }

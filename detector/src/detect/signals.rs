@@ -45,8 +45,9 @@ impl ErrorMix {
 
 /// Requests remembered to tell a repeat from a new one: a retry on a new
 /// connection repeats the whole conversation (PostgreSQL's SSL request,
-/// startup and two SCRAM steps are four requests).
-const RECENT_REQUESTS: usize = 6;
+/// startup and two SCRAM steps are four requests; more would cost every
+/// flow 16 bytes each).
+const RECENT_REQUESTS: usize = 4;
 /// Bytes by which the answers to one repeated request may differ.
 const REPLY_SLACK: u32 = 8;
 
@@ -85,9 +86,6 @@ pub struct Signals {
     /// Lengths of the last request and its response, for explanations.
     pub last_sent: u32,
     pub last_received: u32,
-    /// A UDP reply was ever seen: the peer answers, so a request it leaves
-    /// unanswered is a failure.
-    pub replied: bool,
     /// The question of the last probed DNS query (boxed: most flows never
     /// have one, and a flow must stay small).
     pub last_question: Option<Box<[u8; crate::ingest::decode::QUESTION_BYTES]>>,
@@ -185,7 +183,6 @@ impl Signals {
     pub fn reply(&mut self, ts: u64) {
         let c = self.window.at(ts);
         c.replies = c.replies.saturating_add(1);
-        self.replied = true;
     }
 
     /// What the signals say at `now`.

@@ -13,8 +13,8 @@
 //! their peer), so only they are watched for missing replies; and only
 //! when the peer is a request/response one (DNS, or it answered before):
 //! fire-and-forget UDP (metrics, syslog) never gets replies and is never
-//! failing for that. A socket that sends to many peers is a server (or a
-//! fan-out), never a client flow.
+//! failing for that, and is not even tracked. An unconnected socket that
+//! sends to many peers is a server (or a fan-out), never a client flow.
 use std::collections::HashMap;
 
 use crate::ingest::{Comm, Destination};
@@ -46,11 +46,13 @@ pub struct Owner {
 #[derive(Debug, Clone)]
 struct Socket {
     owner: Owner,
-    /// Hashes of the peers it sent to, up to [`SERVER_PEERS`].
+    /// Hashes of the peers it sent to, up to [`SERVER_PEERS`] (unconnected
+    /// sockets only: a connected one has one peer).
     peers: [u64; SERVER_PEERS],
     server: bool,
     /// Requests awaiting a reply (watched sockets only).
     pending: u16,
+    /// Connected, and its peer answers requests (DNS, or it replied).
     watched: bool,
     last_send: u64,
 }
@@ -67,44 +69,78 @@ pub enum Send {
 /// Failures found when sockets are swept.
 pub type Unanswered = (Owner, u16);
 
+/// A process's last connected socket: where its ICMP errors belong.
+#[derive(Debug, Clone, Copy)]
+struct LastSocket {
+    sock: u64,
+    peer: u64,
+    netns: u64,
+}
+
+/// Sockets are tracked only where it pays: connected sockets of peers that
+/// answer (to see requests go unanswered) and unconnected ones (to tell a
+/// server by its many peers). A connected socket to a fire-and-forget peer
+/// costs nothing here but its process's last-socket entry.
 #[derive(Debug, Default)]
 pub struct UdpSockets {
     socks: HashMap<u64, Socket>,
-    /// Each process's last socket, to join ICMP errors to.
-    last_by_pid: HashMap<u32, u64>,
+    /// Each process's last connected socket, to join ICMP errors to.
+    last_by_pid: HashMap<u32, LastSocket>,
     /// Sockets not tracked because the table was full.
     pub untracked: u64,
 }
 
+/// A cheap hash of a peer (address and port); 0 means "none".
 fn peer_hash(d: &Destination) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    d.addr.hash(&mut h);
-    d.port.hash(&mut h);
-    h.finish() | 1
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = match d.addr {
+        std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
+        std::net::IpAddr::V6(a) => u128::from(a),
+    };
+    for x in [bytes as u64, (bytes >> 64) as u64, u64::from(d.port)] {
+        h = (h ^ x).wrapping_mul(0x0100_0000_01b3);
+        h ^= h >> 29;
+    }
+    h | 1
 }
 
 impl UdpSockets {
-    /// A datagram sent on `sock`; `watch` when its replies are counted and
-    /// the peer answers requests.
-    pub fn send(&mut self, sock: u64, owner: Owner, ts: u64, watch: bool) -> Send {
-        if !self.socks.contains_key(&sock) && self.socks.len() >= MAX_SOCKETS {
-            self.untracked += 1;
-            return Send::Client { unanswered: 0 };
+    /// A datagram sent on `sock`, on a connected socket or not; `dns` when
+    /// its peer is a resolver (a request/response peer by its port).
+    pub fn send(&mut self, sock: u64, owner: Owner, ts: u64, connected: bool, dns: bool) -> Send {
+        let peer = peer_hash(&owner.dest);
+        if connected {
+            self.last_by_pid.insert(
+                owner.pid,
+                LastSocket {
+                    sock,
+                    peer,
+                    netns: owner.dest.netns,
+                },
+            );
+        }
+        if !self.socks.contains_key(&sock) {
+            // Connected to a peer not known to answer: nothing to track.
+            if connected && !dns {
+                return Send::Client { unanswered: 0 };
+            }
+            if self.socks.len() >= MAX_SOCKETS {
+                self.untracked += 1;
+                return Send::Client { unanswered: 0 };
+            }
         }
         let s = self.socks.entry(sock).or_insert(Socket {
             owner,
             peers: [0; SERVER_PEERS],
             server: false,
             pending: 0,
-            watched: false,
+            watched: connected,
             last_send: ts,
         });
         if s.server {
             return Send::Server;
         }
-        let peer = peer_hash(&owner.dest);
-        if !s.peers.contains(&peer) {
+        if !connected && !s.peers.contains(&peer) {
             match s.peers.iter_mut().find(|p| **p == 0) {
                 Some(slot) => *slot = peer,
                 None => {
@@ -119,33 +155,46 @@ impl UdpSockets {
             s.pending = 0;
         }
         s.owner = owner;
-        s.watched = watch;
-        if watch {
+        if s.watched {
             s.pending = s.pending.saturating_add(1);
         }
         s.last_send = ts;
-        self.last_by_pid.insert(owner.pid, sock);
         Send::Client { unanswered }
     }
 
-    /// A reply arrived on `sock`: its oldest request is answered.
-    pub fn reply(&mut self, sock: u64) {
+    /// A reply arrived on connected socket `sock`: its oldest request is
+    /// answered, and its peer is one that answers (watched from now on).
+    pub fn reply(&mut self, sock: u64, owner: Owner, ts: u64) {
         if let Some(s) = self.socks.get_mut(&sock) {
             s.pending = s.pending.saturating_sub(1);
+            s.watched = true;
+        } else if self.socks.len() < MAX_SOCKETS {
+            self.socks.insert(
+                sock,
+                Socket {
+                    owner,
+                    peers: [0; SERVER_PEERS],
+                    server: false,
+                    pending: 0,
+                    watched: true,
+                    last_send: ts,
+                },
+            );
         }
     }
 
     /// An ICMP error reported to `pid` about `dest` (netns unknown): the
-    /// flow of its last socket towards that address, whose request it
-    /// answers.
-    pub fn error(&mut self, pid: u32, dest: &Destination) -> Option<Owner> {
-        let sock = self.last_by_pid.get(&pid)?;
-        let s = self.socks.get_mut(sock)?;
-        if s.owner.dest.addr != dest.addr || s.owner.dest.port != dest.port || s.server {
+    /// network namespace of its last connected socket towards that
+    /// address, whose request it answers.
+    pub fn error(&mut self, pid: u32, dest: &Destination) -> Option<u64> {
+        let last = self.last_by_pid.get(&pid)?;
+        if last.peer != peer_hash(dest) {
             return None;
         }
-        s.pending = s.pending.saturating_sub(1);
-        Some(s.owner)
+        if let Some(s) = self.socks.get_mut(&last.sock) {
+            s.pending = s.pending.saturating_sub(1);
+        }
+        Some(last.netns)
     }
 
     /// Whether a socket is known as a server's.
@@ -165,13 +214,11 @@ impl UdpSockets {
             }
             idle < IDLE_NS
         });
-        let socks = &self.socks;
-        self.last_by_pid.retain(|_, sock| socks.contains_key(sock));
         out.sort_by_key(|(o, _)| (o.pid, o.dest));
         out
     }
 
-    /// A process exited: its sockets are gone too (pending requests of a
+    /// A process exited: no more errors can be its (pending requests of a
     /// process that gave up are failures, reported by the next sweep).
     pub fn process_exited(&mut self, pid: u32) {
         self.last_by_pid.remove(&pid);
@@ -210,69 +257,71 @@ mod tests {
     #[test]
     fn a_resend_fails_the_unanswered_request_a_batch_does_not() {
         let mut u = UdpSockets::default();
-        assert_eq!(
-            u.send(1, owner(53), 0, true),
-            Send::Client { unanswered: 0 }
-        );
+        let send = |u: &mut UdpSockets, ts| u.send(1, owner(53), ts, true, true);
+        assert_eq!(send(&mut u, 0), Send::Client { unanswered: 0 });
         // A and AAAA in one sendmmsg: a batch.
-        assert_eq!(
-            u.send(1, owner(53), MS / 10, true),
-            Send::Client { unanswered: 0 }
-        );
+        assert_eq!(send(&mut u, MS / 10), Send::Client { unanswered: 0 });
         // Resent 20 ms later, nothing answered: both failed.
-        assert_eq!(
-            u.send(1, owner(53), 20 * MS, true),
-            Send::Client { unanswered: 2 }
-        );
-        u.reply(1);
-        assert_eq!(
-            u.send(1, owner(53), 40 * MS, true),
-            Send::Client { unanswered: 0 }
-        );
+        assert_eq!(send(&mut u, 20 * MS), Send::Client { unanswered: 2 });
+        u.reply(1, owner(53), 21 * MS);
+        assert_eq!(send(&mut u, 40 * MS), Send::Client { unanswered: 0 });
     }
 
     #[test]
     fn icmp_errors_join_the_last_socket_and_sweeps_fail_the_silent() {
         let mut u = UdpSockets::default();
-        u.send(1, owner(53), 0, true);
+        u.send(1, owner(53), 0, true, true);
         let mut d = owner(53).dest;
         d.netns = 0;
-        assert_eq!(
-            u.error(7, &d),
-            Some(owner(53)),
-            "netns comes from the socket"
-        );
+        assert_eq!(u.error(7, &d), Some(3), "netns comes from the socket");
         d.port = 54;
         assert_eq!(u.error(7, &d), None, "another destination");
         assert!(u.sweep(NO_REPLY_NS * 2).is_empty(), "the error answered it");
-        u.send(2, owner(53), NO_REPLY_NS * 2, true);
+        u.send(2, owner(53), NO_REPLY_NS * 2, true, true);
         let failed = u.sweep(NO_REPLY_NS * 4);
         assert_eq!(failed, vec![(owner(53), 1)]);
     }
 
     #[test]
-    fn fire_and_forget_is_not_watched_and_servers_are_not_clients() {
+    fn a_peer_that_answered_is_watched_fire_and_forget_costs_nothing() {
         let mut u = UdpSockets::default();
         for i in 0..10 {
-            u.send(1, owner(8125), i * 10 * MS, false);
+            u.send(1, owner(8125), i * 10 * MS, true, false);
         }
+        assert!(
+            u.is_empty(),
+            "a connected socket to a silent peer is not tracked"
+        );
         assert!(u.sweep(NO_REPLY_NS * 10).is_empty());
+        // An ICMP error still finds it.
+        assert_eq!(u.error(7, &owner(8125).dest), Some(3));
+        // Once its peer answers, a resend without a reply is a failure.
+        u.reply(1, owner(8125), 0);
+        u.send(1, owner(8125), MS, true, false);
+        assert_eq!(
+            u.send(1, owner(8125), 20 * MS, true, false),
+            Send::Client { unanswered: 1 }
+        );
+    }
+
+    #[test]
+    fn a_socket_sending_to_many_peers_is_a_server() {
+        let mut u = UdpSockets::default();
         for port in 1000..=1000 + SERVER_PEERS as u16 {
-            let r = u.send(9, owner(port), 0, false);
+            let r = u.send(9, owner(port), 0, false, false);
             assert_eq!(r == Send::Server, port == 1000 + SERVER_PEERS as u16);
         }
         assert!(u.is_server(9));
-        assert_eq!(u.send(9, owner(1000), 0, false), Send::Server);
+        assert_eq!(u.send(9, owner(1000), 0, false, false), Send::Server);
     }
 
     #[test]
     fn the_table_is_bounded() {
         let mut u = UdpSockets::default();
         for sock in 0..(MAX_SOCKETS as u64 + 10) {
-            u.send(sock, owner(53), 0, true);
+            u.send(sock, owner(53), 0, true, true);
         }
         assert_eq!(u.len(), MAX_SOCKETS);
         assert_eq!(u.untracked, 10);
-        assert!(!u.is_empty());
     }
 }
