@@ -96,9 +96,11 @@ pub static TLS_READS: LruHashMap<u32, crate::probes::tls::TlsRead> =
 pub static THREAD_SOCK: LruHashMap<u32, u64> =
     LruHashMap::with_max_entries(capacity::RECV_NOTES, 0);
 
-/// 1 while the on-demand probes are attached (user space sets it): the
-/// always-on socket tracepoints look for receive notes and TLS
-/// fingerprints only then, so a host with nothing suspect pays one array
-/// read, not hash lookups, per send and receive.
+/// Bits user space sets (`util::ARMED_PROBES`, `util::ARMED_CGROUPS`):
+/// while the on-demand probes are attached, the always-on socket
+/// tracepoints look for receive notes and TLS fingerprints, so a host with
+/// nothing suspect pays one array read, not hash lookups, per send and
+/// receive; while some cgroup is suspect, the syscall probe looks up each
+/// task's cgroup.
 #[map]
 pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);

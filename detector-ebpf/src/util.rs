@@ -141,11 +141,25 @@ pub fn count(index: u32) {
 #[inline(always)]
 pub fn is_suspect(tgid: u32) -> bool {
     // SAFETY: the values are only tested for presence.
-    unsafe { SUSPECTS.get(tgid).is_some() || SUSPECT_CGROUPS.get(cgroup()).is_some() }
+    unsafe {
+        SUSPECTS.get(tgid).is_some()
+            || (armed_flags() & ARMED_CGROUPS != 0 && SUSPECT_CGROUPS.get(cgroup()).is_some())
+    }
+}
+
+/// [`ARMED`] bit: the on-demand probes are attached.
+pub const ARMED_PROBES: u32 = 1;
+/// [`ARMED`] bit: some cgroup is suspect (so every syscall of every
+/// process pays the cgroup lookup only then).
+pub const ARMED_CGROUPS: u32 = 2;
+
+#[inline(always)]
+fn armed_flags() -> u32 {
+    ARMED.get(0).copied().unwrap_or(0)
 }
 
 /// Whether the on-demand probes are attached (see [`ARMED`]).
 #[inline(always)]
 pub fn armed() -> bool {
-    ARMED.get(0).is_some_and(|v| *v != 0)
+    armed_flags() & ARMED_PROBES != 0
 }

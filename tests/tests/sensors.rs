@@ -482,3 +482,52 @@ fn icmp_errors_on_a_connected_udp_socket_are_counted() {
     assert!(sent >= 40, "python sent {sent}");
     assert_eq!(errors, sent, "one ICMP error per datagram sent");
 }
+
+/// A suspect cgroup: every process in it is read from its first request,
+/// though none of them is a suspect by pid.
+#[test]
+fn replies_of_a_process_in_a_suspect_cgroup_are_read() {
+    use stormguard::ingest::{Observation, Reply};
+    let Some(mut cap) = Capture::start("suspect_cgroup") else {
+        return;
+    };
+    let cg = stormguard_tests::Cgroup::create("suspect-cgroup");
+    let (dest, server) = answer_one_connection(REPLY);
+    cap.sensors.attach_on_demand().expect("on-demand probes");
+    cap.sensors
+        .set_suspect_cgroups(&[cg.id()])
+        .expect("suspect cgroups");
+    let c = ChildGuard::spawn(
+        cg.exec_in(
+            CLIENT,
+            &[
+                "http",
+                "--addr",
+                &dest.to_string(),
+                "--count",
+                "20",
+                "--reply-len",
+                &REPLY.len().to_string(),
+            ],
+        )
+        .stdout(Stdio::piped()),
+    );
+    let pid = c.pid();
+    cap.wait_child(c, Duration::from_secs(60));
+    server.join().unwrap();
+    cap.settle();
+    cap.sensors.detach_on_demand().expect("detach");
+    let replies: Vec<Reply> = cap
+        .observations
+        .iter()
+        .filter_map(|o| match *o {
+            Observation::Exchange { pid: p, reply, .. } if p == pid => Some(reply),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), 20);
+    assert!(
+        replies.iter().all(|r| *r == Reply::Http { status: 503 }),
+        "{replies:?}"
+    );
+}

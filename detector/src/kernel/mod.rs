@@ -171,6 +171,9 @@ pub struct Sensors {
     tls_loaded: bool,
     /// Id (inode) of the cgroup v2 root, never made suspect as a whole.
     root_cgroup: Option<u64>,
+    /// What the ARMED map says (see `write_armed`).
+    armed_probes: bool,
+    armed_cgroups: bool,
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -275,6 +278,8 @@ impl Sensors {
             always_on,
             suspect_insert_failures: 0,
             tls_loaded,
+            armed_probes: false,
+            armed_cgroups: false,
             root_cgroup: {
                 use std::os::unix::fs::MetadataExt;
                 std::fs::metadata(&cgroup).ok().map(|m| m.ino())
@@ -380,13 +385,21 @@ impl Sensors {
     /// are attached (they look for receive notes and TLS fingerprints only
     /// then).
     fn set_armed(&mut self, on: bool) -> Result<(), KernelError> {
+        self.armed_probes = on;
+        self.write_armed()
+    }
+
+    /// Writes the ARMED bits: 1 = on-demand probes attached, 2 = some
+    /// cgroup suspect.
+    fn write_armed(&mut self) -> Result<(), KernelError> {
         let map_err = |cause| KernelError::Map {
             name: "ARMED",
             cause,
         };
+        let bits = u32::from(self.armed_probes) | (u32::from(self.armed_cgroups) << 1);
         let mut armed: aya::maps::Array<_, u32> =
             aya::maps::Array::try_from(self.map_mut("ARMED")?).map_err(map_err)?;
-        armed.set(0, u32::from(on), 0).map_err(map_err)
+        armed.set(0, bits, 0).map_err(map_err)
     }
 
     /// Whether the libssl plaintext probes are attached now.
@@ -482,13 +495,17 @@ impl Sensors {
             let _ = map.remove(id);
         }
         let mut failed = 0;
+        let mut any = false;
         for id in cgroups.iter().filter(|id| Some(**id) != root) {
             if map.insert(id, 1, 0).is_err() {
                 failed += 1;
+            } else {
+                any = true;
             }
         }
         self.suspect_insert_failures += failed;
-        Ok(())
+        self.armed_cgroups = any;
+        self.write_armed()
     }
 
     /// Cumulative syscalls per suspect process, summed over CPUs.
