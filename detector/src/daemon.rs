@@ -309,7 +309,7 @@ impl Daemon {
             &mut incident::Context {
                 engine: &pipe.engine,
                 procs: &mut pipe.procs,
-                groups: &pipe.groups,
+                groups: pipe.engine.groups(),
                 store: &self.store,
                 now_ms: now_ms(),
             },

@@ -46,8 +46,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    detect::{Engine, State, Subject, VerdictChange},
-    groups::Groups,
+    detect::{Engine, State, Subject, VerdictChange, groups::Groups},
     ingest::{
         Comm, Destination,
         procs::{ProcessTable, unit_and_container},

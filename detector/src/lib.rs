@@ -22,7 +22,6 @@ pub mod config;
 pub mod daemon;
 pub mod detect;
 pub mod flows;
-pub mod groups;
 pub mod incident;
 pub mod ingest;
 pub mod kernel;

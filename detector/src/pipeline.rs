@@ -10,7 +10,6 @@ use crate::{
         probes::{ProbeConfig, ProbePlan, ProbeScheduler},
     },
     flows::FlowTable,
-    groups::Groups,
     ingest::{Observation, decode::from_event, procs::ProcessTable},
     kernel::{KernelError, Sensors},
     record::{Line, Recorder},
@@ -34,9 +33,6 @@ pub struct Pipeline {
     pub engine: Engine,
     pub flows: FlowTable,
     pub procs: ProcessTable,
-    /// Parent and cgroup id per process, as the engine rolls flows up
-    /// (the incident tracker groups a storm's flows by them).
-    pub groups: Groups,
     pub plan: ProbePlan,
     pub on_demand: OnDemand,
     scheduler: ProbeScheduler,
@@ -56,7 +52,6 @@ impl Pipeline {
             engine: Engine::new(detect),
             flows: FlowTable::new(),
             procs,
-            groups: Groups::new(),
             plan: ProbePlan::default(),
             on_demand,
             scheduler: ProbeScheduler::new(probes),
@@ -82,7 +77,6 @@ impl Pipeline {
             self.recorder = None;
         }
         self.procs.observe(obs);
-        self.groups.observe(obs);
         self.flows.observe(obs);
         self.engine.observe(obs);
         if let Observation::Exit {

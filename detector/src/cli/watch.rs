@@ -304,11 +304,13 @@ fn rollups(pipe: &mut Pipeline, iv: &Interval) -> Vec<RollupView> {
     for row in &iv.rows {
         let (pid, dest) = (row.key.pid, row.key.dest);
         let parent = pipe
-            .groups
+            .engine
+            .groups()
             .parent(pid)
             .map(|ppid| Subject::Parent { ppid, dest });
         let cgroup = pipe
-            .groups
+            .engine
+            .groups()
             .cgroup(pid)
             .map(|cgroup| Subject::Cgroup { cgroup, dest });
         for s in [parent, cgroup].into_iter().flatten() {

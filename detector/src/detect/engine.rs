@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use super::{
     config::DetectConfig,
+    groups::Groups,
     signals::{Assessment, Signals, label},
     udp::{self, Owner, UdpSockets},
     verdict::{State, Subject, Verdict, VerdictChange, explain},
@@ -231,11 +232,8 @@ pub struct Engine {
     /// Flows of processes that exited, kept until their verdict settles.
     ended: Vec<(FlowKey, Tracked)>,
     rollups: HashMap<RollupKey, Rollup>,
-    /// Child pid → parent pid and the parent's name when it forked.
-    parents: HashMap<u32, (u32, Comm)>,
-    /// Exited children whose parent link is kept a little longer: (exit
-    /// time, pid, parent), oldest first.
-    exited_parents: std::collections::VecDeque<(u64, u32, u32)>,
+    /// Parent (and its name) and cgroup of each process: the roll-up keys.
+    groups: Groups,
     /// Syscalls per second of probed processes, with when last measured.
     syscalls: HashMap<u32, (u64, f64)>,
     /// UDP sockets: replies awaited, servers.
@@ -254,12 +252,6 @@ const CATCH_UP_NS: u64 = 200_000_000;
 /// DNS: a request/response peer by its port.
 const DNS_PORT: u16 = 53;
 
-/// How long an exited child's parent link is kept.
-const EXITED_PARENT_NS: u64 = 2_000_000_000;
-
-/// Most parent links remembered (a fork bomb must not grow the engine).
-const MAX_PARENTS: usize = 65_536;
-
 impl Engine {
     pub fn new(cfg: DetectConfig) -> Self {
         Engine {
@@ -268,8 +260,7 @@ impl Engine {
             flows_per_pid: HashMap::new(),
             ended: Vec::new(),
             rollups: HashMap::new(),
-            parents: HashMap::new(),
-            exited_parents: Default::default(),
+            groups: Groups::new(),
             syscalls: HashMap::new(),
             udp: UdpSockets::default(),
             now: 0,
@@ -280,6 +271,11 @@ impl Engine {
 
     pub fn config(&self) -> &DetectConfig {
         &self.cfg
+    }
+
+    /// Parent and cgroup of each process, as the roll-ups use them.
+    pub fn groups(&self) -> &Groups {
+        &self.groups
     }
 
     /// Flows tracked now.
@@ -469,25 +465,19 @@ impl Engine {
                     self.syscalls.insert(pid, (ts_ns, 0.0));
                 }
             }
-            Observation::Fork {
-                parent,
-                child,
-                comm,
-                ..
-            } => {
-                if self.parents.len() < MAX_PARENTS || self.parents.contains_key(&child) {
-                    self.parents.insert(child, (parent, comm));
-                }
-            }
+            Observation::Fork { .. } => self.groups.observe(obs),
             Observation::Exit {
-                pid,
-                group_dead: true,
-                ..
-            } => self.process_exited(pid),
-            // A thread's end: its id is no process's, and must not fill the
-            // parent table.
-            Observation::Exit { tid, .. } => {
-                self.parents.remove(&tid);
+                pid, group_dead, ..
+            } => {
+                // Groups keeps an exited process's parent a while: a socket
+                // it left open is closed after its exit record (the kernel
+                // closes files after sched_process_exit), and that
+                // connection's last exchange still belongs to the parent's
+                // roll-up. A thread's end drops its id there.
+                self.groups.observe(obs);
+                if group_dead {
+                    self.process_exited(pid);
+                }
             }
             Observation::Exec { .. } | Observation::UdpConnect { .. } => {}
         }
@@ -511,8 +501,8 @@ impl Engine {
         });
         flow.comm = comm;
         f(&mut flow.sig, &self.cfg);
-        let (parent, parent_comm) = match self.parents.get(&pid) {
-            Some(&(p, pcomm)) => (Some(RollupKey::Parent(p, dest)), pcomm),
+        let (parent, parent_comm) = match self.groups.attempt(pid, cgroup) {
+            Some((p, pcomm)) => (Some(RollupKey::Parent(p, dest)), pcomm),
             None => (None, Comm::default()),
         };
         let group = (cgroup != 0).then_some(RollupKey::Cgroup(cgroup, dest));
@@ -549,13 +539,6 @@ impl Engine {
                 }
             }
         }
-        // Its parent link outlives it a little: a socket the process left
-        // open is closed after its exit record (the kernel closes files
-        // after sched_process_exit), and that connection's last exchange
-        // still belongs to the parent's roll-up.
-        if let Some(&(parent, _)) = self.parents.get(&pid) {
-            self.exited_parents.push_back((self.now, pid, parent));
-        }
         self.syscalls.remove(&pid);
         self.udp.process_exited(pid);
     }
@@ -580,17 +563,7 @@ impl Engine {
     /// Evaluates every flow and roll-up at `now`.
     fn evaluate(&mut self, now: u64) -> Vec<VerdictChange> {
         self.last_eval = now;
-        while let Some(&(at, pid, parent)) = self.exited_parents.front() {
-            if now.saturating_sub(at) < EXITED_PARENT_NS && self.exited_parents.len() <= MAX_PARENTS
-            {
-                break;
-            }
-            self.exited_parents.pop_front();
-            // Unless the pid was reused meanwhile by another parent's child.
-            if self.parents.get(&pid).is_some_and(|(p, _)| *p == parent) {
-                self.parents.remove(&pid);
-            }
-        }
+        self.groups.expire(now);
         for (o, n) in self.udp.sweep(now) {
             self.apply(o.pid, o.comm, o.cgroup, o.dest, now, |s, _| {
                 for _ in 0..n {

@@ -1,18 +1,19 @@
 //! Which roll-ups a process's attempts count towards: its parent (from
-//! fork records) and the cgroup id its attempts carried — the very keys the
-//! engine rolls flows up by. The incident tracker needs them to tell which
-//! flows a storming roll-up covers (so 1,000 storming children of one
-//! parent make one incident, not 1,000); the engine keeps its own copy
-//! private, and the process table knows cgroup paths, not the ids the
-//! kernel reports.
+//! fork records, with the parent's own name) and the cgroup id its
+//! attempts carried. The engine rolls flows up by these keys; the incident
+//! tracker reads the same table (through [`super::Engine::groups`]) to
+//! tell which flows a storming roll-up covers, so 1,000 storming children
+//! of one parent make one incident, not 1,000. The process table knows
+//! cgroup paths, not the ids the kernel reports.
 //!
-//! Fed by the pipeline with every observation. Bounded like the engine's
-//! parent links, and an exited process is remembered for a grace period:
-//! its flow's last verdicts (a storm seen on the tick after its last
-//! connect, a resolution seconds later) still need to be placed.
+//! Bounded, and an exited process is remembered for a grace period: its
+//! sockets close after its exit record (their last exchanges still belong
+//! to its parent's roll-up), and its flow's last verdicts (a storm seen on
+//! the tick after its last connect, a resolution seconds later) still need
+//! to be placed.
 use std::collections::{HashMap, VecDeque};
 
-use crate::ingest::Observation;
+use crate::ingest::{Comm, Observation};
 
 /// Most processes remembered (a fork bomb must not grow this).
 const MAX_PROCS: usize = 65_536;
@@ -23,17 +24,21 @@ const GRACE_NS: u64 = 30_000_000_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Membership {
-    ppid: Option<u32>,
+    /// 0 = not known (pid 0 forks nothing we see).
+    ppid: u32,
+    /// The parent's name when it forked this process.
+    parent_comm: Comm,
     /// 0 = not seen yet.
     cgroup: u64,
-    /// When it exited (observation time), if it did.
-    exited_at: Option<u64>,
+    /// When it exited (observation time), 0 if it has not.
+    exited_at: u64,
 }
 
 /// Parent and cgroup id per process.
 #[derive(Debug, Default)]
 pub struct Groups {
-    procs: HashMap<u32, Membership>,
+    /// foldhash: this table is looked up on every observation.
+    procs: HashMap<u32, Membership, foldhash::fast::RandomState>,
     /// Exited processes in exit order, to forget after [`GRACE_NS`].
     exited: VecDeque<(u64, u32)>,
 }
@@ -52,22 +57,24 @@ impl Groups {
             | Observation::UdpRecv { pid, cgroup, .. }
             | Observation::Exchange { pid, cgroup, .. }
             | Observation::ConnEnd { pid, cgroup, .. } => {
-                if cgroup != 0
-                    && let Some(m) = self.entry(pid)
-                {
-                    m.cgroup = cgroup;
-                }
+                self.attempt(pid, cgroup);
             }
-            Observation::Fork { parent, child, .. } => {
+            Observation::Fork {
+                parent,
+                child,
+                comm,
+                ..
+            } => {
                 // A child starts in its parent's cgroup. Thread creation
                 // also arrives as a fork; the thread's entry goes when it
                 // exits.
                 let cgroup = self.procs.get(&parent).map(|p| p.cgroup).unwrap_or(0);
                 if let Some(m) = self.entry(child) {
                     *m = Membership {
-                        ppid: Some(parent),
+                        ppid: parent,
+                        parent_comm: comm,
                         cgroup,
-                        exited_at: None,
+                        exited_at: 0,
                     };
                 }
             }
@@ -81,8 +88,8 @@ impl Groups {
                     self.procs.remove(&tid);
                 }
                 if group_dead && let Some(m) = self.procs.get_mut(&pid) {
-                    m.exited_at = Some(ts_ns);
-                    self.exited.push_back((ts_ns, pid));
+                    m.exited_at = ts_ns.max(1);
+                    self.exited.push_back((ts_ns.max(1), pid));
                 }
             }
             _ => {}
@@ -90,9 +97,22 @@ impl Groups {
         self.expire(obs.ts_ns());
     }
 
+    /// An attempt (or anything carrying a cgroup id) of `pid`: records its
+    /// cgroup and returns its parent with the parent's name — one lookup,
+    /// on the engine's per-observation path.
+    pub fn attempt(&mut self, pid: u32, cgroup: u64) -> Option<(u32, Comm)> {
+        if cgroup == 0 {
+            let m = self.procs.get(&pid)?;
+            return (m.ppid != 0).then_some((m.ppid, m.parent_comm));
+        }
+        let m = self.entry(pid)?;
+        m.cgroup = cgroup;
+        (m.ppid != 0).then_some((m.ppid, m.parent_comm))
+    }
+
     /// The parent a process's attempts roll up to, if known.
     pub fn parent(&self, pid: u32) -> Option<u32> {
-        self.procs.get(&pid).and_then(|m| m.ppid)
+        self.procs.get(&pid).map(|m| m.ppid).filter(|p| *p != 0)
     }
 
     /// The cgroup id a process's attempts carried, if any were seen.
@@ -116,7 +136,8 @@ impl Groups {
         Some(self.procs.entry(pid).or_default())
     }
 
-    fn expire(&mut self, now: u64) {
+    /// Forgets processes that exited more than the grace period ago.
+    pub fn expire(&mut self, now: u64) {
         while let Some(&(at, pid)) = self.exited.front() {
             if now.saturating_sub(at) < GRACE_NS {
                 break;
@@ -126,7 +147,7 @@ impl Groups {
             if self
                 .procs
                 .get(&pid)
-                .is_some_and(|m| m.exited_at == Some(at))
+                .is_some_and(|m| m.exited_at == at.max(1))
             {
                 self.procs.remove(&pid);
             }

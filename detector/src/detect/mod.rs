@@ -19,6 +19,7 @@
 //! [`Observation`]: crate::ingest::Observation
 pub mod config;
 pub mod engine;
+pub mod groups;
 pub mod probes;
 pub mod signals;
 pub mod synthetic;
