@@ -9,12 +9,13 @@ mod probes;
 mod util;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    macros::{cgroup_sock_addr, fexit, raw_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{
-        ProbeContext, RawTracePointContext, RetProbeContext, SockAddrContext, TracePointContext,
+        FExitContext, ProbeContext, RawTracePointContext, RetProbeContext, SockAddrContext,
+        TracePointContext,
     },
 };
-use detector_common::{AF_INET, AF_INET6};
+use detector_common::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
 use probes::{connect, ondemand, process, sendrecv, tcp, tls};
 
@@ -77,6 +78,45 @@ pub fn sg_send_length(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sg_recv_length(ctx: TracePointContext) -> u32 {
     let _ = sendrecv::recv_length(&ctx);
+    0
+}
+
+// Kernels before 6.3 have no sock_send_length/sock_recv_length: the
+// loader attaches these instead (see probes/sendrecv.rs).
+
+#[fexit(function = "tcp_sendmsg")]
+pub fn sg_tcp_sendmsg(ctx: FExitContext) -> i32 {
+    let _ = sendrecv::sendmsg_exit(&ctx, IPPROTO_TCP, false);
+    0
+}
+
+#[fexit(function = "udp_sendmsg")]
+pub fn sg_udp_sendmsg(ctx: FExitContext) -> i32 {
+    let _ = sendrecv::sendmsg_exit(&ctx, IPPROTO_UDP, false);
+    0
+}
+
+#[fexit(function = "udpv6_sendmsg")]
+pub fn sg_udpv6_sendmsg(ctx: FExitContext) -> i32 {
+    let _ = sendrecv::sendmsg_exit(&ctx, IPPROTO_UDP, true);
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub fn sg_tcp_recvmsg(ctx: FExitContext) -> i32 {
+    let _ = sendrecv::recvmsg_exit(&ctx, IPPROTO_TCP, false);
+    0
+}
+
+#[fexit(function = "udp_recvmsg")]
+pub fn sg_udp_recvmsg(ctx: FExitContext) -> i32 {
+    let _ = sendrecv::recvmsg_exit(&ctx, IPPROTO_UDP, false);
+    0
+}
+
+#[fexit(function = "udpv6_recvmsg")]
+pub fn sg_udpv6_recvmsg(ctx: FExitContext) -> i32 {
+    let _ = sendrecv::recvmsg_exit(&ctx, IPPROTO_UDP, true);
     0
 }
 

@@ -1,7 +1,9 @@
 //! Process lifecycle, so user space knows parents, names and when a pid's
 //! state must be dropped (a reused pid starts fresh).
 use aya_ebpf::programs::TracePointContext;
-use detector_common::{Event, flags, kind};
+use detector_common::{Event, FIELD_ABSENT, flags, kind};
+
+const FIELD_ABSENT_USIZE: usize = FIELD_ABSENT as usize;
 
 use crate::{
     maps::{PRE_SYN, RECV_NOTES, SUSPECT_INHERITED, SUSPECTS, SYSCALLS},
@@ -38,7 +40,13 @@ pub fn exec(_ctx: &TracePointContext) -> Result<(), i64> {
 
 pub fn exit(ctx: &TracePointContext) -> Result<(), i64> {
     let tid: i32 = field(ctx, off!(ex_pid))?;
-    let group_dead: u8 = field(ctx, off!(ex_group_dead))?;
+    // `group_dead` came in Linux 6.16. Before that, the main thread's exit
+    // stands for the process's: right unless the main thread leaves
+    // before the others (rare; their state then goes at their pid's reuse).
+    let group_dead = match off!(ex_group_dead) {
+        FIELD_ABSENT_USIZE => u8::from(tid as u32 == current().0),
+        at => field::<u8>(ctx, at)?,
+    };
     let ts = now();
     // The thread's last connect never reached SYN_SENT: report it now.
     if let Some(p) = PRE_SYN.get_ptr(tid as u32) {

@@ -1,6 +1,8 @@
 //! Socket sends and receives from `sock:sock_send_length` and
 //! `sock:sock_recv_length`, which fire in the calling task for every socket
-//! and cost unrelated syscalls nothing.
+//! and cost unrelated syscalls nothing. Kernels before 6.3 lack both; there
+//! the same bodies run from fexit programs on tcp/udp/udpv6 sendmsg and
+//! recvmsg (distribution kernels have BTF and fexit).
 //!
 //! - UDP: one record per datagram sent (connected or not; glibc's resolver
 //!   connects, then uses send/sendmmsg, which the cgroup sendmsg hooks
@@ -9,7 +11,11 @@
 //!   lengths of each request (consecutive sends) and its response
 //!   (consecutive receives), one record per exchange. A retried request and
 //!   its error reply keep their lengths, even through TLS.
-use aya_ebpf::programs::TracePointContext;
+use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_probe_read_kernel,
+    programs::{FExitContext, TracePointContext},
+};
 use detector_common::{
     AF_INET, AF_INET6, Event, Fingerprint, HEAD_BYTES, IPPROTO_TCP, IPPROTO_UDP, UdpDest,
     conn_phase, flags, kind,
@@ -79,12 +85,32 @@ fn read_head(dst: &mut [u8; HEAD_BYTES], buf: u64) -> bool {
 
 pub fn send_length(ctx: &TracePointContext) -> Result<(), i64> {
     let family: u16 = field(ctx, off!(sl_family))?;
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
     let protocol: u16 = field(ctx, off!(sl_protocol))?;
     let sk: u64 = field(ctx, off!(sl_sk))?;
     let ret: i32 = field(ctx, off!(sl_ret))?;
+    sent(sk, family, protocol, ret)
+}
+
+/// The fallback for kernels before 6.3 (no `sock:sock_send_length`): an
+/// fexit of the protocol's sendmsg, which the tracepoint's caller calls
+/// with the same socket and returns the same length.
+pub fn sendmsg_exit(ctx: &FExitContext, protocol: u16, v6_hook: bool) -> Result<(), i64> {
+    let sk = scalar_arg(ctx, 0)?;
+    // tcp_sendmsg/udp_sendmsg/udpv6_sendmsg(sk, msg, len) → int.
+    let ret: i64 = ctx.arg(3);
+    let family = sk_family(sk)?;
+    if skip_family(family, protocol, v6_hook) {
+        return Ok(());
+    }
+    sent(sk, family, protocol, ret as i32)
+}
+
+/// A send of `ret` bytes (or an error) on `sk`, from either front end.
+#[inline(always)]
+fn sent(sk: u64, family: u16, protocol: u16, ret: i32) -> Result<(), i64> {
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
     match protocol {
         IPPROTO_UDP => udp_send(sk, ret, family),
         IPPROTO_TCP if ret > 0 => {
@@ -93,6 +119,36 @@ pub fn send_length(ctx: &TracePointContext) -> Result<(), i64> {
         }
         _ => Ok(()),
     }
+}
+
+/// An fexit argument as a plain number. The verifier types a `struct
+/// sock *` argument as a kernel pointer and refuses arithmetic on it
+/// (socket ids are salted hashes of it); a probe read of the argument slot
+/// gives the same value as a scalar.
+#[inline(always)]
+fn scalar_arg(ctx: &FExitContext, n: usize) -> Result<u64, i64> {
+    let slot = (ctx.as_ptr() as *const u64).wrapping_add(n);
+    // SAFETY: a checked kernel read of one argument slot of the context.
+    unsafe { bpf_probe_read_kernel(slot) }.map_err(i64::from)
+}
+
+/// `sk->__sk_common.skc_family`: at offset 16 of `struct sock_common`
+/// (after the address pair, hash and port pair) since Linux 2.6.38; read
+/// with a checked probe, so a kernel that moved it reads garbage, not a
+/// fault.
+#[inline(always)]
+fn sk_family(sk: u64) -> Result<u16, i64> {
+    const SKC_FAMILY: u64 = 16;
+    // SAFETY: a checked kernel read of two bytes.
+    unsafe { bpf_probe_read_kernel((sk + SKC_FAMILY) as *const u16) }.map_err(i64::from)
+}
+
+/// An IPv6 UDP socket sending to an IPv4-mapped peer goes through
+/// udpv6_sendmsg and then udp_sendmsg: count it once, in the v6 hook, as
+/// the tracepoint does (it reports the socket's family).
+#[inline(always)]
+fn skip_family(family: u16, protocol: u16, v6_hook: bool) -> bool {
+    protocol == IPPROTO_UDP && (family == AF_INET6) != v6_hook
 }
 
 fn tcp_send(sk: u64, bytes: u32) {
@@ -137,13 +193,23 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
     let (tgid, tid) = current();
     // An unconnected send: the sendmsg hook left this thread a note with
     // the destination. Consume it whether or not the send succeeded.
-    let mut dest = None;
+    // Kept fully initialised (not an Option): the 6.1 verifier refuses a
+    // read of the uninitialised payload that LLVM may hoist out of a match.
+    let mut dest = UdpDest {
+        netns: 0,
+        dport: 0,
+        family: 0,
+        _pad: 0,
+        daddr: [0; 16],
+    };
+    let mut known = false;
     let mut connected = false;
     if let Some(p) = MSG_DEST.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
         let note = unsafe { &mut *p };
         if note.tid == tid && note.sk == sk {
-            dest = Some(note.dest);
+            dest = note.dest;
+            known = true;
         }
         note.tid = 0;
     }
@@ -152,16 +218,17 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
         return Ok(());
     }
     // Otherwise a connected socket: the destination its connect() named.
-    if dest.is_none() {
+    if !known && let Some(p) = UDP_DEST.get_ptr(sk) {
         // SAFETY: pointer from a successful lookup, copied at once.
-        dest = UDP_DEST.get_ptr(sk).map(|p| unsafe { *p });
-        connected = dest.is_some();
+        dest = unsafe { *p };
+        known = true;
+        connected = true;
     }
     let mut ev = Event::zeroed();
     ev.kind = kind::UDP_SEND;
     ev.aux = ret as u32;
     ev.sock = sock_id(sk);
-    fill(&mut ev, tgid, family, dest);
+    fill(&mut ev, tgid, family, known.then_some(&dest));
     if connected {
         ev.flags |= flags::CONNECTED;
     }
@@ -183,7 +250,7 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
 /// stormguard started has no known destination; it is still counted, as
 /// port 0 of the unspecified address.
 #[inline(always)]
-fn fill(ev: &mut Event, tgid: u32, family: u16, dest: Option<UdpDest>) {
+fn fill(ev: &mut Event, tgid: u32, family: u16, dest: Option<&UdpDest>) {
     ev.ts_ns = now();
     ev.tgid = tgid;
     ev.family = family;
@@ -199,19 +266,37 @@ fn fill(ev: &mut Event, tgid: u32, family: u16, dest: Option<UdpDest>) {
 
 pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
     let family: u16 = field(ctx, off!(rl_family))?;
+    let ret: i32 = field(ctx, off!(rl_ret))?;
+    let flags: i32 = field(ctx, off!(rl_flags))?;
+    let protocol: u16 = field(ctx, off!(rl_protocol))?;
+    let sk: u64 = field(ctx, off!(rl_sk))?;
+    received(sk, family, protocol, ret, flags)
+}
+
+/// The fallback for kernels before 6.3 (no `sock:sock_recv_length`): an
+/// fexit of the protocol's recvmsg, `(sk, msg, len, flags, addr_len) →
+/// int` since Linux 5.19 (before that a `nonblock` argument came first,
+/// and MSG_PEEK is not seen).
+pub fn recvmsg_exit(ctx: &FExitContext, protocol: u16, v6_hook: bool) -> Result<(), i64> {
+    let sk = scalar_arg(ctx, 0)?;
+    let flags: i64 = ctx.arg(3);
+    let ret: i64 = ctx.arg(5);
+    let family = sk_family(sk)?;
+    if skip_family(family, protocol, v6_hook) {
+        return Ok(());
+    }
+    received(sk, family, protocol, ret as i32, flags as i32)
+}
+
+/// `ret` bytes received on `sk` (or an error), from either front end.
+#[inline(always)]
+fn received(sk: u64, family: u16, protocol: u16, ret: i32, flags: i32) -> Result<(), i64> {
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
     }
-    let ret: i32 = field(ctx, off!(rl_ret))?;
-    if ret <= 0 {
+    if ret <= 0 || flags & MSG_PEEK != 0 {
         return Ok(());
     }
-    let flags: i32 = field(ctx, off!(rl_flags))?;
-    if flags & MSG_PEEK != 0 {
-        return Ok(());
-    }
-    let protocol: u16 = field(ctx, off!(rl_protocol))?;
-    let sk: u64 = field(ctx, off!(rl_sk))?;
     if protocol == IPPROTO_TCP {
         if let Some(conn) = CONNS.get_ptr_mut(sk) {
             // SAFETY: pointer into the map value; see tcp_send.
@@ -234,7 +319,7 @@ pub fn recv_length(ctx: &TracePointContext) -> Result<(), i64> {
         // Replies are counted only on connected sockets, whose peer is known.
         if let Some(p) = UDP_DEST.get_ptr(sk) {
             // SAFETY: pointer from a successful lookup, copied at once.
-            let dest = unsafe { *p };
+            let dest = unsafe { &*p };
             let mut ev = Event::zeroed();
             ev.kind = kind::UDP_RECV;
             ev.aux = ret as u32;

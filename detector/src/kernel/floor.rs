@@ -104,7 +104,7 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
     // The floor programs read no fields, but the object is shared with the
     // sensors and is loaded the same way, so a kernel the sensors reject is
     // rejected here too instead of producing a floor nobody could use.
-    let offsets: Offsets = tracefs::Formats::new(&tracefs_root).offsets()?;
+    let (offsets, _gaps): (Offsets, _) = tracefs::Formats::new(&tracefs_root).offsets()?;
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|cause| KernelError::Read {
         path: "/proc/mounts".into(),
         cause,

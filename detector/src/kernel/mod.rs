@@ -5,6 +5,7 @@
 //! Fail-open by construction: nothing is pinned, so when the process exits
 //! (cleanly or killed) the kernel drops every link and program.
 pub mod caps;
+pub mod coverage;
 pub mod floor;
 pub mod tracefs;
 
@@ -14,15 +15,18 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint, UProbe,
+        CgroupAttachMode, CgroupSockAddr, FExit, RawTracePoint, TracePoint, UProbe,
         raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use detector_common::{Event, Offsets, TupleKey, stat};
+use detector_common::{Event, TupleKey, stat};
 
+use aya::Btf;
 use caps::Capability;
+pub use coverage::Signal;
+use coverage::{name, without};
 
 use crate::ingest::{DecodeError, Observation, decode};
 use std::os::fd::{AsRawFd, RawFd};
@@ -37,11 +41,15 @@ pub enum KernelError {
     /// tracefs is needed to read tracepoint formats and attach to them.
     #[error("tracefs is not mounted; mount it with: mount -t tracefs tracefs /sys/kernel/tracing")]
     TracefsNotMounted,
-    /// The kernel lacks a tracepoint the sensors need.
-    #[error(
-        "kernel has no tracepoint {0}; stormguard needs it (is the kernel built with CONFIG_INET and tracepoints?)"
-    )]
+    /// The kernel lacks a tracepoint the sensors read (optional ones are
+    /// reported as gaps, not as this error).
+    #[error("kernel has no tracepoint {0}")]
     MissingTracepoint(String),
+    /// The kernel cannot give what connect-storm detection needs.
+    #[error(
+        "kernel {kernel} cannot show connect attempts to stormguard: {why}. Tested kernels: 6.1, 6.12 and 6.18 (see README, \"Kernels\"); run `stormguard doctor` for details"
+    )]
+    Required { kernel: String, why: String },
     /// A tracepoint lacks a field the programs read.
     #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
     MissingField { tracepoint: String, field: String },
@@ -95,7 +103,18 @@ fn fmt_caps(caps: &[Capability]) -> String {
 /// The compiled kernel programs, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stormguard"));
 
-/// Always-on tracepoint programs and where they attach.
+/// The always-on hooks [`Sensors::load`] attaches on a current kernel
+/// (first choices; the benchmark floor must cover the same hooks).
+#[cfg(test)]
+const CGROUP_HOOKS: [(&str, &str); 4] = [
+    ("sg_connect4", "cgroup/connect4"),
+    ("sg_connect6", "cgroup/connect6"),
+    ("sg_sendmsg4", "cgroup/sendmsg4"),
+    ("sg_sendmsg6", "cgroup/sendmsg6"),
+];
+
+/// Always-on tracepoint programs and where they attach (first choices).
+#[cfg(test)]
 const ALWAYS_ON_TRACEPOINTS: [(&str, Tracepoint); 9] = [
     ("sg_set_state", tracefs::SET_STATE),
     ("sg_error_report", tracefs::ERROR_REPORT),
@@ -108,12 +127,19 @@ const ALWAYS_ON_TRACEPOINTS: [(&str, Tracepoint); 9] = [
     ("sg_exit", tracefs::EXIT),
 ];
 
-/// Always-on cgroup hooks (the attach type comes from the section name).
-const CGROUP_HOOKS: [(&str, &str); 4] = [
-    ("sg_connect4", "cgroup/connect4"),
-    ("sg_connect6", "cgroup/connect6"),
-    ("sg_sendmsg4", "cgroup/sendmsg4"),
-    ("sg_sendmsg6", "cgroup/sendmsg6"),
+/// Stand-ins for `sock:sock_send_length` before Linux 6.3: (program,
+/// kernel function).
+const SEND_FEXITS: [(&str, &str); 3] = [
+    ("sg_tcp_sendmsg", "tcp_sendmsg"),
+    ("sg_udp_sendmsg", "udp_sendmsg"),
+    ("sg_udpv6_sendmsg", "udpv6_sendmsg"),
+];
+
+/// Stand-ins for `sock:sock_recv_length` before Linux 6.3.
+const RECV_FEXITS: [(&str, &str); 3] = [
+    ("sg_tcp_recvmsg", "tcp_recvmsg"),
+    ("sg_udp_recvmsg", "udp_recvmsg"),
+    ("sg_udpv6_recvmsg", "udpv6_recvmsg"),
 ];
 
 /// Counters of what the kernel side lost.
@@ -128,7 +154,7 @@ pub struct KernelStats {
 /// On-demand links while attached.
 struct OnDemand {
     sys_enter: RawTracePointLinkId,
-    exit_connect: TracePointLinkId,
+    exit_connect: Option<TracePointLinkId>,
     /// libssl uprobes (program, link), when libssl was found.
     tls: Vec<(&'static str, UProbeLinkId)>,
 }
@@ -168,7 +194,12 @@ pub struct Sensors {
     /// Suspects the kernel's SUSPECTS map refused (it is LRU, so this
     /// should stay 0; counted rather than fatal).
     pub suspect_insert_failures: u64,
+    /// Signal by signal, what this kernel gives.
+    signals: Vec<Signal>,
     tls_loaded: bool,
+    /// The on-demand programs that loaded (an absent one is a named gap).
+    sys_enter_loaded: bool,
+    exit_connect_loaded: bool,
     /// Id (inode) of the cgroup v2 root, never made suspect as a whole.
     root_cgroup: Option<u64>,
     /// What the ARMED map says (see `write_armed`).
@@ -187,72 +218,193 @@ pub fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
 
 impl Sensors {
     /// Checks capabilities and tracefs, reads offsets, loads the programs
-    /// and attaches the always-on ones. Nothing stays attached on error.
+    /// and attaches the always-on ones, each signal through the first hook
+    /// this kernel has (see [`coverage`]). Only a kernel that cannot show
+    /// connects is an error; every other gap is a warning, listed in
+    /// [`Sensors::signals`]. Nothing stays attached on error.
     pub fn load() -> Result<Self, KernelError> {
         caps::check()?;
         let tracefs = tracefs::mount_point()?;
         let formats = tracefs::Formats::new(&tracefs);
-        for tp in [tracefs::EXEC, tracefs::SYS_ENTER] {
-            if !formats.exists(tp) {
-                return Err(KernelError::MissingTracepoint(tp.to_string()));
-            }
-        }
-        let offsets: Offsets = formats.offsets()?;
+        let (offsets, problems) = formats.offsets().map_err(|e| required(e.to_string()))?;
+        let tp_problem = |tp: Tracepoint| {
+            problems
+                .iter()
+                .find(|(p, _)| p.category == tp.category && p.name == tp.name)
+                .map(|(_, e)| e.to_string())
+        };
         let mounts =
             std::fs::read_to_string("/proc/mounts").map_err(|cause| KernelError::Read {
                 path: "/proc/mounts".into(),
                 cause,
             })?;
         let cgroup = find_cgroup2(&mounts).ok_or(KernelError::NoCgroup2)?;
+        let cgroup_dir = || {
+            File::open(&cgroup).map_err(|cause| KernelError::Read {
+                path: cgroup.clone(),
+                cause,
+            })
+        };
 
         let salt = random_salt();
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("SOCK_SALT", &salt, true)
             .load(OBJECT)?;
-        let mut always_on = Vec::new();
-        for (name, tp) in ALWAYS_ON_TRACEPOINTS {
-            let prog = tracepoint(&mut ebpf, name)?;
-            let err = |cause| KernelError::Program {
-                program: name,
-                hook: tp.to_string(),
-                cause,
-            };
-            prog.load().map_err(err)?;
-            prog.attach(tp.category, tp.name).map_err(err)?;
-            always_on.push(tp.to_string());
+        let mut signals = Vec::new();
+
+        // Connects: required.
+        let mut s = Signal::new(name::CONNECTS, without::CONNECTS);
+        s.required = true;
+        attach_tracepoint(&mut ebpf, &mut s, "sg_set_state", tracefs::SET_STATE, None);
+        for (prog, hook) in [
+            ("sg_connect4", "cgroup/connect4"),
+            ("sg_connect6", "cgroup/connect6"),
+        ] {
+            attach_cgroup(&mut ebpf, &mut s, prog, hook, cgroup_dir()?);
         }
-        for (name, hook) in CGROUP_HOOKS {
-            let err = |cause| KernelError::Program {
-                program: name,
-                hook: hook.to_string(),
-                cause,
-            };
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(err)?;
-            let dir = File::open(&cgroup).map_err(|cause| KernelError::Read {
-                path: cgroup.clone(),
-                cause,
-            })?;
-            prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
-            always_on.push(hook.to_string());
+        if s.degraded() {
+            return Err(required(s.problems.join("; ")));
         }
+        signals.push(s);
+
+        let mut s = Signal::new(name::CONNECT_ERRORS, without::CONNECT_ERRORS);
+        let problem = tp_problem(tracefs::ERROR_REPORT);
+        attach_tracepoint(
+            &mut ebpf,
+            &mut s,
+            "sg_error_report",
+            tracefs::ERROR_REPORT,
+            problem,
+        );
+        signals.push(s);
+        let mut s = Signal::new(name::RESETS, without::RESETS);
+        let problem = tp_problem(tracefs::RECEIVE_RESET);
+        attach_tracepoint(
+            &mut ebpf,
+            &mut s,
+            "sg_recv_reset",
+            tracefs::RECEIVE_RESET,
+            problem,
+        );
+        signals.push(s);
+        let mut s = Signal::new(name::SYN_RETRANSMITS, without::SYN_RETRANSMITS);
+        let problem = tp_problem(tracefs::RETRANSMIT);
+        attach_tracepoint(
+            &mut ebpf,
+            &mut s,
+            "sg_retransmit",
+            tracefs::RETRANSMIT,
+            problem,
+        );
+        if offsets.rt_err == detector_common::FIELD_ABSENT && s.available() {
+            s.fallback = Some(
+                "no `err` field (Linux < 6.11): retransmits that failed to go out count too".into(),
+            );
+        }
+        signals.push(s);
+
+        // Sends and receives: the sock tracepoints (Linux 6.3+), else fexit
+        // on the protocols' sendmsg/recvmsg.
+        let mut btf = None;
+        for (signal_name, lost, prog, tp, fexits) in [
+            (
+                name::SENDS,
+                without::SENDS,
+                "sg_send_length",
+                tracefs::SEND_LENGTH,
+                SEND_FEXITS,
+            ),
+            (
+                name::RECEIVES,
+                without::RECEIVES,
+                "sg_recv_length",
+                tracefs::RECV_LENGTH,
+                RECV_FEXITS,
+            ),
+        ] {
+            let mut s = Signal::new(signal_name, lost);
+            match tp_problem(tp) {
+                None => attach_tracepoint(&mut ebpf, &mut s, prog, tp, None),
+                Some(why) => {
+                    s.fallback = Some(format!("{tp} unusable here ({why}); fexit instead"));
+                    let btf = btf.get_or_insert_with(Btf::from_sys_fs);
+                    match btf {
+                        Ok(btf) => {
+                            for (prog, function) in fexits {
+                                attach_fexit(&mut ebpf, &mut s, prog, function, btf);
+                            }
+                        }
+                        Err(e) => s.problems.push(format!(
+                            "{tp}: {why}; fexit needs BTF (/sys/kernel/btf/vmlinux): {e}"
+                        )),
+                    }
+                }
+            }
+            signals.push(s);
+        }
+
+        let mut s = Signal::new(name::PROCESSES, without::PROCESSES);
+        for (prog, tp) in [
+            ("sg_fork", tracefs::FORK),
+            ("sg_exec", tracefs::EXEC),
+            ("sg_exit", tracefs::EXIT),
+        ] {
+            attach_tracepoint(&mut ebpf, &mut s, prog, tp, None);
+        }
+        if offsets.ex_group_dead == detector_common::FIELD_ABSENT {
+            s.fallback = Some(
+                "sched_process_exit has no `group_dead` (Linux < 6.16): a process ends when its main thread exits"
+                    .into(),
+            );
+        }
+        signals.push(s);
+
+        let mut s = Signal::new(name::UDP_DESTINATIONS, without::UDP_DESTINATIONS);
+        for (prog, hook) in [
+            ("sg_sendmsg4", "cgroup/sendmsg4"),
+            ("sg_sendmsg6", "cgroup/sendmsg6"),
+        ] {
+            attach_cgroup(&mut ebpf, &mut s, prog, hook, cgroup_dir()?);
+        }
+        signals.push(s);
+
         // Loaded now, attached only while something is suspect.
-        tracepoint(&mut ebpf, "sg_exit_connect")?
-            .load()
-            .map_err(|cause| KernelError::Program {
-                program: "sg_exit_connect",
-                hook: tracefs::EXIT_CONNECT.to_string(),
-                cause,
-            })?;
-        program::<RawTracePoint>(&mut ebpf, "sg_sys_enter")?
-            .load()
-            .map_err(|cause| KernelError::Program {
+        let mut s = Signal::new(name::SYSCALL_PROBES, without::SYSCALL_PROBES);
+        s.on_demand = true;
+        match program::<RawTracePoint>(&mut ebpf, "sg_sys_enter").and_then(|p| {
+            p.load().map_err(|cause| KernelError::Program {
                 program: "sg_sys_enter",
                 hook: tracefs::SYS_ENTER.to_string(),
                 cause,
-            })?;
+            })
+        }) {
+            Ok(()) => s.via.push(format!("raw tracepoint {}", tracefs::SYS_ENTER)),
+            Err(e) => s.problems.push(e.to_string()),
+        }
+        let exit_connect_loaded = match tp_problem(tracefs::EXIT_CONNECT) {
+            Some(why) => {
+                s.problems.push(format!("{}: {why}", tracefs::EXIT_CONNECT));
+                false
+            }
+            None => match tracepoint(&mut ebpf, "sg_exit_connect")?.load() {
+                Ok(()) => {
+                    s.via.push(format!("tracepoint {}", tracefs::EXIT_CONNECT));
+                    true
+                }
+                Err(cause) => {
+                    s.problems
+                        .push(format!("tracepoint {}: {cause}", tracefs::EXIT_CONNECT));
+                    false
+                }
+            },
+        };
+        let sys_enter_loaded = s.via.iter().any(|v| v.starts_with("raw tracepoint"));
+        signals.push(s);
+
         // Optional: without them TLS is judged by lengths only.
+        let mut s = Signal::new(name::TLS_PLAINTEXT, without::TLS_PLAINTEXT);
+        s.on_demand = true;
         let mut tls_loaded = true;
         for name in [
             "sg_ssl_write",
@@ -267,17 +419,40 @@ impl Sensors {
                     cause,
                 })
             }) {
-                tracing::warn!("TLS plaintext probes unavailable: {e}");
+                s.problems.push(e.to_string());
                 tls_loaded = false;
                 break;
             }
         }
+        match find_libssl() {
+            Some(lib) if tls_loaded => s.via.push(format!("uprobes on {}", lib.display())),
+            None => s
+                .problems
+                .push("no shared libssl.so.3 on this host".to_string()),
+            _ => {}
+        }
+        signals.push(s);
+
+        for s in signals
+            .iter()
+            .filter(|s| s.degraded() || s.fallback.is_some())
+        {
+            tracing::warn!("kernel {}: {}", coverage::kernel_release(), s.describe());
+        }
+        let always_on = signals
+            .iter()
+            .filter(|s| !s.on_demand)
+            .flat_map(|s| s.via.iter().cloned())
+            .collect();
         Ok(Sensors {
             ebpf,
             on_demand: None,
             always_on,
+            signals,
             suspect_insert_failures: 0,
             tls_loaded,
+            sys_enter_loaded,
+            exit_connect_loaded,
             armed_probes: false,
             armed_cgroups: false,
             root_cgroup: {
@@ -285,6 +460,11 @@ impl Sensors {
                 std::fs::metadata(&cgroup).ok().map(|m| m.ino())
             },
         })
+    }
+
+    /// What this kernel gives, signal by signal (see [`coverage`]).
+    pub fn signals(&self) -> &[Signal] {
+        &self.signals
     }
 
     /// Takes the ring buffer of per-attempt records (once).
@@ -313,9 +493,10 @@ impl Sensors {
         ]
     }
 
-    /// Attaches the syscall probes. A no-op when they already are.
+    /// Attaches the syscall probes. A no-op when they already are, or
+    /// when this kernel could not load them (a gap in [`Sensors::signals`]).
     pub fn attach_on_demand(&mut self) -> Result<(), KernelError> {
-        if self.on_demand.is_some() {
+        if self.on_demand.is_some() || !self.sys_enter_loaded {
             return Ok(());
         }
         let sys_enter = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")?
@@ -325,20 +506,24 @@ impl Sensors {
                 hook: tracefs::SYS_ENTER.to_string(),
                 cause,
             })?;
-        let exit_connect = match tracepoint(&mut self.ebpf, "sg_exit_connect")?
-            .attach(tracefs::EXIT_CONNECT.category, tracefs::EXIT_CONNECT.name)
-        {
-            Ok(id) => id,
-            Err(cause) => {
-                // Leave nothing half-attached.
-                let _ = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")
-                    .map(|p| p.detach(sys_enter));
-                return Err(KernelError::Program {
-                    program: "sg_exit_connect",
-                    hook: tracefs::EXIT_CONNECT.to_string(),
-                    cause,
-                });
+        let exit_connect = if self.exit_connect_loaded {
+            match tracepoint(&mut self.ebpf, "sg_exit_connect")?
+                .attach(tracefs::EXIT_CONNECT.category, tracefs::EXIT_CONNECT.name)
+            {
+                Ok(id) => Some(id),
+                Err(cause) => {
+                    // Leave nothing half-attached.
+                    let _ = program::<RawTracePoint>(&mut self.ebpf, "sg_sys_enter")
+                        .map(|p| p.detach(sys_enter));
+                    return Err(KernelError::Program {
+                        program: "sg_exit_connect",
+                        hook: tracefs::EXIT_CONNECT.to_string(),
+                        cause,
+                    });
+                }
             }
+        } else {
+            None
         };
         let tls = self.attach_tls();
         self.set_armed(true)?;
@@ -424,13 +609,16 @@ impl Sensors {
                 hook: tracefs::SYS_ENTER.to_string(),
                 cause,
             });
-        let b = tracepoint(&mut self.ebpf, "sg_exit_connect")?
-            .detach(links.exit_connect)
-            .map_err(|cause| KernelError::Program {
-                program: "sg_exit_connect",
-                hook: tracefs::EXIT_CONNECT.to_string(),
-                cause,
-            });
+        let b = match links.exit_connect {
+            Some(id) => tracepoint(&mut self.ebpf, "sg_exit_connect")?
+                .detach(id)
+                .map_err(|cause| KernelError::Program {
+                    program: "sg_exit_connect",
+                    hook: tracefs::EXIT_CONNECT.to_string(),
+                    cause,
+                }),
+            None => Ok(()),
+        };
         self.set_suspects(&[])?;
         self.set_suspect_cgroups(&[])?;
         self.set_armed(false)?;
@@ -620,6 +808,88 @@ where
         hook: "-".into(),
         cause,
     })
+}
+
+/// The error for a kernel that cannot show connects, naming it.
+fn required(why: String) -> KernelError {
+    KernelError::Required {
+        kernel: coverage::kernel_release(),
+        why,
+    }
+}
+
+/// Loads and attaches a tracepoint program for `signal`, or records why
+/// not (`known` is a problem found in its format already).
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    signal: &mut Signal,
+    prog: &'static str,
+    tp: Tracepoint,
+    known: Option<String>,
+) {
+    if let Some(why) = known {
+        signal.problems.push(format!("tracepoint {tp}: {why}"));
+        return;
+    }
+    let result = tracepoint(ebpf, prog).and_then(|p| {
+        let err = |cause| KernelError::Program {
+            program: prog,
+            hook: tp.to_string(),
+            cause,
+        };
+        p.load().map_err(err)?;
+        p.attach(tp.category, tp.name).map_err(err)
+    });
+    match result {
+        Ok(_) => signal.via.push(format!("tracepoint {tp}")),
+        Err(e) => signal.problems.push(e.to_string()),
+    }
+}
+
+/// Loads and attaches a cgroup sock_addr hook at the cgroup v2 root.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    signal: &mut Signal,
+    prog: &'static str,
+    hook: &'static str,
+    dir: File,
+) {
+    let result = program::<CgroupSockAddr>(ebpf, prog).and_then(|p| {
+        let err = |cause| KernelError::Program {
+            program: prog,
+            hook: hook.to_string(),
+            cause,
+        };
+        p.load().map_err(err)?;
+        p.attach(dir, CgroupAttachMode::Single).map_err(err)
+    });
+    match result {
+        Ok(_) => signal.via.push(hook.to_string()),
+        Err(e) => signal.problems.push(e.to_string()),
+    }
+}
+
+/// Loads and attaches an fexit program on a kernel function.
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    signal: &mut Signal,
+    prog: &'static str,
+    function: &'static str,
+    btf: &Btf,
+) {
+    let result = program::<FExit>(ebpf, prog).and_then(|p| {
+        let err = |cause| KernelError::Program {
+            program: prog,
+            hook: format!("fexit/{function}"),
+            cause,
+        };
+        p.load(function, btf).map_err(err)?;
+        p.attach().map_err(err)
+    });
+    match result {
+        Ok(_) => signal.via.push(format!("fexit {function}")),
+        Err(e) => signal.problems.push(e.to_string()),
+    }
 }
 
 fn tracepoint<'a>(

@@ -116,9 +116,16 @@ impl Formats {
     }
 
     /// Offsets of every field the programs read, with their sizes checked.
-    pub fn offsets(&self) -> Result<Offsets, KernelError> {
+    ///
+    /// Only the tracepoints of connect outcomes and of processes are
+    /// required; they exist in every kernel stormguard was tested on. An
+    /// optional tracepoint that is missing or changed gets
+    /// [`detector_common::FIELD_ABSENT`] offsets and is returned with its
+    /// problem, so the loader can use another hook or name the gap.
+    pub fn offsets(&self) -> Result<(Offsets, Vec<(Tracepoint, KernelError)>), KernelError> {
         let mut o = Offsets::default();
-        let tp = |tp: Tracepoint, want: &mut [(&str, u32, &mut u32)]| {
+        let mut problems = Vec::new();
+        let read = |tp: Tracepoint, want: &mut [(&str, u32, &mut u32)]| {
             let fields = self.fields(tp)?;
             for (name, size, slot) in want.iter_mut() {
                 let info = fields.get(*name).ok_or_else(|| KernelError::MissingField {
@@ -137,7 +144,59 @@ impl Formats {
             }
             Ok::<_, KernelError>(())
         };
-        tp(
+        let mut optional = |tp: Tracepoint, want: &mut [(&str, u32, &mut u32)]| {
+            if let Err(e) = read(tp, want) {
+                for (_, _, slot) in want.iter_mut() {
+                    **slot = detector_common::FIELD_ABSENT;
+                }
+                problems.push((tp, e));
+            }
+        };
+        optional(
+            ERROR_REPORT,
+            &mut [
+                ("error", 4, &mut o.er_error),
+                ("sport", 2, &mut o.er_sport),
+                ("dport", 2, &mut o.er_dport),
+                ("family", 2, &mut o.er_family),
+                ("protocol", 2, &mut o.er_protocol),
+                ("daddr", 4, &mut o.er_daddr),
+                ("daddr_v6", 16, &mut o.er_daddr_v6),
+            ],
+        );
+        optional(
+            SEND_LENGTH,
+            &mut [
+                ("sk", 8, &mut o.sl_sk),
+                ("family", 2, &mut o.sl_family),
+                ("protocol", 2, &mut o.sl_protocol),
+                ("ret", 4, &mut o.sl_ret),
+            ],
+        );
+        optional(
+            RECV_LENGTH,
+            &mut [
+                ("sk", 8, &mut o.rl_sk),
+                ("family", 2, &mut o.rl_family),
+                ("protocol", 2, &mut o.rl_protocol),
+                ("ret", 4, &mut o.rl_ret),
+                ("flags", 4, &mut o.rl_flags),
+            ],
+        );
+        optional(RECEIVE_RESET, &mut [("skaddr", 8, &mut o.rr_skaddr)]);
+        optional(
+            RETRANSMIT,
+            &mut [
+                ("skaddr", 8, &mut o.rt_skaddr),
+                ("state", 4, &mut o.rt_state),
+            ],
+        );
+        optional(EXIT_CONNECT, &mut [("ret", 8, &mut o.xc_ret)]);
+        // Optional fields of present tracepoints: `err` since 6.11,
+        // `group_dead` since 6.16.
+        o.rt_err = self.optional_field(RETRANSMIT, "err", 4);
+        o.ex_group_dead = self.optional_field(EXIT, "group_dead", 1);
+        read(
             SET_STATE,
             &mut [
                 ("skaddr", 8, &mut o.ss_skaddr),
@@ -151,59 +210,17 @@ impl Formats {
                 ("daddr_v6", 16, &mut o.ss_daddr_v6),
             ],
         )?;
-        tp(
-            ERROR_REPORT,
-            &mut [
-                ("error", 4, &mut o.er_error),
-                ("sport", 2, &mut o.er_sport),
-                ("dport", 2, &mut o.er_dport),
-                ("family", 2, &mut o.er_family),
-                ("protocol", 2, &mut o.er_protocol),
-                ("daddr", 4, &mut o.er_daddr),
-                ("daddr_v6", 16, &mut o.er_daddr_v6),
-            ],
-        )?;
-        tp(
-            SEND_LENGTH,
-            &mut [
-                ("sk", 8, &mut o.sl_sk),
-                ("family", 2, &mut o.sl_family),
-                ("protocol", 2, &mut o.sl_protocol),
-                ("ret", 4, &mut o.sl_ret),
-            ],
-        )?;
-        tp(
-            RECV_LENGTH,
-            &mut [
-                ("sk", 8, &mut o.rl_sk),
-                ("family", 2, &mut o.rl_family),
-                ("protocol", 2, &mut o.rl_protocol),
-                ("ret", 4, &mut o.rl_ret),
-                ("flags", 4, &mut o.rl_flags),
-            ],
-        )?;
-        tp(RECEIVE_RESET, &mut [("skaddr", 8, &mut o.rr_skaddr)])?;
-        tp(
-            RETRANSMIT,
-            &mut [
-                ("skaddr", 8, &mut o.rt_skaddr),
-                ("state", 4, &mut o.rt_state),
-            ],
-        )?;
-        o.rt_err = match self.fields(RETRANSMIT)?.get("err") {
-            Some(f) if f.size == 4 => f.offset,
+        read(FORK, &mut [("child_pid", 4, &mut o.fk_child_pid)])?;
+        read(EXIT, &mut [("pid", 4, &mut o.ex_pid)])?;
+        Ok((o, problems))
+    }
+
+    /// The offset of a field some kernels lack, or FIELD_ABSENT.
+    fn optional_field(&self, tp: Tracepoint, name: &str, size: u32) -> u32 {
+        match self.fields(tp).ok().and_then(|f| f.get(name).copied()) {
+            Some(f) if f.size == size => f.offset,
             _ => detector_common::FIELD_ABSENT,
-        };
-        tp(FORK, &mut [("child_pid", 4, &mut o.fk_child_pid)])?;
-        tp(
-            EXIT,
-            &mut [
-                ("pid", 4, &mut o.ex_pid),
-                ("group_dead", 1, &mut o.ex_group_dead),
-            ],
-        )?;
-        tp(EXIT_CONNECT, &mut [("ret", 8, &mut o.xc_ret)])?;
-        Ok(o)
+        }
     }
 }
 
@@ -326,25 +343,39 @@ print fmt: \"family=%s\"";
         .collect();
         write(SET_STATE, &ss);
         let formats = Formats::new(&dir);
-        // error_report is missing entirely.
+        // fork is required and missing: named.
         match formats.offsets() {
             Err(KernelError::MissingTracepoint(name)) => {
-                assert_eq!(name, "sock:inet_sk_error_report")
+                assert_eq!(name, "sched:sched_process_fork")
             }
             other => panic!("expected a missing tracepoint, got {other:?}"),
         }
+        write(FORK, &field("child_pid", 12, 4));
+        write(EXIT, &field("pid", 8, 4));
+        // error_report is optional: missing, its offsets say so.
+        let (o, problems) = formats.offsets().unwrap();
+        assert_eq!(o.ss_skaddr, 16);
+        assert_eq!(o.ss_daddr_v6, 64);
+        assert_eq!(o.er_error, detector_common::FIELD_ABSENT);
+        assert_eq!(o.ex_group_dead, detector_common::FIELD_ABSENT);
+        assert!(problems.iter().any(|(tp, e)| tp.name == ERROR_REPORT.name
+            && matches!(e, KernelError::MissingTracepoint(n) if n == "sock:inet_sk_error_report")));
+        // Present but without a field it needs: a problem naming the field.
         let er: String = [("error", 8, 4), ("sport", 12, 2)]
             .iter()
             .map(|(n, o, s)| field(n, *o, *s))
             .collect();
         write(ERROR_REPORT, &er);
-        match formats.offsets() {
-            Err(KernelError::MissingField { tracepoint, field }) => {
-                assert_eq!(tracepoint, "sock:inet_sk_error_report");
-                assert_eq!(field, "dport");
-            }
-            other => panic!("expected a missing field, got {other:?}"),
-        }
+        let (o, problems) = formats.offsets().unwrap();
+        assert_eq!(o.er_error, detector_common::FIELD_ABSENT);
+        let named = problems.iter().any(|(_, e)| {
+            matches!(e, KernelError::MissingField { tracepoint, field }
+                if tracepoint == "sock:inet_sk_error_report" && field == "dport")
+        });
+        assert!(named, "{problems:?}");
+        // group_dead present: its offset is used.
+        write(EXIT, &(field("pid", 8, 4) + &field("group_dead", 12, 1)));
+        assert_eq!(formats.offsets().unwrap().0.ex_group_dead, 12);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
