@@ -203,6 +203,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         kernel_features: features.clone(),
+        kernel: kernel::coverage::kernel_release(),
         socket: config.daemon.socket.display().to_string(),
         database: config.store.path.display().to_string(),
         metrics: config.metrics.listen.clone(),
@@ -256,7 +257,9 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
             let d = state.borrow();
             if let Ok(mut s) = d.shared.status.lock() {
                 s.always_on = sensors.always_on.clone();
+                s.signals = sensors.signals().iter().map(Into::into).collect();
             }
+            d.metrics.set_signals(sensors.signals());
             tracing::info!(
                 socket = %d.config.daemon.socket.display(),
                 metrics = %d.config.metrics.listen,
@@ -430,6 +433,8 @@ impl Daemon {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
             always_on: sensors.always_on.clone(),
+            kernel: kernel::coverage::kernel_release(),
+            signals: sensors.signals().iter().map(Into::into).collect(),
             on_demand: OnDemandView {
                 mode: match pipe.on_demand {
                     OnDemand::Auto => "auto",

@@ -41,6 +41,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
@@ -71,6 +72,10 @@ pub struct Metrics {
     connect_attempts: Arc<ConnectAttempts>,
     events_dropped: Counter,
     incidents: Counter,
+    /// Per signal of [`crate::kernel::coverage`]: given by this kernel?
+    signal_available: Family<Vec<(String, String)>, Gauge<u64, AtomicU64>>,
+    /// Per signal: through a stand-in, an approximation, or only in part?
+    signal_degraded: Family<Vec<(String, String)>, Gauge<u64, AtomicU64>>,
     /// `None` when per-storm series are disabled.
     storms: Option<Arc<StormSeries>>,
     per_storm_max: usize,
@@ -115,6 +120,20 @@ impl Metrics {
             incidents.clone(),
         );
 
+        let signal_available = Family::<Vec<(String, String)>, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "signal_available",
+            "1 when this kernel gives stormguard the signal (connects, sends, ...), 0 when it is \
+             a gap (see `stormguard doctor`)",
+            signal_available.clone(),
+        );
+        let signal_degraded = Family::<Vec<(String, String)>, Gauge<u64, AtomicU64>>::default();
+        registry.register(
+            "signal_degraded",
+            "1 when the signal comes through a stand-in hook, an approximation, or only in part",
+            signal_degraded.clone(),
+        );
+
         let storms = per_storm.then(|| Arc::new(StormSeries::default()));
         if let Some(storms) = &storms {
             registry.register_collector(Box::new(Arc::clone(storms)));
@@ -127,8 +146,24 @@ impl Metrics {
             connect_attempts,
             events_dropped,
             incidents,
+            signal_available,
+            signal_degraded,
             storms,
             per_storm_max,
+        }
+    }
+
+    /// Sets `stormguard_signal_available` and `stormguard_signal_degraded`
+    /// from what the kernel gave at start.
+    pub fn set_signals(&self, signals: &[crate::kernel::Signal]) {
+        for s in signals {
+            let label = vec![("signal".to_string(), s.name.to_string())];
+            self.signal_available
+                .get_or_create(&label)
+                .set(u64::from(s.available()));
+            self.signal_degraded
+                .get_or_create(&label)
+                .set(u64::from(s.degraded() || s.fallback.is_some()));
         }
     }
 

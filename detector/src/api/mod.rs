@@ -75,6 +75,10 @@ pub struct StatusView {
     pub on_demand: OnDemandView,
     /// Kernel features looked for at start-up, and what was found.
     pub kernel_features: Vec<(String, String)>,
+    /// This kernel's release (`uname -r`).
+    pub kernel: String,
+    /// What this kernel gives, signal by signal, with stand-ins and gaps.
+    pub signals: Vec<SignalView>,
     /// Records from the kernel per second, over the last second.
     pub events_per_s: f64,
     pub ring_drops: u64,
@@ -85,6 +89,35 @@ pub struct StatusView {
     pub socket: String,
     pub database: String,
     pub metrics: String,
+}
+
+/// One signal of `status` (see `kernel::coverage::Signal`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SignalView {
+    pub name: String,
+    pub available: bool,
+    pub required: bool,
+    pub on_demand: bool,
+    pub via: Vec<String>,
+    pub fallback: Option<String>,
+    pub problems: Vec<String>,
+    /// What detection loses without it.
+    pub without: String,
+}
+
+impl From<&crate::kernel::Signal> for SignalView {
+    fn from(s: &crate::kernel::Signal) -> Self {
+        SignalView {
+            name: s.name.into(),
+            available: s.available(),
+            required: s.required,
+            on_demand: s.on_demand,
+            via: s.via.clone(),
+            fallback: s.fallback.clone(),
+            problems: s.problems.clone(),
+            without: s.without.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

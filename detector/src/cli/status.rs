@@ -44,8 +44,24 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         od.mode,
         od.hooks.join(", ")
     );
+    println!("kernel {}", s.kernel);
     for (name, found) in &s.kernel_features {
         println!("kernel {name}: {found}");
+    }
+    for sig in &s.signals {
+        let what = if !sig.available {
+            format!("MISSING — {} ({})", sig.without, sig.problems.join("; "))
+        } else {
+            let mut w = format!("via {}", sig.via.join(", "));
+            if let Some(f) = &sig.fallback {
+                w += &format!(" — {f}");
+            }
+            if !sig.problems.is_empty() {
+                w += &format!(" — partial: {}", sig.problems.join("; "));
+            }
+            w
+        };
+        println!("signal {}: {what}", sig.name);
     }
     println!(
         "events {:.0}/s, ring-buffer drops {}, untracked attempts {}",
