@@ -263,7 +263,9 @@ impl Sensors {
         ] {
             attach_cgroup(&mut ebpf, &mut s, prog, hook, cgroup_dir()?);
         }
-        if s.degraded() {
+        // The state tracepoint alone sees every connect's outcome; without
+        // the cgroup hooks only pre-SYN failures and namespaces are lost.
+        if !s.via.iter().any(|v| v.ends_with(tracefs::SET_STATE.name)) {
             return Err(required(s.problems.join("; ")));
         }
         signals.push(s);
