@@ -2,6 +2,7 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod events;
 pub mod explain;
 pub mod incidents;
@@ -51,6 +52,11 @@ pub enum Command {
     Events(events::EventsArgs),
     /// Check or show the configuration.
     Config(config::ConfigArgs),
+    /// Check this host: capabilities, tracefs, cgroup v2, BTF, which
+    /// programs load and attach, what each gap costs, and a self-test with
+    /// exact counts. Exit 0 when everything required works, 2 for the
+    /// environment, 1 for a failed self-test.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Options every engine-running command shares.
@@ -85,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain(args) => explain::run(args),
         Command::Events(args) => events::run(args),
         Command::Config(args) => config::run(args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 
@@ -92,6 +99,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// features, configuration), 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use crate::api::client::ClientError;
+    if let Some(f) = e.downcast_ref::<doctor::Failed>() {
+        return f.exit_code;
+    }
     if e.downcast_ref::<KernelError>().is_some()
         || e.downcast_ref::<crate::config::ConfigError>().is_some()
         || matches!(
