@@ -310,8 +310,8 @@ pub struct Offsets {
     // tcp:tcp_retransmit_skb
     pub rt_skaddr: u32,
     pub rt_state: u32,
-    /// `err` was added in Linux 6.11 (the tracepoint also fires for
-    /// retransmits that failed to go out); [`FIELD_ABSENT`] before that.
+    /// `err` is absent on 6.12 and older (the tracepoint also fires for
+    /// retransmits that failed to go out); [`FIELD_ABSENT`] there.
     pub rt_err: u32,
     // sched:sched_process_fork
     pub fk_child_pid: u32,

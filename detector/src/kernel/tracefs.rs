@@ -192,7 +192,7 @@ impl Formats {
             ],
         );
         optional(EXIT_CONNECT, &mut [("ret", 8, &mut o.xc_ret)]);
-        // Optional fields of present tracepoints: `err` since 6.11,
+        // Optional fields of present tracepoints: `err` (absent on 6.12 and older),
         // `group_dead` since 6.16.
         o.rt_err = self.optional_field(RETRANSMIT, "err", 4);
         o.ex_group_dead = self.optional_field(EXIT, "group_dead", 1);
