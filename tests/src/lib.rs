@@ -27,6 +27,23 @@ pub fn ebpf_required() -> bool {
     set("CI") || set("STORMGUARD_REQUIRE_EBPF")
 }
 
+/// How many times slower than the host this machine runs the tests:
+/// `STORMGUARD_TIME_SCALE` (`cargo xtask vmtest` sets it for emulated
+/// kernels), at least 1; 1 when unset.
+pub fn time_scale() -> f64 {
+    std::env::var("STORMGUARD_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|f| f.is_finite())
+        .map_or(1.0, |f| f.max(1.0))
+}
+
+/// A time bound stretched by [`time_scale`] (unchanged at 1).
+pub fn scaled(d: Duration) -> Duration {
+    let f = time_scale();
+    if f == 1.0 { d } else { d.mul_f64(f) }
+}
+
 /// Applies the policy above to a failed load.
 pub fn skip_or_fail(what: &str, err: &dyn std::fmt::Display) {
     if ebpf_required() {
@@ -76,7 +93,9 @@ impl Capture {
 
     /// Waits for a child while draining the ring, so a long wait (a 3 s
     /// timeout) cannot overflow it with the rest of the host's events.
+    /// The timeout is [`scaled`].
     pub fn wait_child(&mut self, mut child: ChildGuard, timeout: Duration) -> String {
+        let timeout = scaled(timeout);
         let end = Instant::now() + timeout;
         while child.0.try_wait().expect("wait").is_none() {
             assert!(Instant::now() < end, "child did not finish in {timeout:?}");
@@ -86,15 +105,17 @@ impl Capture {
         child.finish(Duration::from_secs(1))
     }
 
-    /// Drains until the ring has been quiet for 300 ms (at most 10 s), then
-    /// collects attempts that closed without an error report.
+    /// Drains until the ring has been quiet for 300 ms (at most 10 s; both
+    /// [`scaled`]), then collects attempts that closed without an error
+    /// report.
     pub fn settle(&mut self) {
-        let end = Instant::now() + Duration::from_secs(10);
+        let end = Instant::now() + scaled(Duration::from_secs(10));
+        let quiet = scaled(Duration::from_millis(300));
         let mut quiet_since = Instant::now();
         while Instant::now() < end {
             if self.drain() > 0 {
                 quiet_since = Instant::now();
-            } else if quiet_since.elapsed() > Duration::from_millis(300) {
+            } else if quiet_since.elapsed() > quiet {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -174,7 +195,9 @@ impl ChildGuard {
     }
 
     /// Waits for the child and returns its stdout, failing on a bad exit.
+    /// The timeout is [`scaled`].
     pub fn finish(mut self, timeout: Duration) -> String {
+        let timeout = scaled(timeout);
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.0.try_wait().expect("wait") {
@@ -379,14 +402,14 @@ impl LiveRun {
         })
     }
 
-    /// Drains and ticks until `done` says so or `bound` passes; returns
-    /// whether `done` held.
+    /// Drains and ticks until `done` says so or `bound` ([`scaled`])
+    /// passes; returns whether `done` held.
     pub fn run_until(
         &mut self,
         bound: Duration,
         mut done: impl FnMut(&[stormguard::detect::VerdictChange]) -> bool,
     ) -> bool {
-        let end = Instant::now() + bound;
+        let end = Instant::now() + scaled(bound);
         while Instant::now() < end {
             let pipe = &mut self.pipe;
             self.ring.drain(|r| match r {
@@ -528,7 +551,7 @@ impl Daemon {
         let err = lines(child.0.stderr.take().expect("stderr"));
         let started = Instant::now();
         loop {
-            match err.recv_timeout(Duration::from_secs(30)) {
+            match err.recv_timeout(scaled(Duration::from_secs(30))) {
                 Ok(l) if l.contains(" ready ") || l.ends_with(" ready") => break,
                 Ok(l)
                     if l.starts_with("stormguard: ") && !l.starts_with("stormguard: watching") =>

@@ -17,7 +17,7 @@ use std::{
 };
 
 use stormguard::detect::{State, Subject, VerdictChange};
-use stormguard_tests::{Cgroup, ChildGuard, LiveRun, closed_port};
+use stormguard_tests::{Cgroup, ChildGuard, LiveRun, closed_port, scaled, time_scale};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -80,7 +80,8 @@ fn row(scenario: &str, expected: &str, got: &str, time_to_flag: Option<u64>) {
 
 /// Runs `start` under a live, recorded pipeline until `subject` is a storm
 /// (or `bound`), lets the client finish, then checks the replay gives the
-/// same verdicts and returns the time to flag on the injected clock.
+/// same verdicts and returns the time to flag on the injected clock. The
+/// injected clock is the live one, so `bound_ns` is [`scaled`].
 fn expect_storm(
     name: &str,
     bound_ns: u64,
@@ -89,6 +90,7 @@ fn expect_storm(
     child: ChildGuard,
 ) -> Option<(Vec<VerdictChange>, u64)> {
     let live = run.as_mut()?;
+    let bound_ns = scaled(Duration::from_nanos(bound_ns)).as_nanos() as u64;
     let started = Instant::now();
     let flagged = live.run_until(Duration::from_secs(15), |ch| {
         first_storm(ch, &subject).is_some()
@@ -99,7 +101,8 @@ fn expect_storm(
     let (live_changes, replayed) = run.take()?.finish();
     assert!(
         flagged,
-        "{name}: no storm live within 15 s: {live_changes:#?}"
+        "{name}: no storm live within {:?}: {live_changes:#?}",
+        scaled(Duration::from_secs(15))
     );
     println!("{name}: live run flagged the storm {live_time:?} after the client started");
     assert_eq!(
@@ -393,23 +396,27 @@ fn healthy_2000_connects_per_second_with_responses_are_never_a_storm() {
         return;
     };
     let addr = reply_server(b"pong\n").to_string();
+    // 5 s at the paced rate (also at a slower machine's lower rate).
+    let count = (10_000.0 / time_scale()).round();
     let c = client(&[
         "tcp",
         "--addr",
         &addr,
         "--count",
-        "10000",
+        &count.to_string(),
         "--request",
         "--rate",
         "2000",
     ]);
     let pid = c.pid();
-    let (changes, rate) = expect_no_storm("healthy_connects", flow_of(pid), run, c, Some(10_000.0));
+    let (changes, rate) = expect_no_storm("healthy_connects", flow_of(pid), run, c, Some(count));
     let rate = rate.unwrap();
     println!("healthy_connects: achieved {rate:.0} connects/s");
+    // A slower machine tests the same point at a proportionally lower rate.
+    let floor = 1800.0 / time_scale();
     assert!(
-        rate >= 1800.0,
-        "only {rate:.0} connects/s: the row did not test 2,000/s"
+        rate >= floor,
+        "only {rate:.0} connects/s (floor {floor:.0}): the row did not test 2,000/s"
     );
     let got = last_state(&changes, pid);
     row(
@@ -429,12 +436,14 @@ fn healthy_keep_alive_10000_distinct_requests_per_second_are_never_a_storm() {
     const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     let addr = reply_server(REPLY).to_string();
     let reply_len = REPLY.len().to_string();
+    // 3 s at the paced rate (also at a slower machine's lower rate).
+    let count = (30_000.0 / time_scale()).round();
     let c = client(&[
         "http",
         "--addr",
         &addr,
         "--count",
-        "30000",
+        &count.to_string(),
         "--distinct",
         "--rate",
         "10000",
@@ -442,13 +451,14 @@ fn healthy_keep_alive_10000_distinct_requests_per_second_are_never_a_storm() {
         &reply_len,
     ]);
     let pid = c.pid();
-    let (changes, rate) =
-        expect_no_storm("healthy_keepalive", flow_of(pid), run, c, Some(30_000.0));
+    let (changes, rate) = expect_no_storm("healthy_keepalive", flow_of(pid), run, c, Some(count));
     let rate = rate.unwrap();
     println!("healthy_keepalive: achieved {rate:.0} requests/s");
+    // A slower machine tests the same point at a proportionally lower rate.
+    let floor = 9000.0 / time_scale();
     assert!(
-        rate >= 9000.0,
-        "only {rate:.0} requests/s: the row did not test 10,000/s"
+        rate >= floor,
+        "only {rate:.0} requests/s (floor {floor:.0}): the row did not test 10,000/s"
     );
     let got = last_state(&changes, pid);
     row(
@@ -480,7 +490,7 @@ fn a_pool_of_50_reconnecting_once_after_a_server_restart_is_never_a_storm() {
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
-        let end = Instant::now() + Duration::from_secs(10);
+        let end = Instant::now() + scaled(Duration::from_secs(10));
         let mut n = 0;
         while n < 50 && Instant::now() < end {
             match listener.accept() {
@@ -511,7 +521,7 @@ fn holds_storm(name: &str, subject: impl Fn(&Subject) -> bool, spawn: impl FnOnc
     let mut child = Some(spawn());
     let started = Instant::now();
     let mut ended_ns = None;
-    while ended_ns.is_none() && started.elapsed() < Duration::from_secs(60) {
+    while ended_ns.is_none() && started.elapsed() < scaled(Duration::from_secs(60)) {
         run.run_until(Duration::from_millis(200), |_| false);
         if child.as_mut().unwrap().0.try_wait().unwrap().is_some() {
             ended_ns = Some(stormguard::kernel::monotonic_ns());

@@ -9,7 +9,7 @@ use std::{
 };
 
 use stormguard::ingest::Proto;
-use stormguard_tests::{Capture, ChildGuard, NetNs, closed_port, run};
+use stormguard_tests::{Capture, ChildGuard, NetNs, closed_port, run, scaled, time_scale};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 
@@ -355,7 +355,7 @@ fn udp_replies_on_a_connected_socket_are_counted() {
     let server = UdpSocket::bind("127.0.0.1:0").unwrap();
     let dest = server.local_addr().unwrap();
     server
-        .set_read_timeout(Some(Duration::from_secs(20)))
+        .set_read_timeout(Some(scaled(Duration::from_secs(20))))
         .unwrap();
     let echo = thread::spawn(move || {
         let mut buf = [0u8; 512];
@@ -391,6 +391,9 @@ fn replies_of_a_probed_client_are_read_as_http_statuses() {
         return;
     };
     let (dest, server) = answer_one_connection(REPLY);
+    // 10 ms apart (stretched on a slow machine), so attaching the probes
+    // below costs only the first few replies.
+    let gap_ms = (10.0 * time_scale()).round().to_string();
     let c = client(&[
         "http",
         "--addr",
@@ -398,7 +401,7 @@ fn replies_of_a_probed_client_are_read_as_http_statuses() {
         "--count",
         "100",
         "--gap-ms",
-        "10",
+        &gap_ms,
         "--reply-len",
         &REPLY.len().to_string(),
     ]);

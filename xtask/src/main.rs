@@ -1,10 +1,14 @@
-//! Project tasks: `cargo xtask <setup|build|test|run|bench>`. Every task
-//! except `setup` itself runs setup first, so a fresh machine needs nothing
-//! but rustup and the two README commands.
+//! Project tasks: `cargo xtask <setup|build|test|run|bench|install>`. Every
+//! task except `setup` itself (and `install --no-build`) runs setup first, so
+//! a fresh machine needs nothing but rustup and the two README commands.
 mod bench;
 mod corpus_tools;
+mod install;
 mod setup;
 mod tasks;
+mod vmtest;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +41,23 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build release and install the binary (where the unit's ExecStart
+    /// points), the systemd unit and the default config (an existing config
+    /// is kept). Into / (the default, as root or through sudo) also create
+    /// group stormguard and reload systemd; into another ROOT, only write
+    /// files under it.
+    Install {
+        /// Install under this directory instead of / (staging, packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Install the existing target/release/stormguard without building
+        /// (and without setup).
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Boot Debian's 6.1 and 6.12 kernels under qemu and run the
+    /// kernel-facing tests in each (as root; minutes under TCG).
+    Vmtest(vmtest::Args),
 }
 
 fn main() {
@@ -47,6 +68,9 @@ fn main() {
         Cmd::Test => setup::run().and_then(|env| tasks::test(&env)),
         Cmd::Run { args } => setup::run().and_then(|env| tasks::run(&env, &args)),
         Cmd::Bench(args) => setup::run().and_then(|_| bench::run(args)),
+        Cmd::Install { root, no_build } if no_build => install::run(None, &root),
+        Cmd::Install { root, .. } => setup::run().and_then(|env| install::run(Some(&env), &root)),
+        Cmd::Vmtest(args) => setup::run().and_then(|env| vmtest::run(&env, args)),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

@@ -1,6 +1,9 @@
 //! build, test and run: thin wrappers over cargo with the eBPF toolchain on
 //! PATH and root where the kernel requires it.
-use std::process::Command;
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -106,15 +109,77 @@ pub fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     install(false).or_else(|_| install(true))
 }
 
+/// Wall times of `cargo xtask test`'s stages: each printed as it ends, and
+/// all of them in a table when this is dropped (so also after a failure).
+#[derive(Default)]
+struct Stages(Vec<(&'static str, Duration, bool)>);
+
+impl Stages {
+    fn stage(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let result = f();
+        let took = start.elapsed();
+        match &result {
+            Ok(()) => println!("xtask: stage {name} took {:.1} s", took.as_secs_f64()),
+            Err(_) => println!(
+                "xtask: stage {name} failed after {:.1} s",
+                took.as_secs_f64()
+            ),
+        }
+        self.0.push((name, took, result.is_ok()));
+        result
+    }
+}
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        let width = self.0.iter().map(|(n, ..)| n.len()).fold(5, usize::max);
+        println!("xtask: stage times");
+        for (name, took, ok) in &self.0 {
+            println!(
+                "  {name:<width$} {:>8.1} s{}",
+                took.as_secs_f64(),
+                if *ok { "" } else { "  FAILED" }
+            );
+        }
+        let total: Duration = self.0.iter().map(|(_, t, _)| *t).sum();
+        println!("  {:<width$} {:>8.1} s", "total", total.as_secs_f64());
+    }
+}
+
+/// The stages of `cargo xtask test`, in order; the first failure stops them
+/// (the table of stage times is printed either way).
 pub fn test(env: &Env) -> anyhow::Result<()> {
-    ensure_packages(&TEST_TOOLS)?;
-    ensure_prometheus_parser()?;
-    crate::corpus_tools::ensure_corpus_tools()?;
-    status(env.cargo().args(["fmt", "--all", "--", "--check"]))?;
-    status(
-        env.cargo()
-            .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
-    )?;
+    let mut s = Stages::default();
+    s.stage("tools", || {
+        ensure_packages(&TEST_TOOLS)?;
+        ensure_prometheus_parser()?;
+        crate::corpus_tools::ensure_corpus_tools()
+    })?;
+    s.stage("fmt", || {
+        status(env.cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    s.stage("clippy", || {
+        status(
+            env.cargo()
+                .args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+        )
+    })?;
+    s.stage("clippy-ebpf", || clippy_ebpf(env))?;
+    s.stage("test", || unit_and_integration(env))?;
+    s.stage("install", || install_into_temporary_root(env))?;
+    // The kernel-facing tests again on Debian's 6.1 and 6.12 under qemu.
+    s.stage("vmtest", || {
+        crate::vmtest::run_all(env, &crate::vmtest::Args::default())
+    })?;
+    Ok(())
+}
+
+fn clippy_ebpf(env: &Env) -> anyhow::Result<()> {
     // The kernel crate only builds for the BPF target with nightly. CARGO
     // points at a toolchain's cargo, not the rustup proxy, so ask rustup.
     status(
@@ -136,7 +201,10 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
             ])
             .env("PATH", env.path())
             .env("CARGO_TARGET_DIR", "target/ebpf-clippy"),
-    )?;
+    )
+}
+
+fn unit_and_integration(env: &Env) -> anyhow::Result<()> {
     // CLI tests run the binary; cargo does not build a dependency's bins.
     status(env.cargo().args(["build", "-p", "detector"]))?;
     let mut t = env.cargo();
@@ -146,6 +214,19 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
         t.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
     status(&mut t)
+}
+
+/// The README's install, built and installed into target/install-test
+/// (removed first), then checked.
+fn install_into_temporary_root(env: &Env) -> anyhow::Result<()> {
+    let root = crate::install::target_dir().join("install-test");
+    match std::fs::remove_dir_all(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", root.display())),
+    }
+    crate::install::run(Some(env), &root)?;
+    crate::install::check(&root)
 }
 
 pub fn run(env: &Env, args: &[String]) -> anyhow::Result<()> {
