@@ -472,13 +472,11 @@ fn metrics_parse_with_a_real_prometheus_parser_and_events_and_top_follow_storms(
     assert_eq!(m["stormguard_events_dropped_total{}"], 0.0);
     // What the kernel gives, per signal.
     assert_eq!(
-        m[r#"stormguard_signal_available{"signal": "connects"}"#],
-        1.0,
+        m[r#"stormguard_signal_available{"signal": "connects"}"#], 1.0,
         "{m}"
     );
     assert_eq!(
-        m[r#"stormguard_signal_available{"signal": "sends"}"#],
-        1.0,
+        m[r#"stormguard_signal_available{"signal": "sends"}"#], 1.0,
         "{m}"
     );
     assert!(

@@ -301,7 +301,8 @@ impl Sensors {
         );
         if offsets.rt_err == detector_common::FIELD_ABSENT && s.available() {
             s.fallback = Some(
-                "no `err` field (6.12 and older): retransmits that failed to go out count too".into(),
+                "no `err` field (6.12 and older): retransmits that failed to go out count too"
+                    .into(),
             );
         }
         signals.push(s);
