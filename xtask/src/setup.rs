@@ -47,8 +47,10 @@ pub fn run() -> anyhow::Result<Env> {
     Ok(env)
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+/// Runs a command for its stdout, failing with its stderr.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
+        .stderr(std::process::Stdio::piped())
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {

@@ -15,6 +15,8 @@ use std::{
 
 use anyhow::Context as _;
 
+use crate::tasks::describe;
+
 /// One test binary run in the guest, with the exact tests it must run.
 pub struct Step {
     pub name: &'static str,
@@ -262,14 +264,6 @@ pub fn boot(
     let text = fs::read(results).unwrap_or_default();
     parse_results(&String::from_utf8_lossy(&text), &mut report);
     Ok(report)
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Splits the results port's text into steps.

@@ -9,10 +9,13 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use super::initrd::Cpio;
-use crate::tasks::{ensure_packages, status};
+use crate::{
+    setup::output,
+    tasks::{ensure_packages, status},
+};
 
 /// A kernel line vmtest can boot.
 pub struct Spec {
@@ -99,20 +102,6 @@ pub fn fetch(cache: &Path, spec: &Spec) -> anyhow::Result<Kernel> {
         vmlinuz,
         modules_cpio,
     })
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// (package, candidate version) of the newest matching package apt knows.
