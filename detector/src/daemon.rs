@@ -256,7 +256,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         Box::new(move |sensors: &Sensors| {
             let d = state.borrow();
             if let Ok(mut s) = d.shared.status.lock() {
-                s.always_on = sensors.always_on.clone();
+                s.always_on = sensors.always_on();
                 s.signals = sensors.signals().iter().map(Into::into).collect();
             }
             d.metrics.set_signals(sensors.signals());
@@ -432,7 +432,7 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
-            always_on: sensors.always_on.clone(),
+            always_on: sensors.always_on(),
             kernel: kernel::coverage::kernel_release(),
             signals: sensors.signals().iter().map(Into::into).collect(),
             on_demand: OnDemandView {

@@ -195,7 +195,7 @@ fn examine() -> Report {
                     Status::Ok,
                     format!(
                         "loaded; {} always-on hooks attached in {} ms",
-                        s.always_on.len(),
+                        s.always_on().len(),
                         started.elapsed().as_millis()
                     ),
                 ));

@@ -106,7 +106,7 @@ pub async fn drive(
     }
     eprintln!(
         "stormguard: watching; always-on hooks: {}; on-demand ({}): {}",
-        sensors.always_on.join(", "),
+        sensors.always_on().join(", "),
         match opts.on_demand {
             OnDemand::Auto => "when a process is suspect",
             OnDemand::Always => "always",

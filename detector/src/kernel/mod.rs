@@ -189,8 +189,6 @@ pub fn find_libssl() -> Option<PathBuf> {
 pub struct Sensors {
     ebpf: Ebpf,
     on_demand: Option<OnDemand>,
-    /// Hooks attached for the life of the sensors, for `status`/`watch`.
-    pub always_on: Vec<String>,
     /// Suspects the kernel's SUSPECTS map refused (it is LRU, so this
     /// should stay 0; counted rather than fatal).
     pub suspect_insert_failures: u64,
@@ -442,15 +440,9 @@ impl Sensors {
         {
             tracing::warn!("kernel {}: {}", coverage::kernel_release(), s.describe());
         }
-        let always_on = signals
-            .iter()
-            .filter(|s| !s.on_demand)
-            .flat_map(|s| s.via.iter().cloned())
-            .collect();
         Ok(Sensors {
             ebpf,
             on_demand: None,
-            always_on,
             signals,
             suspect_insert_failures: 0,
             tls_loaded,
@@ -468,6 +460,16 @@ impl Sensors {
     /// What this kernel gives, signal by signal (see [`coverage`]).
     pub fn signals(&self) -> &[Signal] {
         &self.signals
+    }
+
+    /// Hooks attached for the life of the sensors, for `status`/`watch`:
+    /// those of the signals that are not on demand.
+    pub fn always_on(&self) -> Vec<String> {
+        self.signals
+            .iter()
+            .filter(|s| !s.on_demand)
+            .flat_map(|s| s.via.iter().cloned())
+            .collect()
     }
 
     /// Takes the ring buffer of per-attempt records (once).
