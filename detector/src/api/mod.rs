@@ -7,6 +7,7 @@
 //! per line until the client hangs up).
 pub mod client;
 pub mod server;
+pub mod socket;
 
 use serde::{Deserialize, Serialize};
 
