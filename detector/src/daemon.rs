@@ -22,7 +22,6 @@ use crate::{
         server::{Shared, now_ms},
         socket::bind_socket,
     },
-    cli::watch::{self, Interval, Options},
     config::Config,
     detect::{State, VerdictChange},
     incident::{self, IncidentTracker},
@@ -30,6 +29,7 @@ use crate::{
     kernel::{self, Sensors},
     metrics::Metrics,
     pipeline::{OnDemand, Pipeline},
+    service::{self, Interval, Options},
     store::Store,
 };
 
@@ -204,7 +204,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     };
     let changes_state = state.clone();
     let interval_state = state.clone();
-    let result = watch::drive(
+    let result = service::drive(
         Options {
             config: config.clone(),
             interval_ms: 1000,

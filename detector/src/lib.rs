@@ -28,4 +28,5 @@ pub mod kernel;
 pub mod metrics;
 pub mod pipeline;
 pub mod record;
+pub mod service;
 pub mod store;

@@ -6,22 +6,20 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::Write as _,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
-use tokio::io::{Interest, unix::AsyncFd};
 
 use super::EngineArgs;
 use crate::{
-    config::Config,
-    detect::{State, Subject, Verdict, VerdictChange, probes::ProbeConfig},
-    flows::{FlowCounts, FlowRow},
+    detect::{State, Subject, Verdict},
+    flows::FlowCounts,
     ingest::{Destination, Proto},
     kernel::{self, Sensors},
-    pipeline::{OnDemand, Pipeline, TICK_NS},
+    pipeline::{OnDemand, Pipeline},
+    service::{self, Interval, Options},
 };
 
 #[derive(Debug, Args)]
@@ -48,124 +46,11 @@ pub struct WatchArgs {
     pub engine: EngineArgs,
 }
 
-/// What the shared loop needs.
-pub struct Options {
-    pub config: Config,
-    pub interval_ms: u64,
-    pub duration: Option<u64>,
-    pub on_demand: OnDemand,
-    pub probe_max_secs: u64,
-    pub record: Option<Box<dyn std::io::Write + Send>>,
-    /// Called once the probes are loaded and attached.
-    pub on_ready: Option<OnReady>,
-}
-
-/// What `Options::on_ready` holds.
-pub type OnReady = Box<dyn FnOnce(&Sensors)>;
-
-/// One finished reporting interval.
-pub struct Interval {
-    pub rows: Vec<FlowRow>,
-    pub secs: f64,
-}
-
-/// Loads the sensors and runs the pipeline until Ctrl-C, SIGTERM or the
-/// duration: records drained as they arrive, the engine ticked every
-/// 100 ms (`on_changes`), a report every interval (`on_interval`).
-pub async fn drive(
-    opts: Options,
-    mut on_changes: impl FnMut(&mut Pipeline, &[VerdictChange]) -> anyhow::Result<()>,
-    mut on_interval: impl FnMut(&mut Pipeline, &Sensors, Interval) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let mut sensors = Sensors::load()?;
-    let ring = sensors.take_events()?;
-    // SAFETY: the ring's fd stays open as long as the AsyncFd owns the ring.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("registering the ring buffer with tokio")?;
-    let mut pipe = Pipeline::new(
-        opts.config.detect.clone(),
-        ProbeConfig {
-            max_attached_ns: opts.probe_max_secs * 1_000_000_000,
-            ..Default::default()
-        },
-        opts.on_demand,
-    );
-    if let Some(out) = opts.record {
-        pipe.record_to(out);
-    }
-    if opts.on_demand == OnDemand::Always {
-        sensors.attach_on_demand()?;
-    }
-    // Signal handlers before anyone is told we are ready: a SIGTERM that
-    // follows READY=1 at once must still stop us cleanly.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    if let Some(ready) = opts.on_ready {
-        ready(&sensors);
-    }
-    eprintln!(
-        "stormguard: watching; always-on hooks: {}; on-demand ({}): {}",
-        sensors.always_on().join(", "),
-        match opts.on_demand {
-            OnDemand::Auto => "when a process is suspect",
-            OnDemand::Always => "always",
-            OnDemand::Never => "never",
-        },
-        Sensors::on_demand_hooks().join(", ")
-    );
-    let interval = Duration::from_millis(opts.interval_ms);
-    let start = tokio::time::Instant::now();
-    let mut ticker = tokio::time::interval_at(
-        start + Duration::from_nanos(TICK_NS),
-        Duration::from_nanos(TICK_NS),
-    );
-    let mut reporter = tokio::time::interval_at(start + interval, interval);
-    let deadline = opts.duration.map(|s| start + Duration::from_secs(s));
-    let mut last_report = kernel::monotonic_ns();
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                guard.get_inner_mut().drain(|r| match r {
-                    Ok(obs) => pipe.observe(&obs),
-                    Err(_) => pipe.decode_errors += 1,
-                });
-                guard.clear_ready();
-            }
-            _ = ticker.tick() => {
-                // Records already in the ring belong before this tick.
-                ring.get_mut().drain(|r| match r {
-                    Ok(obs) => pipe.observe(&obs),
-                    Err(_) => pipe.decode_errors += 1,
-                });
-                let changes = pipe.tick(&mut sensors, kernel::monotonic_ns())?;
-                on_changes(&mut pipe, &changes)?;
-            }
-            _ = reporter.tick() => {
-                let now = kernel::monotonic_ns();
-                let secs = (now - last_report) as f64 / 1e9;
-                last_report = now;
-                let rows = pipe.flows.take_interval();
-                on_interval(&mut pipe, &sensors, Interval { rows, secs })?;
-                pipe.end_interval();
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = async { tokio::time::sleep_until(deadline.unwrap_or(start)).await }, if deadline.is_some() => break,
-        }
-    }
-    sensors.detach_on_demand()?;
-    drop(sensors);
-    eprintln!("stormguard: detached");
-    Ok(())
-}
-
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let json = args.json;
     let top = args.top;
     let probe_max_secs = args.probe_max_secs;
-    drive(
+    service::drive(
         Options {
             config: args.engine.load()?,
             interval_ms: args.interval_ms,
