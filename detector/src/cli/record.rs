@@ -5,7 +5,7 @@ use std::{io::Write as _, path::PathBuf};
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{EngineArgs, watch};
+use super::EngineArgs;
 use crate::{detect::VerdictChange, pipeline::OnDemand};
 
 #[derive(Debug, Args)]
@@ -30,8 +30,8 @@ pub async fn run(args: RecordArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.file.display()))?;
     let out = Box::new(std::io::BufWriter::new(file));
     let json = args.json;
-    watch::drive(
-        watch::Options {
+    crate::service::drive(
+        crate::service::Options {
             config: args.engine.load()?,
             interval_ms: 1000,
             duration: args.duration,
