@@ -326,12 +326,80 @@ pub struct Offsets {
 pub const FIELD_ABSENT: u32 = u32::MAX;
 
 /// Indices into the `STATS` per-CPU array.
+///
+/// The first [`anomaly::COUNT`] slots count kernel-side anomalies, one per
+/// kind (the kind is the slot); then two slots per [`table`]: inserts of
+/// new keys and successful deletes made by the programs, from which user
+/// space derives LRU evictions (inserts − deletes − live entries).
 pub mod stat {
-    /// Ring buffer full: an event was lost.
+    /// Ring buffer full: an event was lost ([`super::anomaly::RING_FULL`]).
     pub const RING_DROPS: u32 = 0;
-    /// A bounded map refused an insert (an attempt could not be tracked).
+    /// A bounded map refused an insert (an attempt could not be tracked;
+    /// [`super::anomaly::MAP_INSERT`]).
     pub const MAP_FULL: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// First per-table slot: see [`inserts`] and [`deletes`].
+    pub const TABLES: u32 = super::anomaly::COUNT;
+    /// Slot counting the new keys the programs inserted into `table`.
+    pub const fn inserts(table: u32) -> u32 {
+        TABLES + 2 * table
+    }
+    /// Slot counting the keys the programs deleted from `table`.
+    pub const fn deletes(table: u32) -> u32 {
+        TABLES + 2 * table + 1
+    }
+    pub const COUNT: u32 = TABLES + 2 * super::table::COUNT;
+}
+
+/// Kinds of kernel-side anomaly: each is counted in its `STATS` slot (the
+/// kind is the slot number) and logged through aya-log at most once per
+/// second per CPU.
+pub mod anomaly {
+    /// A ring reservation failed: the record was lost.
+    pub const RING_FULL: u32 = 0;
+    /// A map refused an insert (full, or out of memory).
+    pub const MAP_INSERT: u32 = 1;
+    /// A state the programs do not expect (e.g. a TCP socket leaving
+    /// SYN_SENT for something other than ESTABLISHED or CLOSE, or an entry
+    /// found and then not removable).
+    pub const UNEXPECTED_STATE: u32 = 2;
+    /// A hook body failed on a helper (a tracepoint field unreadable…)
+    /// and dropped what it was doing.
+    pub const PROBE_ERROR: u32 = 3;
+    pub const COUNT: u32 = 4;
+    /// Names, by kind, for logs, status and metrics.
+    pub const NAMES: [&str; COUNT as usize] =
+        ["ring_full", "map_insert", "unexpected_state", "probe_error"];
+}
+
+/// The LRU maps whose inserts and deletes the programs count (see
+/// [`stat::inserts`]), so evictions can be told apart from deletes.
+pub mod table {
+    pub const INFLIGHT: u32 = 0;
+    pub const CLOSED: u32 = 1;
+    pub const PRE_SYN: u32 = 2;
+    pub const UDP_DEST: u32 = 3;
+    pub const SUSPECTS: u32 = 4;
+    pub const SYSCALLS: u32 = 5;
+    pub const RECV_NOTES: u32 = 6;
+    pub const CONNS: u32 = 7;
+    pub const TLS_FP: u32 = 8;
+    pub const TLS_READS: u32 = 9;
+    pub const THREAD_SOCK: u32 = 10;
+    pub const COUNT: u32 = 11;
+    /// Map names, by table number (as in the object file).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "INFLIGHT",
+        "CLOSED",
+        "PRE_SYN",
+        "UDP_DEST",
+        "SUSPECTS",
+        "SYSCALLS",
+        "RECV_NOTES",
+        "CONNS",
+        "TLS_FP",
+        "TLS_READS",
+        "THREAD_SOCK",
+    ];
 }
 
 /// Map capacities; the user side reads nothing from these but the tests.

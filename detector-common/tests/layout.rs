@@ -86,3 +86,24 @@ fn offsets_is_a_flat_array_of_u32() {
     assert_eq!(offset_of!(Offsets, rt_err), 28 * 4);
     assert_eq!(offset_of!(Offsets, xc_ret), 32 * 4);
 }
+
+/// Anomaly kinds are the first STATS slots, then two per counted table:
+/// no slot is shared, none is past the array.
+#[test]
+fn stats_slots_do_not_overlap() {
+    use detector_common::{anomaly, stat, table};
+    assert_eq!(stat::RING_DROPS, anomaly::RING_FULL);
+    assert_eq!(stat::MAP_FULL, anomaly::MAP_INSERT);
+    assert_eq!(anomaly::NAMES.len() as u32, anomaly::COUNT);
+    assert_eq!(table::NAMES.len() as u32, table::COUNT);
+    let mut slots: Vec<u32> = (0..anomaly::COUNT).collect();
+    for t in 0..table::COUNT {
+        slots.push(stat::inserts(t));
+        slots.push(stat::deletes(t));
+    }
+    let n = slots.len();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(slots.len(), n);
+    assert_eq!(slots.last().copied(), Some(stat::COUNT - 1));
+}

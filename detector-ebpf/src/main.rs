@@ -6,78 +6,88 @@
 
 mod maps;
 mod probes;
+mod tables;
 mod util;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, fexit, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    macros::{cgroup_sock, cgroup_sock_addr, fexit, raw_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{
         FExitContext, ProbeContext, RawTracePointContext, RetProbeContext, SockAddrContext,
-        TracePointContext,
+        SockContext, TracePointContext,
     },
 };
 use detector_common::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
-use probes::{connect, ondemand, process, sendrecv, tcp, tls};
+use probes::{connect, ondemand, process, sendrecv, socket, tcp, tls};
+use tables::check;
 
 const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sg_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = connect::connect(&ctx, AF_INET);
+    check!("sg_connect4", connect::connect(&ctx, AF_INET));
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = connect::connect(&ctx, AF_INET6);
+    check!("sg_connect6", connect::connect(&ctx, AF_INET6));
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sg_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let _ = connect::sendmsg(&ctx, AF_INET);
+    check!("sg_sendmsg4", connect::sendmsg(&ctx, AF_INET));
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sg_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let _ = connect::sendmsg(&ctx, AF_INET6);
+    check!("sg_sendmsg6", connect::sendmsg(&ctx, AF_INET6));
+    ALLOW
+}
+
+/// A socket is released (close of its last descriptor): its per-socket
+/// state goes with it, before the kernel can reuse its address.
+#[cgroup_sock(sock_release)]
+pub fn sg_sock_release(ctx: SockContext) -> i32 {
+    socket::release(&ctx);
     ALLOW
 }
 
 #[tracepoint]
 pub fn sg_set_state(ctx: TracePointContext) -> u32 {
-    let _ = tcp::set_state(&ctx);
+    check!("sg_set_state", tcp::set_state(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_error_report(ctx: TracePointContext) -> u32 {
-    let _ = tcp::error_report(&ctx);
+    check!("sg_error_report", tcp::error_report(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_recv_reset(ctx: TracePointContext) -> u32 {
-    let _ = tcp::receive_reset(&ctx);
+    check!("sg_recv_reset", tcp::receive_reset(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_retransmit(ctx: TracePointContext) -> u32 {
-    let _ = tcp::retransmit(&ctx);
+    check!("sg_retransmit", tcp::retransmit(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_send_length(ctx: TracePointContext) -> u32 {
-    let _ = sendrecv::send_length(&ctx);
+    check!("sg_send_length", sendrecv::send_length(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_recv_length(ctx: TracePointContext) -> u32 {
-    let _ = sendrecv::recv_length(&ctx);
+    check!("sg_recv_length", sendrecv::recv_length(&ctx));
     0
 }
 
@@ -86,91 +96,109 @@ pub fn sg_recv_length(ctx: TracePointContext) -> u32 {
 
 #[fexit(function = "tcp_sendmsg")]
 pub fn sg_tcp_sendmsg(ctx: FExitContext) -> i32 {
-    let _ = sendrecv::sendmsg_exit(&ctx, IPPROTO_TCP, false);
+    check!(
+        "sg_tcp_sendmsg",
+        sendrecv::sendmsg_exit(&ctx, IPPROTO_TCP, false),
+    );
     0
 }
 
 #[fexit(function = "udp_sendmsg")]
 pub fn sg_udp_sendmsg(ctx: FExitContext) -> i32 {
-    let _ = sendrecv::sendmsg_exit(&ctx, IPPROTO_UDP, false);
+    check!(
+        "sg_udp_sendmsg",
+        sendrecv::sendmsg_exit(&ctx, IPPROTO_UDP, false),
+    );
     0
 }
 
 #[fexit(function = "udpv6_sendmsg")]
 pub fn sg_udpv6_sendmsg(ctx: FExitContext) -> i32 {
-    let _ = sendrecv::sendmsg_exit(&ctx, IPPROTO_UDP, true);
+    check!(
+        "sg_udpv6_sendmsg",
+        sendrecv::sendmsg_exit(&ctx, IPPROTO_UDP, true),
+    );
     0
 }
 
 #[fexit(function = "tcp_recvmsg")]
 pub fn sg_tcp_recvmsg(ctx: FExitContext) -> i32 {
-    let _ = sendrecv::recvmsg_exit(&ctx, IPPROTO_TCP, false);
+    check!(
+        "sg_tcp_recvmsg",
+        sendrecv::recvmsg_exit(&ctx, IPPROTO_TCP, false),
+    );
     0
 }
 
 #[fexit(function = "udp_recvmsg")]
 pub fn sg_udp_recvmsg(ctx: FExitContext) -> i32 {
-    let _ = sendrecv::recvmsg_exit(&ctx, IPPROTO_UDP, false);
+    check!(
+        "sg_udp_recvmsg",
+        sendrecv::recvmsg_exit(&ctx, IPPROTO_UDP, false),
+    );
     0
 }
 
 #[fexit(function = "udpv6_recvmsg")]
 pub fn sg_udpv6_recvmsg(ctx: FExitContext) -> i32 {
-    let _ = sendrecv::recvmsg_exit(&ctx, IPPROTO_UDP, true);
+    check!(
+        "sg_udpv6_recvmsg",
+        sendrecv::recvmsg_exit(&ctx, IPPROTO_UDP, true),
+    );
     0
 }
 
 #[tracepoint]
 pub fn sg_fork(ctx: TracePointContext) -> u32 {
-    let _ = process::fork(&ctx);
+    check!("sg_fork", process::fork(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_exec(ctx: TracePointContext) -> u32 {
-    let _ = process::exec(&ctx);
+    check!("sg_exec", process::exec(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_exit(ctx: TracePointContext) -> u32 {
-    let _ = process::exit(&ctx);
+    check!("sg_exit", process::exit(&ctx));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sg_sys_enter(ctx: RawTracePointContext) -> i32 {
-    let _ = ondemand::sys_enter(&ctx);
+    check!("sg_sys_enter", ondemand::sys_enter(&ctx));
     0
 }
 
 #[tracepoint]
 pub fn sg_exit_connect(ctx: TracePointContext) -> u32 {
-    let _ = ondemand::exit_connect(&ctx);
+    check!("sg_exit_connect", ondemand::exit_connect(&ctx));
     0
 }
 
 #[uprobe]
 pub fn sg_ssl_write(ctx: ProbeContext) -> u32 {
-    let _ = tls::write(&ctx);
+    check!("sg_ssl_write", tls::write(&ctx));
     0
 }
 
 #[uprobe]
 pub fn sg_ssl_read(ctx: ProbeContext) -> u32 {
-    let _ = tls::read_enter(&ctx, false);
+    check!("sg_ssl_read", tls::read_enter(&ctx, false));
     0
 }
 
 #[uprobe]
 pub fn sg_ssl_read_ex(ctx: ProbeContext) -> u32 {
-    let _ = tls::read_enter(&ctx, true);
+    check!("sg_ssl_read_ex", tls::read_enter(&ctx, true));
     0
 }
 
 #[uretprobe]
 pub fn sg_ssl_read_ret(ctx: RetProbeContext) -> u32 {
-    let _ = tls::read_return(&ctx);
+    check!("sg_ssl_read_ret", tls::read_return(&ctx));
     0
 }
 
@@ -268,6 +296,12 @@ pub fn floor_exit_connect(_ctx: TracePointContext) -> u32 {
 pub fn floor_recv_length(_ctx: TracePointContext) -> u32 {
     floor::hit(floor::RECV_LENGTH);
     0
+}
+
+#[cgroup_sock(sock_release)]
+pub fn floor_sock_release(_ctx: SockContext) -> i32 {
+    floor::hit(floor::SOCK_RELEASE);
+    ALLOW
 }
 
 #[cfg(not(test))]

@@ -31,7 +31,9 @@ pub static CLOSED: LruHashMap<TupleKey, Event> = LruHashMap::with_max_entries(ca
 #[map]
 pub static PRE_SYN: LruHashMap<u32, Event> = LruHashMap::with_max_entries(capacity::PRE_SYN, 0);
 
-/// Destination of each connected UDP socket, keyed by socket address.
+/// Destination of each connected UDP socket, keyed by socket address;
+/// deleted when the socket is released (`cgroup/sock_release`), so a new
+/// socket at a reused address never inherits it.
 #[map]
 pub static UDP_DEST: LruHashMap<u64, UdpDest> = LruHashMap::with_max_entries(capacity::UDP_DEST, 0);
 
@@ -40,11 +42,15 @@ pub static UDP_DEST: LruHashMap<u64, UdpDest> = LruHashMap::with_max_entries(cap
 pub static MSG_DEST: PerCpuArray<MsgDest> = PerCpuArray::with_max_entries(1, 0);
 
 /// Processes the on-demand probes look at: user space writes the engine's
-/// suspects (value 1); a child forked by a suspect inherits it here
-/// ([`SUSPECT_INHERITED`]), so a shell loop's next curl is read from its
-/// first request. LRU: a thousand forking workers can only evict.
+/// suspects (value 1), most severe first; a child forked by a suspect
+/// inherits it here ([`SUSPECT_INHERITED`]), so a shell loop's next curl is
+/// read from its first request. A plain hash, not LRU: a fork storm must
+/// not evict the most severe suspects user space chose — a child that
+/// finds the map full is not inherited (counted and logged as a refused
+/// insert). Entries end with their process (exit tracepoint) or in user
+/// space's sweep of dead pids.
 #[map]
-pub static SUSPECTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(capacity::SUSPECTS, 0);
+pub static SUSPECTS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::SUSPECTS, 0);
 
 /// [`SUSPECTS`] value written by user space: 1. [`SUSPECTS`] value of a child that inherited its parent's suspicion.
 pub const SUSPECT_INHERITED: u8 = 2;

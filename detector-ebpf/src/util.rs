@@ -8,7 +8,7 @@ use aya_ebpf::{
     },
     programs::TracePointContext,
 };
-use detector_common::{Event, Offsets, capacity, stat};
+use detector_common::{Event, Offsets, capacity};
 
 use crate::maps::{ARMED, EVENTS, STATS, SUSPECT_CGROUPS, SUSPECTS};
 
@@ -124,7 +124,7 @@ pub fn emit(ev: &Event) {
         BPF_RB_NO_WAKEUP
     };
     if EVENTS.output::<Event>(ev, wake as u64).is_err() {
-        count(stat::RING_DROPS);
+        crate::tables::ring_full();
     }
 }
 

@@ -1,5 +1,12 @@
 //! The configuration file (TOML). Every field is optional and defaulted; an
 //! unknown or invalid field is refused with the file, line and field named.
+//!
+//! Every number has a range ([`RANGES`]), checked at load with a message
+//! naming the field and the range: durations are multiplied into
+//! nanoseconds (`calm_ms`, `probes.max_attached_secs`), and a value that
+//! parses but overflows there, or that makes no sense (a zero-second
+//! probe window), must stop the daemon before it starts, not wrap around
+//! in the middle of a storm.
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -72,9 +79,9 @@ impl Default for StoreConfig {
 pub struct MetricsConfig {
     /// Address to serve /metrics on, or "off".
     pub listen: String,
-    /// Export one series per active storm (labels comm, destination). Any
-    /// local user can read a loopback port: turn this off if process names
-    /// and destinations are sensitive on this host.
+    /// Export one series per active storm (labels comm, destination). Off
+    /// by default: any local user can read a loopback port, and these name
+    /// other users' processes and the hosts they talk to.
     pub per_storm: bool,
     /// At most this many per-storm series.
     pub per_storm_max: usize,
@@ -84,7 +91,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: "127.0.0.1:9471".into(),
-            per_storm: true,
+            per_storm: false,
             per_storm_max: 50,
         }
     }
@@ -126,7 +133,92 @@ pub enum ConfigError {
         path: PathBuf,
         problem: crate::detect::config::ConfigError,
     },
+    /// A number outside its range (see [`RANGES`]).
+    #[error(
+        "invalid config {path}: [{section}] {field} = {value} is out of range: must be {range}"
+    )]
+    OutOfRange {
+        path: PathBuf,
+        section: &'static str,
+        field: &'static str,
+        value: String,
+        range: String,
+    },
+    /// `[store] path` cannot be a database file.
+    #[error("invalid config {path}: [store] path = {}: {why}", .store.display())]
+    StorePath {
+        path: PathBuf,
+        store: PathBuf,
+        why: String,
+    },
 }
+
+/// An allowed range, inclusive at both ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Range {
+    Int(u64, u64),
+    Float(f64, f64),
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Range::Int(lo, hi) => write!(f, "{lo}..={hi}"),
+            Range::Float(lo, hi) => write!(f, "{lo}..={hi}"),
+        }
+    }
+}
+
+/// A number of the configuration, as read.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Int(u64),
+    Float(f64),
+}
+
+impl Number {
+    fn within(self, range: Range) -> bool {
+        match (self, range) {
+            (Number::Int(v), Range::Int(lo, hi)) => (lo..=hi).contains(&v),
+            // NaN and infinities are outside every range.
+            (Number::Float(v), Range::Float(lo, hi)) => (lo..=hi).contains(&v),
+            _ => false,
+        }
+    }
+
+    fn shown(self) -> String {
+        match self {
+            Number::Int(v) => v.to_string(),
+            Number::Float(v) => v.to_string(),
+        }
+    }
+}
+
+/// Every number of the configuration and its range: (section, field,
+/// range). Milliseconds stay ≤ a day and seconds ≤ a day, so that
+/// multiplied into nanoseconds they are far below `u64::MAX` (1.8e19 ns is
+/// 584 years); counts are capped where memory would run out first.
+pub const RANGES: &[(&str, &str, Range)] = &[
+    ("detect", "storm_rate", Range::Float(0.1, 1_000_000.0)),
+    ("detect", "suspect_rate", Range::Float(0.1, 1_000_000.0)),
+    ("detect", "min_span_ms", Range::Int(0, 3_600_000)),
+    ("detect", "failure_ratio", Range::Float(0.01, 1.0)),
+    ("detect", "repeat_ratio", Range::Float(0.01, 1.0)),
+    ("detect", "backoff_growth", Range::Float(1.01, 100.0)),
+    ("detect", "backoff_min_step_ms", Range::Int(0, 60_000)),
+    ("detect", "short_lived_ms", Range::Int(1, 60_000)),
+    ("detect", "resolve_ms", Range::Int(100, 3_600_000)),
+    ("detect", "calm_ms", Range::Int(100, 3_600_000)),
+    ("detect", "persistent_ms", Range::Int(100, 86_400_000)),
+    ("detect", "run_gap_ms", Range::Int(10, 3_600_000)),
+    ("detect", "rollup_min_pids", Range::Int(2, 100_000)),
+    ("detect", "max_flows", Range::Int(1, 10_000_000)),
+    ("detect", "burst_attempts", Range::Int(2, 100_000_000)),
+    ("store", "retention_days", Range::Int(1, 36_500)),
+    ("store", "max_incidents", Range::Int(1, 10_000_000)),
+    ("metrics", "per_storm_max", Range::Int(0, 1_000)),
+    ("probes", "max_attached_secs", Range::Int(1, 86_400)),
+];
 
 impl Config {
     /// Reads `path`, or the defaults when None.
@@ -138,7 +230,9 @@ impl Config {
             path: path.into(),
             cause,
         })?;
-        Self::parse(&text, path)
+        let config = Self::parse(&text, path)?;
+        config.check_store_path(path)?;
+        Ok(config)
     }
 
     /// Parses TOML text; `path` only names the file in errors.
@@ -167,6 +261,14 @@ impl Config {
                 path: path.into(),
                 problem,
             })?;
+        config.check_ranges(path)?;
+        if config.store.path.is_relative() {
+            return Err(ConfigError::StorePath {
+                path: path.into(),
+                store: config.store.path.clone(),
+                why: "must be an absolute path (the daemon's working directory is /)".into(),
+            });
+        }
         let bad = |field: &'static str, value: &str, why: &'static str| ConfigError::Invalid {
             path: path.into(),
             problem: crate::detect::config::ConfigError::Invalid {
@@ -205,6 +307,118 @@ impl Config {
         Ok(config)
     }
 
+    /// The value of a field named in [`RANGES`].
+    fn number(&self, section: &str, field: &str) -> Option<Number> {
+        let d = &self.detect;
+        let int = |v: u64| Some(Number::Int(v));
+        let float = |v: f64| Some(Number::Float(v));
+        match (section, field) {
+            ("detect", "storm_rate") => float(d.storm_rate),
+            ("detect", "suspect_rate") => float(d.suspect_rate),
+            ("detect", "min_span_ms") => int(d.min_span_ms),
+            ("detect", "failure_ratio") => float(d.failure_ratio),
+            ("detect", "repeat_ratio") => float(d.repeat_ratio),
+            ("detect", "backoff_growth") => float(d.backoff_growth),
+            ("detect", "backoff_min_step_ms") => int(d.backoff_min_step_ms),
+            ("detect", "short_lived_ms") => int(d.short_lived_ms),
+            ("detect", "resolve_ms") => int(d.resolve_ms),
+            ("detect", "calm_ms") => int(d.calm_ms),
+            ("detect", "persistent_ms") => int(d.persistent_ms),
+            ("detect", "run_gap_ms") => int(d.run_gap_ms),
+            ("detect", "rollup_min_pids") => int(d.rollup_min_pids as u64),
+            ("detect", "max_flows") => int(d.max_flows as u64),
+            ("detect", "burst_attempts") => int(d.burst_attempts),
+            ("store", "retention_days") => int(self.store.retention_days.into()),
+            ("store", "max_incidents") => int(self.store.max_incidents.into()),
+            ("metrics", "per_storm_max") => int(self.metrics.per_storm_max as u64),
+            ("probes", "max_attached_secs") => int(self.probes.max_attached_secs),
+            _ => None,
+        }
+    }
+
+    /// Checks every number against [`RANGES`]; the first one outside is
+    /// the error.
+    fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
+        for &(section, field, range) in RANGES {
+            let Some(value) = self.number(section, field) else {
+                // A RANGES row without a field: caught by a test.
+                continue;
+            };
+            if !value.within(range) {
+                return Err(ConfigError::OutOfRange {
+                    path: path.into(),
+                    section,
+                    field,
+                    value: value.shown(),
+                    range: range.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks on the filesystem that `[store] path` can be a database file:
+    /// not a directory, and its directory exists or can be created (the
+    /// nearest existing ancestor is a directory, writable when running as
+    /// root as the daemon does). Nothing is created.
+    pub fn check_store_path(&self, path: &Path) -> Result<(), ConfigError> {
+        let store = &self.store.path;
+        let bad = |why: String| ConfigError::StorePath {
+            path: path.into(),
+            store: store.clone(),
+            why,
+        };
+        if store.is_dir() {
+            return Err(bad(
+                "is a directory; give the database file, e.g. /var/lib/stormguard/incidents.db"
+                    .into(),
+            ));
+        }
+        let mut dir = store.parent();
+        while let Some(d) = dir {
+            if d.as_os_str().is_empty() {
+                break;
+            }
+            match std::fs::metadata(d) {
+                Ok(m) if m.is_dir() => {
+                    // SAFETY: geteuid has no preconditions.
+                    let root = unsafe { libc::geteuid() } == 0;
+                    if root && !writable(d) {
+                        return Err(bad(format!(
+                            "its directory cannot be created: {} is not writable ({})",
+                            d.display(),
+                            std::io::Error::last_os_error()
+                        )));
+                    }
+                    return Ok(());
+                }
+                Ok(_) => {
+                    return Err(bad(format!(
+                        "its directory cannot be created: {} is not a directory",
+                        d.display()
+                    )));
+                }
+                // Missing, or under something that is not a directory
+                // (found and named on the way up).
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    dir = d.parent()
+                }
+                Err(e) => {
+                    return Err(bad(format!(
+                        "its directory cannot be created: {}: {e}",
+                        d.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The on-demand mode (validated at load).
     pub fn on_demand(&self) -> crate::pipeline::OnDemand {
         match self.probes.on_demand.as_str() {
@@ -218,6 +432,17 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Whether this process may create entries in directory `d` (access(2),
+/// which also reports a read-only filesystem).
+fn writable(d: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(d.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
 #[cfg(test)]
@@ -264,5 +489,226 @@ mod tests {
             e,
             "invalid config x.toml: detect.repeat_ratio = 0: must be in (0, 1]"
         );
+    }
+
+    /// TOML text setting `section.field` to `v` (and, for the two rates,
+    /// the other one too where needed, so that suspect_rate ≤ storm_rate
+    /// holds and the error, if any, is about `field`).
+    fn setting(section: &str, field: &str, v: &str, inside: bool) -> String {
+        match field {
+            "storm_rate" | "suspect_rate" if inside || field == "storm_rate" => {
+                format!("[{section}]\nstorm_rate = {v}\nsuspect_rate = {v}\n")
+            }
+            _ => format!("[{section}]\n{field} = {v}\n"),
+        }
+    }
+
+    #[test]
+    fn every_number_is_checked_at_both_ends_of_its_range() {
+        let path = Path::new("c.toml");
+        let mut checked = 0;
+        for &(section, field, range) in RANGES {
+            let (inside, outside): (Vec<String>, Vec<String>) = match range {
+                Range::Int(lo, hi) => (
+                    vec![lo.to_string(), hi.to_string()],
+                    lo.checked_sub(1)
+                        .into_iter()
+                        .chain([hi + 1])
+                        .map(|v| v.to_string())
+                        .collect(),
+                ),
+                Range::Float(lo, hi) => (
+                    vec![format!("{lo:?}"), format!("{hi:?}")],
+                    vec![
+                        format!("{:?}", lo - lo.abs() / 100.0 - 1e-9),
+                        format!("{:?}", hi + 0.5),
+                        "nan".into(),
+                        "inf".into(),
+                    ],
+                ),
+            };
+            for v in &inside {
+                let c = Config::parse(&setting(section, field, v, true), path)
+                    .unwrap_or_else(|e| panic!("{section}.{field} = {v} refused: {e}"));
+                let got = c.number(section, field).expect("a field").shown();
+                assert_eq!(got.parse::<f64>().unwrap(), v.parse::<f64>().unwrap());
+                checked += 1;
+            }
+            for v in &outside {
+                let e = Config::parse(&setting(section, field, v, false), path)
+                    .expect_err(&format!("{section}.{field} = {v} accepted"))
+                    .to_string();
+                let ours = format!(
+                    "invalid config c.toml: [{section}] {field} = {} is out of range: must be {range}",
+                    v.parse::<f64>().unwrap()
+                );
+                // A few are refused first by the engine's own checks.
+                let engines = format!("invalid config c.toml: detect.{field} = ");
+                assert!(e == ours || e.starts_with(&engines), "{e}\nnot {ours}");
+                checked += 1;
+            }
+        }
+        // 14 integer fields (3 starting at 0: no value below) × 2 + 2 or 1,
+        // 5 float fields × (2 + 4).
+        assert_eq!(checked, 14 * 4 - 3 + 5 * 6);
+    }
+
+    #[test]
+    fn every_number_of_the_config_has_a_range() {
+        let shown: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        let mut numbers = Vec::new();
+        for (section, fields) in &shown {
+            for (field, v) in fields.as_table().unwrap() {
+                if v.is_integer() || v.is_float() {
+                    numbers.push((section.clone(), field.clone()));
+                }
+            }
+        }
+        numbers.sort();
+        let mut ranged: Vec<(String, String)> = RANGES
+            .iter()
+            .map(|(s, f, _)| (s.to_string(), f.to_string()))
+            .collect();
+        ranged.sort();
+        assert_eq!(numbers, ranged);
+        for (s, f, _) in RANGES {
+            assert!(Config::default().number(s, f).is_some(), "{s}.{f}");
+        }
+    }
+
+    #[test]
+    fn the_overflowing_values_of_the_issue_are_refused() {
+        let e = Config::parse(
+            "[detect]\ncalm_ms = 9223372036854775807\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "invalid config c.toml: [detect] calm_ms = 9223372036854775807 is out of range: must be 100..=3600000"
+        );
+        let e = Config::parse(
+            "[probes]\nmax_attached_secs = 18446744073709551\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "invalid config c.toml: [probes] max_attached_secs = 18446744073709551 is out of range: must be 1..=86400"
+        );
+        let e = Config::parse(
+            "[detect]\ncalm_ms = 18446744073709551615\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "invalid config c.toml: [detect] calm_ms = 18446744073709551615 is out of range: must be 100..=3600000"
+        );
+        // Beyond u64: a parse error naming the line.
+        let e = Config::parse(
+            "[detect]\ncalm_ms = 18446744073709551616\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("invalid config c.toml: line 2:"), "{e}");
+    }
+
+    #[test]
+    fn per_storm_series_are_off_by_default() {
+        assert!(!Config::default().metrics.per_storm);
+        assert!(
+            Config::parse("[metrics]\nper_storm = true\n", Path::new("c.toml"))
+                .unwrap()
+                .metrics
+                .per_storm
+        );
+    }
+
+    #[test]
+    fn store_paths_that_cannot_be_a_database_are_refused() {
+        let cfg = Path::new("c.toml");
+        let e = Config::parse("[store]\npath = \"incidents.db\"\n", cfg)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config c.toml: [store] path = incidents.db: must be an absolute path (the daemon's working directory is /)"
+        );
+        let dir = std::env::temp_dir().join(format!("sg-cfg-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let check = |store: &Path| {
+            Config::parse(&format!("[store]\npath = \"{}\"\n", store.display()), cfg)
+                .unwrap()
+                .check_store_path(cfg)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            check(&dir).unwrap_err(),
+            format!(
+                "invalid config c.toml: [store] path = {}: is a directory; give the database file, e.g. /var/lib/stormguard/incidents.db",
+                dir.display()
+            )
+        );
+        assert_eq!(
+            check(&file.join("sub").join("db")).unwrap_err(),
+            format!(
+                "invalid config c.toml: [store] path = {}: its directory cannot be created: {} is not a directory",
+                file.join("sub").join("db").display(),
+                file.display()
+            )
+        );
+        // Missing directories that can be created are fine; none is created.
+        check(&dir.join("new").join("deeper").join("db")).unwrap();
+        assert!(!dir.join("new").exists());
+        check(&dir.join("db")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    mod malformed {
+        use super::*;
+        use crate::record::fuzz;
+        use proptest::prelude::*;
+
+        /// Every field set, at its default: what mutations start from.
+        fn valid() -> Vec<u8> {
+            Config::default().to_toml().into_bytes()
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            /// Arbitrary text: parsed or refused, never a panic. Text that
+            /// is not blank or comments is refused unless it is TOML with
+            /// known fields, which random bytes practically never are.
+            #[test]
+            fn arbitrary_text_never_panics(bytes in fuzz::bytes()) {
+                let text = String::from_utf8_lossy(&bytes);
+                let r = Config::parse(&text, Path::new("c.toml"));
+                let trivial = text.lines().all(|l| {
+                    let l = l.trim();
+                    l.is_empty() || l.starts_with('#')
+                });
+                prop_assert!(trivial || r.is_err() || r.as_ref().is_ok_and(|c| *c == Config::default()),
+                    "accepted {text:?}: {r:?}");
+            }
+
+            /// Mutations of a valid file: whatever is accepted is within
+            /// every range (the checks ran); nothing panics.
+            #[test]
+            fn mutated_files_never_panic(bytes in fuzz::mutations(valid())) {
+                let text = String::from_utf8_lossy(&bytes);
+                if let Ok(c) = Config::parse(&text, Path::new("c.toml")) {
+                    prop_assert!(c.check_ranges(Path::new("c.toml")).is_ok());
+                    prop_assert!(c.detect.validate().is_ok());
+                }
+            }
+        }
     }
 }

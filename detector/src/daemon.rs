@@ -5,6 +5,18 @@
 //! Order matters for "nothing half-applied": the configuration is read and
 //! checked first, then the database, the socket and the metrics port are
 //! claimed, and only then are the eBPF programs loaded.
+//!
+//! Threads, so that nothing a user or the disk does can stall the sensor
+//! path: the service loop (ring drain, engine, incident tracking) runs on
+//! the main thread; the API and metrics servers on their own thread and
+//! runtime, reading snapshots the loop publishes each second and the
+//! database through their own connection; incidents go to SQLite through
+//! the writer thread's bounded queue (`service::writer`).
+//!
+//! Errors by kind: a problem found before READY ends the start (exit 2 for
+//! the environment, see `cli::exit_code`); after READY every error is
+//! counted (status `errors`, metric `stormguard_errors_total`), logged at a
+//! bounded rate and survived.
 use std::{
     cell::RefCell,
     path::{Path, PathBuf},
@@ -18,17 +30,19 @@ use tokio::sync::broadcast;
 
 use crate::{
     api::{
-        FlowView, OnDemandView, StatusView,
+        FlowView, OnDemandView, StatusView, TableView,
         server::{Shared, now_ms},
         socket::bind_socket,
     },
     config::Config,
     detect::{State, VerdictChange},
+    health::kind,
     incident::{self, IncidentTracker},
     ingest::failure,
     kernel::{self, Sensors},
     metrics::Metrics,
     pipeline::{OnDemand, Pipeline},
+    service::writer::{QUEUE_MAX, StoreWriter},
     service::{self, Interval, Options},
     store::Store,
 };
@@ -38,7 +52,7 @@ struct Daemon {
     config: Config,
     /// Kernel features found at start-up (read once).
     features: Vec<(String, String)>,
-    store: Store,
+    store: StoreWriter,
     tracker: IncidentTracker,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -46,6 +60,9 @@ struct Daemon {
     started: Instant,
     last_observed: u64,
     last_retention: Instant,
+    /// Kernel map usage, refreshed every 10 s.
+    last_map_usage: Option<Instant>,
+    kernel_tables: Vec<TableView>,
 }
 
 /// At most `per_second` verdict-change log lines per second; the rest are
@@ -97,7 +114,61 @@ fn notify(state: &[sd_notify::NotifyState]) {
     }
 }
 
+/// Raises the soft open-file limit to the hard one (systemd starts
+/// services at a soft 1,024): probes, maps, links, the API's and the
+/// metrics' connections all take descriptors, and running out in a storm
+/// would cost the on-demand probes. Connections are capped on their own
+/// (api, metrics), so this is headroom, not an invitation.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let goal = lim.rlim_max.min(65_536);
+        if lim.rlim_cur < goal {
+            let want = libc::rlimit {
+                rlim_cur: goal,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                tracing::debug!(
+                    from = lim.rlim_cur,
+                    to = want.rlim_cur,
+                    "raised the open-file limit"
+                );
+            }
+        }
+    }
+}
+
+/// A problem found before READY: the environment (configuration, files,
+/// ports, capabilities, the kernel) is wrong, restarting cannot fix it, and
+/// the daemon exits 2 (the unit's `RestartPreventExitStatus=2`). Nothing
+/// after READY is one of these.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct StartError(pub anyhow::Error);
+
+/// Runs the daemon until SIGTERM. Errors are [`StartError`]s (before
+/// READY); after READY errors are counted and survived.
 pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
+    let ready = std::rc::Rc::new(std::cell::Cell::new(false));
+    match serve(config_file, ready.clone()).await {
+        Err(e) if !ready.get() => Err(StartError(e).into()),
+        other => other,
+    }
+}
+
+async fn serve(
+    config_file: Option<&Path>,
+    ready_flag: Rc<std::cell::Cell<bool>>,
+) -> anyhow::Result<()> {
+    raise_nofile();
     let path = config_path(config_file);
     let config = Config::load(path.as_deref())?;
     tracing::info!(config = ?path, "starting");
@@ -121,8 +192,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     let metrics_listener = match config.metrics.listen.as_str() {
         "off" => None,
         addr => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
+            std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot serve metrics on {addr} (metrics.listen)"))?,
         ),
     };
@@ -148,22 +218,17 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         events,
     });
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let api = tokio::spawn(crate::api::server::serve(
-        listener,
-        shared.clone(),
+    let servers = spawn_servers(
+        listener
+            .into_std()
+            .context("moving the API socket to its thread")?,
         access,
-        wait_stop(stopped.clone()),
-    ));
-    let metrics_task = metrics_listener.map(|l| {
-        tokio::spawn(crate::metrics::serve(
-            l,
-            metrics.clone(),
-            wait_stop(stopped.clone()),
-        ))
-    });
+        metrics_listener,
+        shared.clone(),
+        metrics.clone(),
+        stopped,
+    )?;
+    let store = StoreWriter::start(store, QUEUE_MAX)?;
 
     let state = Rc::new(RefCell::new(Daemon {
         store,
@@ -179,12 +244,15 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         started: Instant::now(),
         last_observed: 0,
         last_retention: Instant::now(),
+        last_map_usage: None,
+        kernel_tables: Vec::new(),
         config: config.clone(),
         features,
     }));
     let on_ready = {
         let state = state.clone();
         Box::new(move |sensors: &Sensors| {
+            ready_flag.set(true);
             let d = state.borrow();
             if let Ok(mut s) = d.shared.status.lock() {
                 s.always_on = sensors.always_on();
@@ -214,28 +282,118 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
             record: None,
             on_ready: Some(on_ready),
         },
-        move |pipe, changes| changes_state.borrow_mut().on_changes(pipe, changes),
-        move |pipe, sensors, iv| interval_state.borrow_mut().on_interval(pipe, sensors, iv),
+        move |pipe, changes| {
+            changes_state.borrow_mut().on_changes(pipe, changes);
+            Ok(())
+        },
+        move |pipe, sensors, iv| {
+            interval_state.borrow_mut().on_interval(pipe, sensors, iv);
+            Ok(())
+        },
     )
     .await;
     notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop.send(true);
-    let _ = api.await;
-    if let Some(m) = metrics_task {
-        let _ = m.await;
+    if servers.join().is_err() {
+        tracing::warn!("the API thread panicked");
     }
-    {
-        let mut d = state.borrow_mut();
-        let Daemon { tracker, store, .. } = &mut *d;
-        tracker.close_all(store, now_ms(), "daemon stopped")?;
+    let Daemon {
+        mut tracker,
+        mut store,
+        ..
+    } = Rc::try_unwrap(state)
+        .map_err(|_| anyhow::anyhow!("daemon state still shared at exit"))?
+        .into_inner();
+    if let Err(e) = tracker.close_all(&mut store, now_ms(), "daemon stopped") {
+        tracing::warn!(error = %e, "closing open incidents at exit");
+    }
+    if !store.close(std::time::Duration::from_secs(10)) {
+        tracing::warn!("incident store: not all writes finished before exit");
     }
     let _ = std::fs::remove_file(&config.daemon.socket);
     tracing::info!("stopped");
     result
 }
 
+/// The API and metrics servers, on a thread and runtime of their own: a
+/// thousand clients, a slow query or a follower that stopped reading cost
+/// that thread, never the service loop's drain and ticks.
+fn spawn_servers(
+    api: std::os::unix::net::UnixListener,
+    access: crate::api::server::Access,
+    metrics_listener: Option<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the API runtime")?;
+    api.set_nonblocking(true)?;
+    if let Some(l) = &metrics_listener {
+        l.set_nonblocking(true)?;
+    }
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    std::thread::Builder::new()
+        .name("sg-api".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let api = match tokio::net::UnixListener::from_std(api) {
+                    Ok(l) => tokio::spawn(crate::api::server::serve(
+                        l,
+                        shared,
+                        access,
+                        wait_stop(stopped.clone()),
+                    )),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot serve the API");
+                        return;
+                    }
+                };
+                let metrics_task = metrics_listener
+                    .and_then(|l| match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot serve metrics");
+                            None
+                        }
+                    })
+                    .map(|l| tokio::spawn(crate::metrics::serve(l, metrics, wait_stop(stopped))));
+                let _ = api.await;
+                if let Some(m) = metrics_task {
+                    let _ = m.await;
+                }
+            })
+        })
+        .context("starting the API thread")
+}
+
 impl Daemon {
-    fn on_changes(&mut self, pipe: &mut Pipeline, changes: &[VerdictChange]) -> anyhow::Result<()> {
+    /// Every bounded table, user space and kernel, for status and metrics.
+    fn tables(&self, pipe: &Pipeline) -> Vec<TableView> {
+        let mut v: Vec<TableView> = pipe
+            .tables()
+            .into_iter()
+            .map(|t| TableView {
+                name: t.name.to_string(),
+                entries: t.entries,
+                capacity: t.capacity,
+                evictions: t.evictions,
+            })
+            .collect();
+        v.push(TableView {
+            name: "open_incidents".into(),
+            entries: self.tracker.active().count() as u64,
+            capacity: incident::OPEN_MAX as u64,
+            evictions: self.tracker.not_opened,
+        });
+        v
+    }
+
+    fn on_changes(&mut self, pipe: &mut Pipeline, changes: &[VerdictChange]) {
         // Called on every tick, even without changes: storms waiting for a
         // roll-up's verdict are placed then (see `incident`).
         let opened = self.tracker.on_changes(
@@ -244,10 +402,14 @@ impl Daemon {
                 engine: &pipe.engine,
                 procs: &mut pipe.procs,
                 groups: pipe.engine.groups(),
-                store: &self.store,
+                store: &mut self.store,
                 now_ms: now_ms(),
             },
-        )?;
+        );
+        let opened = opened.unwrap_or_else(|e| {
+            pipe.health.error(kind::STORE, "recording incidents", &e);
+            Vec::new()
+        });
         for inc in opened {
             tracing::warn!(id = %inc.id, comm = %inc.comm, destination = %inc.destination, processes = inc.processes(), "incident opened: {}", inc.explanation);
         }
@@ -264,30 +426,45 @@ impl Daemon {
                 );
             }
         }
-        Ok(())
     }
 
-    fn on_interval(
-        &mut self,
-        pipe: &mut Pipeline,
-        sensors: &Sensors,
-        iv: Interval,
-    ) -> anyhow::Result<()> {
+    fn on_interval(&mut self, pipe: &mut Pipeline, sensors: &mut Sensors, iv: Interval) {
         let now = now_ms();
-        self.tracker.every_second(&pipe.engine, &self.store, now)?;
+        if let Err(e) = self
+            .tracker
+            .every_second(&pipe.engine, &mut self.store, now)
+        {
+            pipe.health.error(kind::STORE, "updating incidents", &e);
+        }
         if self.last_retention.elapsed().as_secs() >= 3600 {
             self.last_retention = Instant::now();
             self.store.retain(
                 now,
                 self.config.store.retention_days,
                 self.config.store.max_incidents,
-            )?;
+            );
         }
-        let stats = sensors.stats()?;
+        let stats = sensors.stats().unwrap_or_else(|e| {
+            pipe.health
+                .error(kind::MAP, "reading the kernel counters", &e);
+            Default::default()
+        });
         let events = pipe.observed - self.last_observed;
         self.last_observed = pipe.observed;
         let storms = self.tracker.active().count();
-        let incidents_total = self.store.total()?;
+        let incidents_total = self.store.total();
+        let store_health = self.store.health();
+        if store_health.is_failing() {
+            pipe.health.degrade(
+                kind::STORE,
+                format!(
+                    "incident store failing ({}); detection goes on, writes are retried",
+                    store_health.last_error.as_deref().unwrap_or("?")
+                ),
+            );
+        } else {
+            pipe.health.recover(kind::STORE);
+        }
 
         // Flows for `top`, busiest first.
         let flows: Vec<FlowView> = iv
@@ -357,6 +534,44 @@ impl Daemon {
             })
             .collect();
         self.metrics.set_active_storms(&active);
+        // Kernel maps: a key walk each, so every 10 s, not every second.
+        if self
+            .last_map_usage
+            .is_none_or(|t| t.elapsed().as_secs() >= 10)
+        {
+            self.last_map_usage = Some(Instant::now());
+            match sensors.map_usage() {
+                Ok(usage) => {
+                    self.kernel_tables = usage
+                        .into_iter()
+                        .map(|m| TableView {
+                            name: format!("kernel:{}", m.name),
+                            entries: m.entries,
+                            capacity: m.capacity,
+                            evictions: m.evictions,
+                        })
+                        .collect()
+                }
+                Err(e) => pipe
+                    .health
+                    .error(kind::MAP, "counting kernel map entries", &e),
+            }
+        }
+        let anomalies: std::collections::BTreeMap<String, u64> = match sensors.anomalies() {
+            Ok(a) => a.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
+            Err(e) => {
+                pipe.health
+                    .error(kind::MAP, "reading kernel anomaly counters", &e);
+                Default::default()
+            }
+        };
+        self.metrics.set_kernel_anomalies(&anomalies);
+        let errors = pipe.health.errors();
+        let mut tables = self.tables(pipe);
+        tables.extend(self.kernel_tables.iter().cloned());
+        self.metrics.set_errors(&errors);
+        self.metrics.set_store(&store_health);
+        self.metrics.set_tables(&tables);
 
         // Status.
         let status = StatusView {
@@ -394,6 +609,11 @@ impl Daemon {
             socket: self.config.daemon.socket.display().to_string(),
             database: self.config.store.path.display().to_string(),
             metrics: self.config.metrics.listen.clone(),
+            errors,
+            degraded: pipe.health.degraded(),
+            store: store_health,
+            tables,
+            kernel_anomalies: anomalies,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = status;
@@ -401,6 +621,5 @@ impl Daemon {
         if let Ok(mut f) = self.shared.flows.lock() {
             *f = flows;
         }
-        Ok(())
     }
 }

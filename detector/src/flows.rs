@@ -4,7 +4,17 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::ingest::{Comm, Destination, Observation, failure};
+use crate::ingest::{
+    Comm, Destination, Observation,
+    bounded::{TableUsage, batch, lowest},
+    failure,
+};
+
+/// Most flows counted in one interval. A scan of a /16 or a fan-out to
+/// thousands of peers must not grow the table (nor the interval's output)
+/// without limit; past it the rows with the fewest failures, then the
+/// fewest attempts, are dropped — the failing ones are what is shown.
+pub const MAX_ROWS: usize = 16_384;
 
 /// A flow: one process talking to one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -68,14 +78,41 @@ pub struct FlowRow {
 }
 
 /// Flows seen in the current interval.
-#[derive(Default)]
 pub struct FlowTable {
     flows: HashMap<FlowKey, (Comm, FlowCounts)>,
+    capacity: usize,
+    /// Rows dropped because the table was full, since start.
+    evictions: u64,
+}
+
+impl Default for FlowTable {
+    fn default() -> Self {
+        Self::with_capacity(MAX_ROWS)
+    }
 }
 
 impl FlowTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table of at most `capacity` rows per interval.
+    pub fn with_capacity(capacity: usize) -> Self {
+        FlowTable {
+            flows: HashMap::new(),
+            capacity: capacity.max(1),
+            evictions: 0,
+        }
+    }
+
+    /// The interval's rows now, the capacity, and rows dropped since start.
+    pub fn tables(&self) -> Vec<TableUsage> {
+        vec![TableUsage::new(
+            "interval_flows",
+            self.flows.len(),
+            self.capacity,
+            self.evictions,
+        )]
     }
 
     /// Adds one observation; process records are ignored here.
@@ -139,9 +176,22 @@ impl FlowTable {
     }
 
     fn entry(&mut self, pid: u32, dest: Destination, comm: Comm) -> &mut FlowCounts {
+        let key = FlowKey { pid, dest };
+        if self.flows.len() >= self.capacity && !self.flows.contains_key(&key) {
+            let victims = lowest(
+                self.flows
+                    .iter()
+                    .map(|(k, (_, c))| ((c.failures, c.attempts), *k)),
+                batch(self.capacity),
+            );
+            self.evictions += victims.len() as u64;
+            for k in victims {
+                self.flows.remove(&k);
+            }
+        }
         let e = self
             .flows
-            .entry(FlowKey { pid, dest })
+            .entry(key)
             .or_insert_with(|| (comm, FlowCounts::default()));
         e.0 = comm;
         &mut e.1
@@ -226,6 +276,28 @@ mod tests {
         assert_eq!(rows[1].counts.established, 1);
         assert_eq!(rows[1].counts.main_error(), None);
         assert!(t.take_interval().is_empty(), "an interval starts empty");
+    }
+
+    #[test]
+    fn rows_are_capped_and_failing_ones_kept() {
+        let mut t = FlowTable::with_capacity(16);
+        let refused = ConnectOutcome::Failed {
+            errno: libc::ECONNREFUSED,
+        };
+        // Two failing flows first, then 40 healthy ones.
+        t.observe(&connect(1, 1, refused));
+        t.observe(&connect(2, 2, refused));
+        for port in 100..140 {
+            t.observe(&connect(3, port, ConnectOutcome::Established));
+        }
+        // Full at 16, then batches of 2: the 26 beyond are 13 batches.
+        assert_eq!(t.tables(), [TableUsage::new("interval_flows", 16, 16, 26)]);
+        let rows = t.take_interval();
+        assert_eq!(rows.len(), 16);
+        assert_eq!(rows.iter().filter(|r| r.counts.failures == 1).count(), 2);
+        // The next interval starts empty; evictions stay counted.
+        assert_eq!(t.tables()[0].entries, 0);
+        assert_eq!(t.tables()[0].evictions, 26);
     }
 
     #[test]

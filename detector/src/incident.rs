@@ -51,7 +51,6 @@ use crate::{
         Comm, Destination,
         procs::{ProcessTable, unit_and_container},
     },
-    store::{Store, StoreError},
 };
 
 /// Longest timeline kept, in seconds (one point per second).
@@ -198,9 +197,33 @@ pub struct Context<'a> {
     pub engine: &'a Engine,
     pub procs: &'a mut ProcessTable,
     pub groups: &'a Groups,
-    pub store: &'a Store,
+    pub store: &'a mut dyn Sink,
     pub now_ms: i64,
 }
+
+/// Where incidents are kept. The daemon's sink is a writer thread with a
+/// bounded queue (`service::writer`), so a tick never waits on SQLite and a
+/// failing disk costs the history, not detection; tests use the `Store`
+/// directly.
+pub trait Sink {
+    /// Keeps a new incident; returns the number it gets.
+    fn insert(&mut self, inc: &Incident) -> Result<i64, SinkError>;
+    /// Rewrites an incident (its `number` says which).
+    fn update(&mut self, inc: &Incident) -> Result<(), SinkError>;
+}
+
+/// Why a [`Sink`] could not keep an incident (the store's own error,
+/// boxed so this module does not depend on the store's).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct SinkError(pub Box<dyn std::error::Error + Send + Sync>);
+
+/// Most incidents open at once. Storms of many processes towards one
+/// destination share one incident, so this is reached only by storms to
+/// thousands of distinct destinations at once; beyond it a storm is still
+/// detected, shown and counted in metrics, but gets no incident row
+/// (counted in [`IncidentTracker::not_opened`]) until one closes.
+pub const OPEN_MAX: usize = 1_024;
 
 /// Opens, updates, merges and closes incidents from verdict changes.
 pub struct IncidentTracker {
@@ -216,6 +239,10 @@ pub struct IncidentTracker {
     pub opened: u64,
     /// Incidents closed as merged into a group incident since start.
     pub merged: u64,
+    /// Storms that got no incident because [`OPEN_MAX`] were open.
+    pub not_opened: u64,
+    /// [`OPEN_MAX`], smaller in tests.
+    max_open: usize,
 }
 
 impl Default for IncidentTracker {
@@ -233,6 +260,16 @@ impl IncidentTracker {
             deferred: HashMap::new(),
             opened: 0,
             merged: 0,
+            not_opened: 0,
+            max_open: OPEN_MAX,
+        }
+    }
+
+    /// A tracker that keeps at most `n` incidents open.
+    pub fn with_max_open(n: usize) -> Self {
+        IncidentTracker {
+            max_open: n,
+            ..Self::new()
         }
     }
 
@@ -254,7 +291,7 @@ impl IncidentTracker {
         &mut self,
         changes: &[VerdictChange],
         cx: &mut Context<'_>,
-    ) -> Result<Vec<Incident>, StoreError> {
+    ) -> Result<Vec<Incident>, SinkError> {
         let mut opened = Vec::new();
         // Parents, then cgroups, then flows: a roll-up's incident exists
         // before the subjects it covers are placed.
@@ -332,12 +369,13 @@ impl IncidentTracker {
         d: Deferred,
         cx: &mut Context<'_>,
         opened: &mut Vec<Incident>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), SinkError> {
         match self.placement(&s, cx) {
             Place::Owner(owner) => self.cover(s, owner, State::Storm),
             Place::Wait if cx.now_ms - d.since_ms < DEFER_MAX_MS => {
                 self.deferred.insert(s, d);
             }
+            Place::Wait | Place::Own if self.open.len() >= self.max_open => self.not_opened += 1,
             Place::Wait | Place::Own => opened.push(self.open_incident(s, &d, cx)?),
         }
         Ok(())
@@ -426,7 +464,7 @@ impl IncidentTracker {
         s: Subject,
         d: &Deferred,
         cx: &mut Context<'_>,
-    ) -> Result<Incident, StoreError> {
+    ) -> Result<Incident, SinkError> {
         let mut inc = identify(&s, d.comm, &d.explanation, cx.procs, d.since_ms);
         if let Subject::Cgroup { .. } = s {
             // Name the cgroup by where its members live.
@@ -468,7 +506,7 @@ impl IncidentTracker {
     }
 
     /// Closes the open incidents that `owner` covers as merged into it.
-    fn fold_into(&mut self, owner: Subject, cx: &mut Context<'_>) -> Result<(), StoreError> {
+    fn fold_into(&mut self, owner: Subject, cx: &mut Context<'_>) -> Result<(), SinkError> {
         let mut below: Vec<Subject> = self
             .open
             .keys()
@@ -577,9 +615,15 @@ impl IncidentTracker {
     pub fn every_second(
         &mut self,
         engine: &Engine,
-        store: &Store,
+        store: &mut dyn Sink,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), SinkError> {
+        // Subjects the engine forgot without a verdict change (evicted at
+        // its bounds, or expired) leave nothing behind here either.
+        let known = |s: &Subject| engine.subject_stats(s).is_some();
+        self.covered.retain(|s, _| known(s));
+        self.deferred.retain(|s, _| known(s));
+        self.rollups.retain(|s, _| known(s));
         let subjects: Vec<Subject> = self.open.keys().copied().collect();
         for subject in subjects {
             let Some(mut inc) = self.open.remove(&subject) else {
@@ -605,10 +649,10 @@ impl IncidentTracker {
     /// The daemon is stopping: close what is open.
     pub fn close_all(
         &mut self,
-        store: &Store,
+        store: &mut dyn Sink,
         now_ms: i64,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), SinkError> {
         self.covered.clear();
         self.deferred.clear();
         self.rollups.clear();
@@ -659,7 +703,7 @@ fn top_members(inc: &Incident, engine: &Engine, dest: Destination) -> Vec<Member
 }
 
 /// A new incident with the identity of its subject.
-fn identify(
+pub(crate) fn identify(
     subject: &Subject,
     comm: Comm,
     explanation: &str,
@@ -751,6 +795,7 @@ fn refresh(inc: &mut Incident, engine: &Engine, subject: &Subject, now_ms: i64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
     use crate::{
         detect::{DetectConfig, synthetic},
         ingest::Observation,
@@ -808,7 +853,7 @@ mod tests {
                         engine: &self.engine,
                         procs: &mut self.procs,
                         groups: &self.groups,
-                        store: &self.store,
+                        store: &mut self.store,
                         now_ms,
                     },
                 )
@@ -816,7 +861,7 @@ mod tests {
             self.opened.extend(opened);
             if t.is_multiple_of(1_000_000_000) {
                 self.tracker
-                    .every_second(&self.engine, &self.store, now_ms)
+                    .every_second(&self.engine, &mut self.store, now_ms)
                     .unwrap();
             }
         }
@@ -881,6 +926,25 @@ mod tests {
         (0..rate * secs)
             .map(|i| synthetic::refused(start + offset + i * gap, pid, dest))
             .collect()
+    }
+
+    #[test]
+    fn open_incidents_are_bounded_and_storms_beyond_are_counted() {
+        let mut h = Harness::new("cap");
+        h.tracker = IncidentTracker::with_max_open(2);
+        let mut obs = Vec::new();
+        for pid in 1..=3u32 {
+            let d = synthetic::dest(9000 + pid as u16);
+            obs.extend(
+                (0..3_000u64).map(|i| synthetic::refused(1_000_000_000 + i * 1_000_000, pid, d)),
+            );
+        }
+        h.feed(obs);
+        h.tick();
+        assert_eq!(h.active().len(), 2);
+        assert_eq!(h.tracker.opened, 2);
+        assert!(h.tracker.not_opened >= 1, "{}", h.tracker.not_opened);
+        assert_eq!(h.store.total().unwrap(), 2);
     }
 
     #[test]

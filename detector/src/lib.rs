@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod detect;
 pub mod flows;
+pub mod health;
 pub mod incident;
 pub mod ingest;
 pub mod kernel;

@@ -16,6 +16,24 @@
 //! (the highest rates), which also bounds the label cardinality a misbehaving
 //! host can push into the scraper's time-series database.
 //!
+//! ## Health series have bounded labels
+//! `stormguard_errors_total{kind}`, `stormguard_kernel_anomalies_total{kind}`
+//! and `stormguard_table_*{table}` take their label values from the daemon,
+//! not from the traffic: error kinds ("map_update", "store",
+//! "probe_attach", "ring", "proc"...), anomaly kinds ("map_full",
+//! "ring_reserve"...) and table names ("flows", "SUSPECTS"...) are small
+//! fixed sets in the code. Each family still keeps at most
+//! [`MAX_LABEL_VALUES`] values, so a bug cannot grow a scraper's database.
+//!
+//! ## The server is bounded
+//! [`serve`] holds at most [`MAX_CONNECTIONS`] connections; one more is
+//! closed as soon as it is accepted and counted in
+//! `stormguard_metrics_connections_refused_total`. A connection that has
+//! not sent complete request headers within [`HEADER_TIMEOUT`] — a new one,
+//! or a keep-alive one idle after its last response — is closed. Without
+//! these, any local user could hold enough idle connections to exhaust the
+//! daemon's open files, and the next probe attach would fail.
+//!
 //! ## Format
 //! `prometheus_client` writes OpenMetrics text, in which a counter family is
 //! declared without its `_total` suffix (`# TYPE x counter` followed by
@@ -31,6 +49,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -40,7 +59,7 @@ use axum::routing::get;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
@@ -52,6 +71,25 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Outcome labels accepted by [`Metrics::add_connect_attempts`]; their series
 /// exist (at 0) from the start.
 pub const CONNECT_OUTCOMES: [&str; 4] = ["established", "failed", "closed", "before_syn"];
+
+/// Most distinct label values a health family ([`Metrics::set_errors`],
+/// [`Metrics::set_tables`], [`Metrics::set_kernel_anomalies`]) keeps; more
+/// are ignored (and logged at debug level).
+pub const MAX_LABEL_VALUES: usize = 32;
+
+/// Most connections [`serve`] holds at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send complete request headers,
+/// counted from its accept or from the end of its previous response.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest any one connection lives, whatever it does: a backstop against
+/// a client that keeps sending requests slowly forever.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long [`serve`] waits for in-flight requests at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Name of the per-storm gauge family, without the registry prefix.
 const STORM_RATE_NAME: &str = "storm_attempts_per_second";
@@ -79,6 +117,13 @@ pub struct Metrics {
     /// `None` when per-storm series are disabled.
     storms: Option<Arc<StormSeries>>,
     per_storm_max: usize,
+    errors: Arc<KindFamily>,
+    kernel_anomalies: Arc<KindFamily>,
+    tables: Arc<TableSeries>,
+    store_failing: Gauge<u64, AtomicU64>,
+    store_queued: Gauge<u64, AtomicU64>,
+    store_dropped_writes: Counter,
+    connections_refused: Counter,
 }
 
 impl Metrics {
@@ -139,6 +184,44 @@ impl Metrics {
             registry.register_collector(Box::new(Arc::clone(storms)));
         }
 
+        let errors = Arc::new(KindFamily::new(
+            "errors",
+            "Runtime errors the daemon survived since start, by kind.",
+        ));
+        registry.register_collector(Box::new(Arc::clone(&errors)));
+        let kernel_anomalies = Arc::new(KindFamily::new(
+            "kernel_anomalies",
+            "Anomalies the eBPF programs reported since start (a full map, a failed ring \
+             reservation, an unexpected state), by kind.",
+        ));
+        registry.register_collector(Box::new(Arc::clone(&kernel_anomalies)));
+        let tables = Arc::new(TableSeries::default());
+        registry.register_collector(Box::new(Arc::clone(&tables)));
+        let store_failing = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "store_failing",
+            "1 while writes to the incident database fail (detection goes on)",
+            store_failing.clone(),
+        );
+        let store_queued = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "store_queued",
+            "Incident writes waiting in the writer's queue",
+            store_queued.clone(),
+        );
+        let store_dropped_writes = Counter::default();
+        registry.register(
+            "store_dropped_writes",
+            "Incident writes given up on since start (queue full, or failed for good)",
+            store_dropped_writes.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "metrics_connections_refused",
+            "Connections to this endpoint closed at once because it already held its maximum",
+            connections_refused.clone(),
+        );
+
         Metrics {
             registry,
             flows_tracked,
@@ -150,7 +233,49 @@ impl Metrics {
             signal_degraded,
             storms,
             per_storm_max,
+            errors,
+            kernel_anomalies,
+            tables,
+            store_failing,
+            store_queued,
+            store_dropped_writes,
+            connections_refused,
         }
+    }
+
+    /// Feeds `stormguard_errors_total{kind}` with the running totals of
+    /// errors survived, by kind (see [`crate::api::StatusView::errors`]).
+    pub fn set_errors(&self, errors: &BTreeMap<String, u64>) {
+        self.errors.set(errors);
+    }
+
+    /// Feeds `stormguard_kernel_anomalies_total{kind}` with the running
+    /// totals of anomalies the eBPF programs reported, by kind.
+    pub fn set_kernel_anomalies(&self, anomalies: &BTreeMap<String, u64>) {
+        self.kernel_anomalies.set(anomalies);
+    }
+
+    /// Sets `stormguard_table_entries{table}` and
+    /// `stormguard_table_capacity{table}`, and feeds
+    /// `stormguard_table_evictions_total{table}`, from every bounded table
+    /// and kernel map. Tables not listed disappear.
+    pub fn set_tables(&self, tables: &[crate::api::TableView]) {
+        self.tables.set(tables);
+    }
+
+    /// Sets `stormguard_store_failing` (0/1) and `stormguard_store_queued`,
+    /// and feeds `stormguard_store_dropped_writes_total`.
+    pub fn set_store(&self, store: &crate::api::StoreHealthView) {
+        self.store_failing.set(u64::from(store.is_failing()));
+        self.store_queued.set(store.queued);
+        self.store_dropped_writes
+            .inner()
+            .fetch_max(store.dropped_writes, Ordering::Relaxed);
+    }
+
+    /// Counts one connection [`serve`] closed because it was full.
+    fn refuse_connection(&self) {
+        self.connections_refused.inc();
     }
 
     /// Sets `stormguard_signal_available` and `stormguard_signal_degraded`
@@ -312,6 +437,125 @@ impl Collector for ConnectAttempts {
     }
 }
 
+/// A counter family with one label (`kind`) whose values come from a
+/// small fixed set in the code, fed with running totals: a total never
+/// goes backwards, a kind once seen stays, and at most
+/// [`MAX_LABEL_VALUES`] kinds are kept.
+#[derive(Debug)]
+struct KindFamily {
+    name: &'static str,
+    help: &'static str,
+    totals: Mutex<BTreeMap<String, u64>>,
+}
+
+impl KindFamily {
+    fn new(name: &'static str, help: &'static str) -> KindFamily {
+        KindFamily {
+            name,
+            help,
+            totals: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn set(&self, totals: &BTreeMap<String, u64>) {
+        let mut kept = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        for (kind, total) in totals {
+            if let Some(v) = kept.get_mut(kind) {
+                *v = (*v).max(*total);
+            } else if kept.len() < MAX_LABEL_VALUES {
+                kept.insert(kind.clone(), *total);
+            } else {
+                tracing::debug!(family = self.name, kind, "too many label values; ignored");
+            }
+        }
+    }
+}
+
+impl Collector for KindFamily {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let mut family =
+            encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?;
+        for (kind, total) in totals.iter() {
+            let labels = [("kind", kind.as_str())];
+            ConstCounter::new(*total).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `stormguard_table_entries`, `_capacity` and `_evictions_total`, by
+/// table, in name order.
+#[derive(Debug, Default)]
+struct TableSeries {
+    /// name → (entries, capacity, evictions).
+    rows: Mutex<BTreeMap<String, (u64, u64, u64)>>,
+}
+
+impl TableSeries {
+    fn set(&self, tables: &[crate::api::TableView]) {
+        let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = BTreeMap::new();
+        for t in tables {
+            if next.len() >= MAX_LABEL_VALUES && !next.contains_key(&t.name) {
+                tracing::debug!(table = %t.name, "too many tables; ignored");
+                continue;
+            }
+            // The evictions counter never goes backwards.
+            let before = rows.get(&t.name).map_or(0, |r| r.2);
+            next.insert(
+                t.name.clone(),
+                (t.entries, t.capacity, t.evictions.max(before)),
+            );
+        }
+        *rows = next;
+    }
+}
+
+impl Collector for TableSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "table_entries",
+                "Entries in a bounded table or kernel map.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, (entries, _, _)) in rows.iter() {
+                ConstGauge::new(*entries).encode(family.encode_family(&[("table", name)])?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "table_capacity",
+                "Most entries a bounded table or kernel map holds.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, (_, capacity, _)) in rows.iter() {
+                ConstGauge::new(*capacity).encode(family.encode_family(&[("table", name)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "table_evictions",
+            "Entries pushed out of a bounded table or kernel map to make room, since start.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, (_, _, evictions)) in rows.iter() {
+            ConstCounter::new(*evictions).encode(family.encode_family(&[("table", name)])?)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 struct StormRow {
     comm: String,
@@ -349,20 +593,110 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
     ([(CONTENT_TYPE_HEADER, CONTENT_TYPE)], metrics.encode())
 }
 
+/// Bounds of [`serve_with`]; [`serve`] uses the defaults
+/// ([`MAX_CONNECTIONS`], [`HEADER_TIMEOUT`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Most connections held at once; more are closed when accepted.
+    pub max_connections: usize,
+    /// Time to send complete request headers, from the accept or from the
+    /// end of the previous response.
+    pub header_timeout: Duration,
+    /// Longest a connection lives, whatever it does.
+    pub lifetime: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            lifetime: CONNECTION_LIFETIME,
+        }
+    }
+}
+
 /// Serves `GET /metrics` ([`CONTENT_TYPE`]) on `listener` until `shutdown`
-/// completes, then finishes in-flight requests and returns. Other paths get
-/// 404, other methods on `/metrics` 405.
+/// completes, then finishes in-flight requests (for up to 5 s) and returns.
+/// Other paths get 404, other methods on `/metrics` 405. Bounded as the
+/// module docs say.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, metrics, ServeLimits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit bounds (tests use short ones).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .with_state(metrics);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_state(Arc::clone(&metrics));
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer starts whenever hyper waits for a request head: right after
+    // the accept, and after each response on a keep-alive connection. So
+    // it bounds both slow headers and idle keep-alive connections.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    // Accept errors (EMFILE, ENFILE, ENOBUFS) back off instead of spinning.
+    const BACKOFF_MIN: Duration = Duration::from_millis(5);
+    let mut backoff = BACKOFF_MIN;
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = BACKOFF_MIN;
+                stream
+            }
+            Err(error) => {
+                tracing::warn!(%error, "metrics: accept failed; backing off {backoff:?}");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            // Closed at once: a full server holds no more descriptors.
+            metrics.refuse_connection();
+            drop(stream);
+            continue;
+        };
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(limits.lifetime, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "metrics connection ended"),
+                Err(_) => tracing::debug!("metrics connection closed at its lifetime"),
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::debug!("metrics: connections still open at shutdown were dropped");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -654,5 +988,253 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "listener still open after shutdown"
         );
+    }
+
+    #[test]
+    fn health_series_render_exactly() {
+        let m = Metrics::new(false, 10);
+        let text = m.encode();
+        for absent in ["stormguard_errors", "kernel_anomalies", "stormguard_table_"] {
+            assert!(!text.contains(absent), "{absent} before any value:\n{text}");
+        }
+        assert_eq!(
+            samples(&text, "stormguard_store_failing"),
+            ["stormguard_store_failing 0"]
+        );
+
+        let totals = |kv: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        m.set_errors(&totals(&[("store", 3), ("map_update", 1)]));
+        m.set_kernel_anomalies(&totals(&[("ring_reserve", 9), ("map_full", 2)]));
+        m.set_tables(&[
+            crate::api::TableView {
+                name: "flows".into(),
+                entries: 120,
+                capacity: 10_000,
+                evictions: 0,
+            },
+            crate::api::TableView {
+                name: "SUSPECTS".into(),
+                entries: 4096,
+                capacity: 4096,
+                evictions: 17,
+            },
+        ]);
+        m.set_store(&crate::api::StoreHealthView {
+            state: "failing".into(),
+            last_error: Some("disk full".into()),
+            queued: 40,
+            dropped_writes: 5,
+        });
+        let text = m.encode();
+        let expect: &[(&str, &[&str])] = &[
+            (
+                "stormguard_errors_total",
+                &[
+                    "stormguard_errors_total{kind=\"map_update\"} 1",
+                    "stormguard_errors_total{kind=\"store\"} 3",
+                ],
+            ),
+            (
+                "stormguard_kernel_anomalies_total",
+                &[
+                    "stormguard_kernel_anomalies_total{kind=\"map_full\"} 2",
+                    "stormguard_kernel_anomalies_total{kind=\"ring_reserve\"} 9",
+                ],
+            ),
+            (
+                "stormguard_table_entries",
+                &[
+                    "stormguard_table_entries{table=\"SUSPECTS\"} 4096",
+                    "stormguard_table_entries{table=\"flows\"} 120",
+                ],
+            ),
+            (
+                "stormguard_table_capacity",
+                &[
+                    "stormguard_table_capacity{table=\"SUSPECTS\"} 4096",
+                    "stormguard_table_capacity{table=\"flows\"} 10000",
+                ],
+            ),
+            (
+                "stormguard_table_evictions_total",
+                &[
+                    "stormguard_table_evictions_total{table=\"SUSPECTS\"} 17",
+                    "stormguard_table_evictions_total{table=\"flows\"} 0",
+                ],
+            ),
+            ("stormguard_store_failing", &["stormguard_store_failing 1"]),
+            ("stormguard_store_queued", &["stormguard_store_queued 40"]),
+            (
+                "stormguard_store_dropped_writes_total",
+                &["stormguard_store_dropped_writes_total 5"],
+            ),
+            (
+                "stormguard_metrics_connections_refused_total",
+                &["stormguard_metrics_connections_refused_total 0"],
+            ),
+        ];
+        for (name, lines) in expect {
+            assert_eq!(samples(&text, name), *lines, "{text}");
+        }
+        for line in [
+            "# TYPE stormguard_errors_total counter",
+            "# TYPE stormguard_kernel_anomalies_total counter",
+            "# TYPE stormguard_table_entries gauge",
+            "# TYPE stormguard_table_capacity gauge",
+            "# TYPE stormguard_table_evictions_total counter",
+            "# TYPE stormguard_store_failing gauge",
+            "# TYPE stormguard_store_queued gauge",
+            "# TYPE stormguard_store_dropped_writes_total counter",
+            "# TYPE stormguard_metrics_connections_refused_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?}:\n{text}");
+        }
+
+        // Counters never go back; gauges follow; kinds once seen stay.
+        m.set_errors(&totals(&[("store", 2)]));
+        m.set_tables(&[crate::api::TableView {
+            name: "SUSPECTS".into(),
+            entries: 10,
+            capacity: 4096,
+            evictions: 3,
+        }]);
+        m.set_store(&crate::api::StoreHealthView::default());
+        let text = m.encode();
+        assert_eq!(
+            samples(&text, "stormguard_errors_total"),
+            [
+                "stormguard_errors_total{kind=\"map_update\"} 1",
+                "stormguard_errors_total{kind=\"store\"} 3",
+            ]
+        );
+        assert_eq!(
+            samples(&text, "stormguard_table_entries"),
+            ["stormguard_table_entries{table=\"SUSPECTS\"} 10"]
+        );
+        assert_eq!(
+            samples(&text, "stormguard_table_evictions_total"),
+            ["stormguard_table_evictions_total{table=\"SUSPECTS\"} 17"]
+        );
+        assert_eq!(
+            samples(&text, "stormguard_store_failing"),
+            ["stormguard_store_failing 0"]
+        );
+        assert_eq!(
+            samples(&text, "stormguard_store_dropped_writes_total"),
+            ["stormguard_store_dropped_writes_total 5"]
+        );
+    }
+
+    #[test]
+    fn label_values_are_capped() {
+        let m = Metrics::new(false, 10);
+        let many: BTreeMap<String, u64> = (0..100).map(|i| (format!("k{i:03}"), 1)).collect();
+        m.set_errors(&many);
+        m.set_tables(
+            &(0..100)
+                .map(|i| crate::api::TableView {
+                    name: format!("t{i:03}"),
+                    entries: 1,
+                    capacity: 2,
+                    evictions: 0,
+                })
+                .collect::<Vec<_>>(),
+        );
+        let text = m.encode();
+        assert_eq!(
+            samples(&text, "stormguard_errors_total").len(),
+            MAX_LABEL_VALUES
+        );
+        assert_eq!(
+            samples(&text, "stormguard_table_entries").len(),
+            MAX_LABEL_VALUES
+        );
+    }
+
+    /// Reads until EOF; the time it took, or None if `bound` passed.
+    async fn eof_after(s: &mut tokio::net::TcpStream, bound: Duration) -> Option<Duration> {
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(start + bound, s.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_and_idle_ones_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new(false, 10));
+        let limits = ServeLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_millis(500),
+            lifetime: Duration::from_secs(60),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            listener,
+            Arc::clone(&metrics),
+            limits,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let connect = || tokio::net::TcpStream::connect(addr);
+        // One keep-alive client that sends a request, one that sends
+        // nothing, one partial header: the third is over the cap.
+        let mut keep = connect().await.unwrap();
+        keep.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut silent = connect().await.unwrap();
+        // Give the server time to accept both before the next.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut over = connect().await.unwrap();
+        let took = eof_after(&mut over, Duration::from_secs(5)).await;
+        assert!(
+            took.is_some_and(|t| t < Duration::from_millis(400)),
+            "{took:?}"
+        );
+        assert_eq!(
+            samples(
+                &metrics.encode(),
+                "stormguard_metrics_connections_refused_total"
+            ),
+            ["stormguard_metrics_connections_refused_total 1"]
+        );
+        // The silent one and the idle keep-alive one are closed after the
+        // header timeout, not before.
+        let silent_took = eof_after(&mut silent, Duration::from_secs(5)).await;
+        let keep_took = eof_after(&mut keep, Duration::from_secs(5)).await;
+        for took in [silent_took, keep_took] {
+            let t = took.expect("closed by the server");
+            assert!(t < Duration::from_secs(2), "{t:?}");
+        }
+        // Places are free again: a slow header is cut at the timeout.
+        let mut slow = connect().await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        let t = eof_after(&mut slow, Duration::from_secs(5))
+            .await
+            .expect("closed");
+        assert!(
+            t >= Duration::from_millis(400) && t < Duration::from_secs(2),
+            "{t:?}"
+        );
+        let (status, _, _) = http_get(addr, "/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve ends")
+            .unwrap()
+            .unwrap();
     }
 }

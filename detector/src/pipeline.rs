@@ -10,8 +10,13 @@ use crate::{
         probes::{ProbeConfig, ProbePlan, ProbeScheduler},
     },
     flows::FlowTable,
-    ingest::{Observation, decode::from_event, procs::ProcessTable},
-    kernel::{KernelError, Sensors},
+    health::{Health, kind},
+    ingest::{
+        Observation,
+        decode::from_event,
+        procs::{ProcessTable, READS_PER_TICK},
+    },
+    kernel::Sensors,
     record::{Line, Recorder},
 };
 
@@ -26,8 +31,10 @@ pub enum OnDemand {
     Never,
 }
 
-/// Engine ticks per second: verdicts are at most this late.
-pub const TICK_NS: u64 = 100_000_000;
+pub use crate::detect::TICK_NS;
+
+/// How long after a failed attach of the on-demand probes the next try is.
+pub const ATTACH_RETRY_NS: u64 = 30_000_000_000;
 
 pub struct Pipeline {
     pub engine: Engine,
@@ -40,6 +47,12 @@ pub struct Pipeline {
     last_syscalls: HashMap<u32, u64>,
     exited: Vec<u32>,
     pub decode_errors: u64,
+    /// Runtime errors survived, and what is degraded.
+    pub health: Health,
+    /// No attach of the on-demand probes before this (after a failure).
+    attach_retry_at: Option<u64>,
+    /// When the kernel maps were last swept of dead processes.
+    last_sweep: u64,
     /// Observations seen so far (for the event rate).
     pub observed: u64,
 }
@@ -59,6 +72,9 @@ impl Pipeline {
             last_syscalls: HashMap::new(),
             exited: Vec::new(),
             decode_errors: 0,
+            health: Health::default(),
+            attach_retry_at: None,
+            last_sweep: 0,
             observed: 0,
         }
     }
@@ -91,74 +107,134 @@ impl Pipeline {
 
     /// Evaluates the engine at `now` (CLOCK_MONOTONIC) after collecting
     /// what the kernel holds back (closed attempts, syscall counts), and
-    /// attaches or detaches the on-demand probes.
-    pub fn tick(
-        &mut self,
-        sensors: &mut Sensors,
-        now: u64,
-    ) -> Result<Vec<VerdictChange>, KernelError> {
-        for ev in sensors.sweep_closed(now, 200_000_000)? {
-            match from_event(&ev) {
-                Ok(obs) => self.observe(&obs),
-                Err(_) => self.decode_errors += 1,
+    /// attaches or detaches the on-demand probes. Never fails: a kernel
+    /// call that fails is counted in [`Pipeline::health`] and the tick goes
+    /// on without what it would have given (see `health`).
+    pub fn tick(&mut self, sensors: &mut Sensors, now: u64) -> Vec<VerdictChange> {
+        match sensors.sweep_closed(now, 200_000_000) {
+            Ok(closed) => {
+                for ev in closed {
+                    match from_event(&ev) {
+                        Ok(obs) => self.observe(&obs),
+                        Err(_) => self.decode_errors += 1,
+                    }
+                }
             }
+            Err(e) => self.health.error(kind::MAP, "sweeping closed attempts", &e),
         }
         if sensors.on_demand_attached() {
-            let counts = sensors.syscall_counts()?;
-            let mut deltas: Vec<(u32, u64)> = counts
-                .iter()
-                .map(|(pid, n)| {
-                    (
-                        *pid,
-                        n.saturating_sub(*self.last_syscalls.get(pid).unwrap_or(&0)),
-                    )
-                })
-                .collect();
-            deltas.sort_unstable();
-            for (pid, count) in deltas {
-                self.observe(&Observation::Syscalls {
-                    ts_ns: now,
-                    pid,
-                    count,
-                });
+            match sensors.syscall_counts() {
+                Ok(counts) => self.syscall_deltas(counts, now),
+                Err(e) => self.health.error(kind::MAP, "reading syscall counts", &e),
             }
-            self.last_syscalls = counts;
         } else {
             self.last_syscalls.clear();
         }
+        // Once a second: kernel entries of threads and processes that died
+        // without their exit being seen (bounded work per call).
+        if now.saturating_sub(self.last_sweep) >= 1_000_000_000 {
+            self.last_sweep = now;
+            if let Err(e) = sensors.sweep() {
+                self.health
+                    .error(kind::MAP, "sweeping entries of dead processes", &e);
+            }
+        }
+        // /proc is read here, a bounded number of processes per tick, never
+        // for each ring record (see `ProcessTable::observe`).
+        self.procs.resolve_pending(READS_PER_TICK);
         let changes = self.engine.tick(now);
         if let Some(r) = self.recorder.as_mut() {
             let _ = r.write(&Line::Tick { ts_ns: now });
             let _ = r.flush();
         }
         let plan = self.scheduler.plan(now, self.engine.suspects());
-        match self.on_demand {
-            OnDemand::Auto if plan.attach => {
-                if !sensors.on_demand_attached() {
-                    tracing::info!(suspects = ?plan.suspects, "attaching on-demand probes");
-                    sensors.attach_on_demand()?;
-                }
-                sensors.set_suspects(&plan.suspects)?;
-                sensors.set_suspect_cgroups(&self.engine.suspect_cgroups())?;
-            }
-            OnDemand::Auto => {
-                if sensors.on_demand_attached() {
-                    tracing::info!(
-                        capped = plan.cooling_down_until_ns.is_some(),
-                        "detaching on-demand probes"
-                    );
-                    sensors.detach_on_demand()?;
-                }
-            }
-            OnDemand::Always => {
-                sensors.attach_on_demand()?;
-                sensors.set_suspects(&plan.suspects)?;
-                sensors.set_suspect_cgroups(&self.engine.suspect_cgroups())?;
-            }
-            OnDemand::Never => {}
-        }
+        self.apply_plan(sensors, &plan, now);
         self.plan = plan;
-        Ok(changes)
+        changes
+    }
+
+    fn syscall_deltas(&mut self, counts: HashMap<u32, u64>, now: u64) {
+        let mut deltas: Vec<(u32, u64)> = counts
+            .iter()
+            .map(|(pid, n)| {
+                (
+                    *pid,
+                    n.saturating_sub(*self.last_syscalls.get(pid).unwrap_or(&0)),
+                )
+            })
+            .collect();
+        deltas.sort_unstable();
+        for (pid, count) in deltas {
+            self.observe(&Observation::Syscalls {
+                ts_ns: now,
+                pid,
+                count,
+            });
+        }
+        self.last_syscalls = counts;
+    }
+
+    /// Attaches or detaches the on-demand probes as the plan says. An
+    /// attach that fails (EMFILE in a storm, a verifier refusal) detaches
+    /// what did attach and waits [`ATTACH_RETRY_NS`] before trying again:
+    /// detection goes on with the always-on probes.
+    fn apply_plan(&mut self, sensors: &mut Sensors, plan: &ProbePlan, now: u64) {
+        let want = match self.on_demand {
+            OnDemand::Auto => plan.attach,
+            OnDemand::Always => true,
+            OnDemand::Never => return,
+        };
+        if !want {
+            if sensors.on_demand_attached() {
+                tracing::info!(
+                    capped = plan.cooling_down_until_ns.is_some(),
+                    "detaching on-demand probes"
+                );
+                if let Err(e) = sensors.detach_on_demand() {
+                    self.health
+                        .error(kind::PROBE_ATTACH, "detaching on-demand probes", &e);
+                }
+            }
+            return;
+        }
+        if !sensors.on_demand_attached() {
+            if self.attach_retry_at.is_some_and(|t| now < t) {
+                return;
+            }
+            tracing::info!(suspects = ?plan.suspects, "attaching on-demand probes");
+            if let Err(e) = sensors.attach_on_demand() {
+                self.health
+                    .error(kind::PROBE_ATTACH, "attaching on-demand probes", &e);
+                self.health.degrade(
+                    kind::PROBE_ATTACH,
+                    format!("on-demand probes off (retrying in 30 s): {e}"),
+                );
+                if let Err(e) = sensors.detach_on_demand() {
+                    self.health
+                        .error(kind::PROBE_ATTACH, "detaching on-demand probes", &e);
+                }
+                self.attach_retry_at = Some(now + ATTACH_RETRY_NS);
+                return;
+            }
+            self.attach_retry_at = None;
+            self.health.recover(kind::PROBE_ATTACH);
+        }
+        if let Err(e) = sensors.set_suspects(&plan.suspects) {
+            self.health.error(kind::MAP, "writing the suspects map", &e);
+        }
+        if let Err(e) = sensors.set_suspect_cgroups(&self.engine.suspect_cgroups()) {
+            self.health
+                .error(kind::MAP, "writing the suspect cgroups map", &e);
+        }
+    }
+
+    /// Every bounded table of the detection path: entries, capacity,
+    /// evictions (for status and metrics).
+    pub fn tables(&self) -> Vec<crate::detect::TableUsage> {
+        let mut v = self.engine.tables();
+        v.extend(self.procs.tables());
+        v.extend(self.flows.tables());
+        v
     }
 
     /// After an interval has been reported: forget exited processes.

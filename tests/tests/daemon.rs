@@ -94,7 +94,7 @@ fn a_storm_becomes_an_incident_that_survives_a_restart_and_explains() {
 
     // The status reports what it sees.
     // Every signal of this kernel is there (by its first-choice hook or a
-    // stand-in: 13 hooks on 6.3+, more where fexit stands in for the send
+    // stand-in: 14 hooks on 6.3+, more where fexit stands in for the send
     // and receive tracepoints); only TLS depends on the host's libssl.
     let status = d.json(&["status"]);
     let signals = status["signals"].as_array().unwrap();
@@ -111,7 +111,7 @@ fn a_storm_becomes_an_incident_that_survives_a_restart_and_explains() {
         .iter()
         .map(|h| h.as_str().unwrap())
         .collect();
-    // Exactly the always-on signals' hooks, in order: 13 on 6.3+, 17 where
+    // Exactly the always-on signals' hooks, in order: 14 on 6.3+, 18 where
     // six fexit programs stand in for the send and receive tracepoints.
     let expected: Vec<&str> = signals
         .iter()
@@ -122,7 +122,7 @@ fn a_storm_becomes_an_incident_that_survives_a_restart_and_explains() {
     assert_eq!(always_on, expected, "{status}");
     let stand_ins = always_on.iter().filter(|h| h.starts_with("fexit ")).count();
     assert!(stand_ins == 0 || stand_ins == 6, "{status}");
-    assert_eq!(always_on.len(), 13 + stand_ins - stand_ins / 3, "{status}");
+    assert_eq!(always_on.len(), 14 + stand_ins - stand_ins / 3, "{status}");
     assert!(!status["kernel"].as_str().unwrap().is_empty(), "{status}");
     assert!(status["incidents_total"].as_u64().unwrap() >= 1, "{status}");
     assert_eq!(status["ring_drops"], 0, "{status}");
@@ -365,7 +365,7 @@ fn the_daemon_not_running_is_said_plainly() {
 #[test]
 fn metrics_parse_with_a_real_prometheus_parser_and_events_and_top_follow_storms() {
     let _alone = alone();
-    let Some(d) = Daemon::start("metrics", &tmp("metrics"), "") else {
+    let Some(d) = Daemon::start("metrics", &tmp("metrics"), "per_storm = true\n") else {
         return;
     };
     // events --follow, started before the storm.

@@ -534,3 +534,75 @@ fn replies_of_a_process_in_a_suspect_cgroup_are_read() {
         "{replies:?}"
     );
 }
+
+/// A UDP socket's destination dies with it: a new socket the kernel puts
+/// at a released socket's address must never be taken for a connected
+/// socket to the old destination. Many rounds, because only some of them
+/// reuse the address (socket memory is freed after an RCU grace period).
+#[test]
+fn a_new_udp_socket_never_inherits_a_released_sockets_destination() {
+    use stormguard::ingest::Observation;
+    let Some(mut cap) = Capture::start("udp_dest_release") else {
+        return;
+    };
+    // A: takes datagrams, never answers. B: answers each one.
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let a_addr = a.local_addr().unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b_addr = b.local_addr().unwrap();
+    b.set_read_timeout(Some(scaled(Duration::from_secs(10))))
+        .unwrap();
+    const ROUNDS: usize = 300;
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..ROUNDS {
+            let (n, from) = b.recv_from(&mut buf).unwrap();
+            b.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    let mut buf = [0u8; 64];
+    for round in 0..ROUNDS {
+        let old = UdpSocket::bind("127.0.0.1:0").unwrap();
+        old.connect(a_addr).unwrap();
+        old.send(b"old").unwrap();
+        drop(old);
+        // Let the released socket's memory come back for the next one.
+        if round % 2 == 1 {
+            thread::sleep(Duration::from_millis(2));
+        }
+        let new = UdpSocket::bind("127.0.0.1:0").unwrap();
+        new.set_read_timeout(Some(scaled(Duration::from_secs(10))))
+            .unwrap();
+        new.send_to(b"new", b_addr).unwrap();
+        let (n, from) = new.recv_from(&mut buf).unwrap();
+        assert_eq!((n, from), (3, b_addr));
+        if round % 50 == 0 {
+            cap.drain();
+        }
+    }
+    echo.join().unwrap();
+    cap.settle();
+    drop(a);
+    let me = std::process::id();
+    let inherited = cap
+        .observations
+        .iter()
+        .filter(|o| {
+            matches!(o, Observation::UdpRecv { pid, dest, .. }
+                if *pid == me && dest.port == a_addr.port())
+        })
+        .count();
+    let connects = cap
+        .observations
+        .iter()
+        .filter(|o| {
+            matches!(o, Observation::UdpConnect { pid, dest, .. }
+                if *pid == me && dest.port == a_addr.port())
+        })
+        .count();
+    assert_eq!(connects, ROUNDS, "every old socket's connect seen");
+    assert_eq!(
+        inherited, 0,
+        "replies to new sockets attributed to a released socket's destination"
+    );
+}

@@ -473,14 +473,14 @@ fn select_configs(names: &[String]) -> anyhow::Result<Vec<Config>> {
     Ok(out)
 }
 
-fn workspace_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn workspace_root() -> anyhow::Result<PathBuf> {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .context("xtask has no parent directory")
 }
 
-fn existing(path: PathBuf) -> anyhow::Result<PathBuf> {
+pub(crate) fn existing(path: PathBuf) -> anyhow::Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
@@ -502,7 +502,7 @@ fn bpf_linker_bin() -> PathBuf {
 }
 
 /// Release builds: the numbers mean nothing for a debug build.
-fn build(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn build(root: &Path) -> anyhow::Result<()> {
     let path = format!(
         "{}:{}",
         bpf_linker_bin().display(),

@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask <setup|build|test|run|bench|install>`. Every
+//! Project tasks: `cargo xtask <setup|build|test|run|bench|soak|install|vmtest>`. Every
 //! task except `setup` itself (and `install --no-build`) runs setup first, so
 //! a fresh machine needs nothing but rustup and the two README commands.
 mod bench;
 mod corpus_tools;
 mod install;
 mod setup;
+mod soak;
 mod tasks;
 mod vmtest;
 
@@ -55,6 +56,9 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Run the release daemon under a steady mixed load for N minutes and
+    /// check that memory and every table stay flat (not in CI).
+    Soak(soak::SoakArgs),
     /// Boot Debian's 6.1 and 6.12 kernels under qemu and run the
     /// kernel-facing tests in each (as root; minutes under TCG).
     Vmtest(vmtest::Args),
@@ -70,6 +74,7 @@ fn main() {
         Cmd::Bench(args) => setup::run().and_then(|_| bench::run(args)),
         Cmd::Install { root, no_build } if no_build => install::run(None, &root),
         Cmd::Install { root, .. } => setup::run().and_then(|env| install::run(Some(&env), &root)),
+        Cmd::Soak(args) => setup::run().and_then(|_| soak::run(args)),
         Cmd::Vmtest(args) => setup::run().and_then(|env| vmtest::run(&env, args)),
     };
     if let Err(e) = result {

@@ -40,11 +40,13 @@ pub fn build(env: &Env, release: bool) -> anyhow::Result<()> {
 }
 
 /// Tools the integration tests drive, and the Debian packages with them.
-const TEST_TOOLS: [(&str, &str); 6] = [
+const TEST_TOOLS: [(&str, &str); 7] = [
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("setpriv", "util-linux"),
+    // `systemd-analyze verify` and `security` of the unit (service.rs).
+    ("systemd-analyze", "systemd"),
     ("curl", "curl"),
     ("python3", "python3"),
 ];

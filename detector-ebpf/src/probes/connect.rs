@@ -7,10 +7,11 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
     programs::SockAddrContext,
 };
-use detector_common::{AF_INET, Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest, kind};
+use detector_common::{AF_INET, Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest, kind, table};
 
 use crate::{
     maps::{MSG_DEST, PRE_SYN, UDP_DEST},
+    tables::{put, take_into},
     util::{cgroup, comm, current, emit, now},
 };
 
@@ -62,10 +63,18 @@ pub fn connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(());
     }
-    let dest = destination(ctx, sa, family);
     let (tgid, tid) = current();
     let ts = now();
     let mut ev = Event::zeroed();
+    // If this thread's previous TCP connect left a note, that connect
+    // never reached SYN_SENT: it failed before the SYN. Read into `ev`
+    // itself: two records on the stack would pass the 512-byte limit.
+    if proto == IPPROTO_TCP && take_into(&PRE_SYN, table::PRE_SYN, &tid, &mut ev) {
+        ev.ts_ns = ts;
+        emit(&ev);
+        ev = Event::zeroed();
+    }
+    let dest = destination(ctx, sa, family);
     ev.ts_ns = ts;
     ev.start_ns = ts;
     ev.netns = dest.netns;
@@ -76,24 +85,13 @@ pub fn connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     ev.comm = comm();
     ev.cgroup = cgroup();
     if proto == IPPROTO_TCP {
-        // A note for SYN_SENT. If this thread's previous connect left one,
-        // that connect never reached SYN_SENT: it failed before the SYN.
-        if let Some(prev) = PRE_SYN.get_ptr(tid) {
-            // SAFETY: pointer from a successful lookup, copied at once.
-            let mut prev = unsafe { *prev };
-            if PRE_SYN.remove(tid).is_ok() {
-                prev.ts_ns = ts;
-                emit(&prev);
-            }
-        }
+        // A note for SYN_SENT.
         ev.kind = kind::TCP_PRE_SYN_FAIL;
-        PRE_SYN.insert(tid, ev, 0).map_err(|e| e as i64)?;
+        put(&PRE_SYN, table::PRE_SYN, &tid, &ev);
     } else {
         ev.kind = kind::UDP_CONNECT;
         emit(&ev);
-        UDP_DEST
-            .insert(socket_address(sa), dest, 0)
-            .map_err(|e| e as i64)?;
+        put(&UDP_DEST, table::UDP_DEST, &socket_address(sa), &dest);
     }
     Ok(())
 }

@@ -23,8 +23,9 @@ pub const SENDMSG6: u32 = 11;
 pub const SYS_ENTER: u32 = 12;
 pub const EXIT_CONNECT: u32 = 13;
 pub const RECV_LENGTH: u32 = 14;
+pub const SOCK_RELEASE: u32 = 15;
 /// Number of slots in [`FLOOR_HITS`].
-pub const SLOTS: u32 = 15;
+pub const SLOTS: u32 = 16;
 
 /// Hits per floor program, per CPU. Per-CPU so the increment needs no
 /// atomic and costs what a real sensor's cheapest bookkeeping would.

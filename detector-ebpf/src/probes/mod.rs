@@ -5,5 +5,6 @@ pub mod floor;
 pub mod ondemand;
 pub mod process;
 pub mod sendrecv;
+pub mod socket;
 pub mod tcp;
 pub mod tls;

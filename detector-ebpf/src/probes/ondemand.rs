@@ -5,11 +5,12 @@ use aya_ebpf::{
     helpers::generated::bpf_probe_read_user,
     programs::{RawTracePointContext, TracePointContext},
 };
-use detector_common::{FINGERPRINT_BYTES, FINGERPRINT_HEAD, Fingerprint};
+use detector_common::{FINGERPRINT_BYTES, FINGERPRINT_HEAD, Fingerprint, stat, table};
 
 use crate::{
     maps::{FINGERPRINTS, PRE_SYN, RECV_NOTES, SYSCALLS},
-    util::{current, emit, field, is_suspect, now, off},
+    tables::{NEG_EEXIST, NOEXIST, insert_failed, put, take},
+    util::{count, current, emit, field, is_suspect, now, off},
 };
 
 /// `raw_syscalls:sys_enter`: counts syscalls of suspect processes,
@@ -20,20 +21,14 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
     if !is_suspect(tgid) {
         return Ok(());
     }
-    match SYSCALLS.get_ptr_mut(tgid) {
-        // SAFETY: per-CPU value, only this CPU writes it while we run.
-        Some(p) => unsafe { *p += 1 },
-        None => SYSCALLS.insert(tgid, 1, 0).map_err(|e| e as i64)?,
-    }
+    count_syscall(tgid);
     let slot = FINGERPRINTS.get_ptr_mut(0).ok_or(-1i64)?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
     let slot = unsafe { &mut *slot };
     match user_buffer(ctx) {
         Some(Buffer::Send(buf, len)) => fingerprint(slot, buf, len, tid),
         Some(Buffer::Recv(buf)) => {
-            RECV_NOTES
-                .insert(tid, buf as u64, 0)
-                .map_err(|e| e as i64)?;
+            put(&RECV_NOTES, table::RECV_NOTES, &tid, &(buf as u64));
             if slot.tid == tid {
                 slot.tid = 0;
             }
@@ -44,6 +39,32 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
         None => {}
     }
     Ok(())
+}
+
+/// One more syscall of `tgid`, on this CPU's counter. A new key is counted
+/// as an insert (a per-CPU LRU map is not an [`aya_ebpf::maps::LruHashMap`],
+/// so [`put`] does not apply).
+#[inline(always)]
+fn count_syscall(tgid: u32) {
+    for _ in 0..2 {
+        if let Some(p) = SYSCALLS.get_ptr_mut(tgid) {
+            // SAFETY: per-CPU value, only this CPU writes it while we run.
+            unsafe { *p += 1 };
+            return;
+        }
+        match SYSCALLS.insert(tgid, 1, NOEXIST) {
+            Ok(()) => {
+                count(stat::inserts(table::SYSCALLS));
+                return;
+            }
+            // Another CPU made the key meanwhile: count on it.
+            Err(e) if e == NEG_EEXIST => {}
+            Err(e) => {
+                insert_failed(table::SYSCALLS, e);
+                return;
+            }
+        }
+    }
 }
 
 /// The user buffer a syscall sends from or receives into.
@@ -173,14 +194,10 @@ pub fn exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let (_, tid) = current();
-    if let Some(p) = PRE_SYN.get_ptr(tid) {
-        // SAFETY: pointer from a successful lookup, copied at once.
-        let mut ev = unsafe { *p };
-        if PRE_SYN.remove(tid).is_ok() {
-            ev.ts_ns = now();
-            ev.errno = (-ret) as i32;
-            emit(&ev);
-        }
+    if let Some(mut ev) = take(&PRE_SYN, table::PRE_SYN, &tid) {
+        ev.ts_ns = now();
+        ev.errno = (-ret) as i32;
+        emit(&ev);
     }
     Ok(())
 }

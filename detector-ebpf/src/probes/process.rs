@@ -1,13 +1,16 @@
 //! Process lifecycle, so user space knows parents, names and when a pid's
 //! state must be dropped (a reused pid starts fresh).
 use aya_ebpf::programs::TracePointContext;
-use detector_common::{Event, FIELD_ABSENT, flags, kind};
+use detector_common::{Event, FIELD_ABSENT, flags, kind, stat, table};
 
 const FIELD_ABSENT_USIZE: usize = FIELD_ABSENT as usize;
 
 use crate::{
-    maps::{PRE_SYN, RECV_NOTES, SUSPECT_INHERITED, SUSPECTS, SYSCALLS},
-    util::{armed, comm, current, emit, field, now, off},
+    maps::{
+        PRE_SYN, RECV_NOTES, SUSPECT_INHERITED, SUSPECTS, SYSCALLS, THREAD_SOCK, TLS_FP, TLS_READS,
+    },
+    tables::{NEG_EEXIST, NOEXIST, del, insert_failed, take},
+    util::{armed, comm, count, current, emit, field, now, off},
 };
 
 fn record(kind: u8) -> Event {
@@ -26,7 +29,14 @@ pub fn fork(ctx: &TracePointContext) -> Result<(), i64> {
     // loop of curl is one new process per attempt.
     // SAFETY: the value is only tested for presence.
     if armed() && unsafe { SUSPECTS.get(ev.tgid) }.is_some() {
-        let _ = SUSPECTS.insert(child as u32, SUSPECT_INHERITED, 0);
+        // A full map keeps the suspects it has (the most severe, which
+        // user space wrote first): this child is not probed, and heard.
+        match SUSPECTS.insert(child as u32, SUSPECT_INHERITED, NOEXIST) {
+            Ok(()) => count(stat::inserts(table::SUSPECTS)),
+            // A dead process's entry at a reused pid: it stays suspect.
+            Err(e) if e == NEG_EEXIST => {}
+            Err(e) => insert_failed(table::SUSPECTS, e),
+        }
     }
     ev.aux = child as u32;
     emit(&ev);
@@ -49,22 +59,30 @@ pub fn exit(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let ts = now();
     // The thread's last connect never reached SYN_SENT: report it now.
-    if let Some(p) = PRE_SYN.get_ptr(tid as u32) {
-        // SAFETY: pointer from a successful lookup, copied at once.
-        let mut prev = unsafe { *p };
-        if PRE_SYN.remove(tid as u32).is_ok() {
-            prev.ts_ns = ts;
-            emit(&prev);
-        }
+    let tid = tid as u32;
+    if let Some(mut prev) = take(&PRE_SYN, table::PRE_SYN, &tid) {
+        prev.ts_ns = ts;
+        emit(&prev);
     }
     let mut ev = record(kind::PROC_EXIT);
-    ev.aux = tid as u32;
+    ev.aux = tid;
     if group_dead != 0 {
         ev.flags = flags::GROUP_DEAD;
-        let _ = SUSPECTS.remove(ev.tgid);
-        let _ = SYSCALLS.remove(ev.tgid);
+        if SUSPECTS.remove(ev.tgid).is_ok() {
+            count(stat::deletes(table::SUSPECTS));
+        }
+        if SYSCALLS.remove(ev.tgid).is_ok() {
+            count(stat::deletes(table::SYSCALLS));
+        }
     }
-    let _ = RECV_NOTES.remove(tid as u32);
+    // The thread's on-demand notes: only made while the probes are armed
+    // (user space sweeps what a disarmed exit leaves behind).
+    if armed() {
+        del(&RECV_NOTES, table::RECV_NOTES, &tid);
+        del(&TLS_FP, table::TLS_FP, &tid);
+        del(&TLS_READS, table::TLS_READS, &tid);
+        del(&THREAD_SOCK, table::THREAD_SOCK, &tid);
+    }
     emit(&ev);
     Ok(())
 }

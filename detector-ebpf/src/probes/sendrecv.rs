@@ -18,12 +18,13 @@ use aya_ebpf::{
 };
 use detector_common::{
     AF_INET, AF_INET6, Event, Fingerprint, HEAD_BYTES, IPPROTO_TCP, IPPROTO_UDP, UdpDest,
-    conn_phase, flags, kind,
+    conn_phase, flags, kind, table,
 };
 
 use super::tcp::exchange;
 use crate::{
     maps::{CONNS, FINGERPRINTS, MSG_DEST, RECV_NOTES, THREAD_SOCK, TLS_FP, UDP_DEST},
+    tables::{put, take},
     util::{armed, cgroup, comm, current, emit, field, now, off, sock_id},
 };
 
@@ -63,10 +64,7 @@ fn take_recv_note(tid: u32) -> Option<u64> {
     if !armed() {
         return None;
     }
-    // SAFETY: pointer from a successful lookup, copied at once.
-    let buf = unsafe { *RECV_NOTES.get_ptr(tid)? };
-    let _ = RECV_NOTES.remove(tid);
-    Some(buf)
+    take(&RECV_NOTES, table::RECV_NOTES, &tid)
 }
 
 /// Reads the first [`HEAD_BYTES`] of a user buffer the kernel just filled.
@@ -172,15 +170,12 @@ fn tcp_send(sk: u64, bytes: u32) {
             .map(|fp| request_hash(fp, conn.tmpl.dport))
             .unwrap_or(0);
         // Through libssl: the plaintext's fingerprint, not the ciphertext's.
-        // SAFETY: pointer from a successful lookup, copied at once.
-        let tls = if armed() { TLS_FP.get_ptr(tid) } else { None };
-        conn.req_hash = match tls.map(|p| unsafe { *p }) {
-            Some(h) => {
-                let _ = TLS_FP.remove(tid);
-                h
-            }
-            None => syscall,
+        let tls = if armed() {
+            take(&TLS_FP, table::TLS_FP, &tid)
+        } else {
+            None
         };
+        conn.req_hash = tls.unwrap_or(syscall);
     } else {
         let _ = take_fingerprint(tid);
     }
@@ -305,7 +300,7 @@ fn received(sk: u64, family: u16, protocol: u16, ret: i32, flags: i32) -> Result
             let tid = current().1;
             if let Some(buf) = take_recv_note(tid) {
                 // A probed thread: its SSL_read's plaintext belongs here.
-                let _ = THREAD_SOCK.insert(tid, sk, 0);
+                put(&THREAD_SOCK, table::THREAD_SOCK, &tid, &sk);
                 if conn.req_recv == 0 && conn.head_set == 0 && read_head(&mut conn.reply_head, buf)
                 {
                     conn.head_set = 1;

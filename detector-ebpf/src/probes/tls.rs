@@ -8,10 +8,11 @@
 //! connection is the one the thread last received on: `SSL_read` reads its
 //! socket before it returns.
 use aya_ebpf::programs::{ProbeContext, RetProbeContext};
-use detector_common::{FINGERPRINT_BYTES, HEAD_BYTES};
+use detector_common::{FINGERPRINT_BYTES, HEAD_BYTES, table};
 
 use crate::{
     maps::{CONNS, THREAD_SOCK, TLS_FP, TLS_READS},
+    tables::{put, take},
     util::{current, is_suspect},
 };
 
@@ -50,7 +51,8 @@ pub fn write(ctx: &ProbeContext) -> Result<(), i64> {
         }
         h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    TLS_FP.insert(tid, h | 1, 0).map_err(|e| e as i64)
+    put(&TLS_FP, table::TLS_FP, &tid, &(h | 1));
+    Ok(())
 }
 
 /// Where a thread's `SSL_read` puts what it decrypted.
@@ -70,28 +72,33 @@ pub fn read_enter(ctx: &ProbeContext, ex: bool) -> Result<(), i64> {
     }
     let buf: u64 = ctx.arg(1).ok_or(-1i64)?;
     let readbytes: u64 = if ex { ctx.arg(3).ok_or(-1i64)? } else { 0 };
-    TLS_READS
-        .insert(tid, TlsRead { buf, readbytes }, 0)
-        .map_err(|e| e as i64)
+    put(
+        &TLS_READS,
+        table::TLS_READS,
+        &tid,
+        &TlsRead { buf, readbytes },
+    );
+    Ok(())
 }
 
 /// The return of either read: the plaintext's first bytes become the head
 /// of the exchange on the thread's connection.
 pub fn read_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let (_, tid) = current();
-    // SAFETY: pointer from a successful lookup, copied at once.
-    let Some(read) = TLS_READS.get_ptr(tid).map(|p| unsafe { *p }) else {
+    let Some(read) = take(&TLS_READS, table::TLS_READS, &tid) else {
         return Ok(());
     };
-    let _ = TLS_READS.remove(tid);
     let ret: i64 = ctx.ret();
     let got = if read.readbytes != 0 {
         if ret != 1 {
             return Ok(());
         }
-        // SAFETY: a probe read of the caller's size_t.
-        unsafe { aya_ebpf::helpers::bpf_probe_read_user(read.readbytes as *const u64) }
-            .map_err(|e| e as i64)?
+        // SAFETY: a probe read of the caller's size_t. Paged-out user
+        // memory is an ordinary failure, not an anomaly: skip this read.
+        match unsafe { aya_ebpf::helpers::bpf_probe_read_user(read.readbytes as *const u64) } {
+            Ok(n) => n,
+            Err(_) => return Ok(()),
+        }
     } else {
         ret as u64
     };

@@ -9,6 +9,8 @@ pub mod client;
 pub mod server;
 pub mod socket;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; a request with another is refused.
@@ -33,7 +35,7 @@ pub struct ApiError {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub v: u32,
     pub ok: bool,
@@ -66,8 +68,10 @@ impl Response {
     }
 }
 
-/// What `status` returns.
+/// What `status` returns. Every field has a default, so a client reads
+/// the answer of an older or newer daemon (fields it lacks are empty).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StatusView {
     pub version: String,
     pub pid: u32,
@@ -90,6 +94,62 @@ pub struct StatusView {
     pub socket: String,
     pub database: String,
     pub metrics: String,
+    /// Runtime errors survived since start, by kind (e.g. "map_update",
+    /// "store", "probe_attach", "ring", "proc"): after READY nothing is
+    /// fatal, so this is where trouble shows.
+    pub errors: BTreeMap<String, u64>,
+    /// What is degraded right now and why (e.g. "on-demand probes
+    /// detached: …", "store failing: …").
+    pub degraded: Vec<String>,
+    /// The incident writer: whether writes succeed, and what waits.
+    pub store: StoreHealthView,
+    /// Every bounded table and kernel map: entries, capacity, evictions.
+    pub tables: Vec<TableView>,
+    /// Anomalies the eBPF programs reported, by kind (e.g. "map_full",
+    /// "ring_reserve").
+    pub kernel_anomalies: BTreeMap<String, u64>,
+}
+
+/// Health of the incident store, as the writer sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreHealthView {
+    /// "ok" or "failing".
+    pub state: String,
+    /// The last write error, while failing (and after, until the next one).
+    pub last_error: Option<String>,
+    /// Writes waiting in the writer's queue.
+    pub queued: u64,
+    /// Writes given up on since start (queue full, or failed for good).
+    pub dropped_writes: u64,
+}
+
+impl Default for StoreHealthView {
+    fn default() -> Self {
+        StoreHealthView {
+            state: "ok".into(),
+            last_error: None,
+            queued: 0,
+            dropped_writes: 0,
+        }
+    }
+}
+
+impl StoreHealthView {
+    pub fn is_failing(&self) -> bool {
+        self.state == "failing"
+    }
+}
+
+/// One bounded table (user space) or kernel map.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TableView {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+    /// Entries pushed out to make room since start.
+    pub evictions: u64,
 }
 
 /// One signal of `status` (see `kernel::coverage::Signal`).

@@ -41,8 +41,7 @@ impl ClientArgs {
 
 /// Prints a value as one JSON document.
 pub fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    super::write_stdout(&format!("{}\n", serde_json::to_string_pretty(v)?))
 }
 
 /// A unix-milliseconds time as UTC.

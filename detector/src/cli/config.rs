@@ -27,16 +27,16 @@ pub fn run(args: ConfigArgs) -> anyhow::Result<()> {
         ConfigCommand::Check { path } => {
             let path = path.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
             Config::load(Some(&path))?;
-            println!("{}: ok", path.display());
+            super::write_stdout(&format!("{}: ok\n", path.display()))?;
         }
         ConfigCommand::Show { config } => {
             let path = config_path(config.as_deref());
             let cfg = Config::load(path.as_deref())?;
-            match &path {
-                Some(p) => println!("# effective configuration: {} plus defaults", p.display()),
-                None => println!("# effective configuration: defaults (no config file)"),
-            }
-            print!("{}", cfg.to_toml());
+            let head = match &path {
+                Some(p) => format!("# effective configuration: {} plus defaults", p.display()),
+                None => "# effective configuration: defaults (no config file)".into(),
+            };
+            super::write_stdout(&format!("{head}\n{}", cfg.to_toml()))?;
         }
     }
     Ok(())

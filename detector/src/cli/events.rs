@@ -19,19 +19,13 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     let mut failed = None;
     args.client.connect()?.follow(|v| {
         let r = if json {
-            println!("{v}");
-            Ok(())
+            super::write_stdout(&format!("{v}\n"))
         } else {
             match serde_json::from_value::<VerdictChange>(v.clone()) {
                 Ok(c) => super::record::print_change(&c, false),
-                Err(_) => {
-                    println!("{v}");
-                    Ok(())
-                }
+                Err(_) => super::write_stdout(&format!("{v}\n")),
             }
         };
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
         match r {
             Ok(()) => true,
             Err(e) => {

@@ -29,8 +29,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
         return print_json(&v);
     }
     let i: Incident = serde_json::from_value(v)?;
-    print!("{}", render(&i));
-    Ok(())
+    super::write_stdout(&render(&i))
 }
 
 /// The text of `explain`.

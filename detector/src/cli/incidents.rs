@@ -26,14 +26,21 @@ pub fn run(args: IncidentsArgs) -> anyhow::Result<()> {
         return print_json(&v);
     }
     let list: Vec<Incident> = serde_json::from_value(v)?;
+    super::write_stdout(&render(&list))
+}
+
+/// The table of `incidents`, or "no incidents".
+pub fn render(list: &[Incident]) -> String {
+    use std::fmt::Write as _;
     if list.is_empty() {
-        println!("no incidents");
-        return Ok(());
+        return "no incidents\n".into();
     }
+    let mut out = String::new();
     // PROCS: processes in the storm — 1 for a flow; for a group (comm
     // marked `*`: the parent's, or the cgroup's busiest member's) every
     // storming child or member, whose own storms are not listed.
-    println!(
+    let _ = writeln!(
+        out,
         "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9} {:>9} ERROR",
         "ID",
         "STATE",
@@ -48,7 +55,8 @@ pub fn run(args: IncidentsArgs) -> anyhow::Result<()> {
     );
     for i in list {
         let lasted = (i.ended_at.unwrap_or(i.updated_at) - i.started_at).max(0) / 1000;
-        println!(
+        let _ = writeln!(
+            out,
             "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9.0} {:>9} {}",
             i.id,
             match (i.active, i.end_reason.as_deref()) {
@@ -70,5 +78,5 @@ pub fn run(args: IncidentsArgs) -> anyhow::Result<()> {
                 .unwrap_or("-"),
         );
     }
-    Ok(())
+    out
 }

@@ -1,4 +1,9 @@
 //! Command-line interface: one module per command.
+//!
+//! Output goes through [`write_stdout`]: a reader that goes away (`| head`)
+//! ends the command quietly with status 0 instead of a panic. Errors are
+//! printed by `main` as one line ([`one_line`]) with a non-zero status
+//! ([`exit_code`]).
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -95,15 +100,63 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Standard output's reader went away (`stormguard incidents | head -1`).
+/// Not a failure: the command ends quietly with exit status 0, as a
+/// command whose reader has all it wanted should (see [`exit_code`]).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to standard output and flushes it. A closed pipe becomes
+/// [`StdoutClosed`]; other errors are returned as they are. Commands write
+/// through this (never `println!`, which panics on a closed pipe).
+pub fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
+/// Whether `e` only says that standard output was closed: the caller ends
+/// with status 0 and prints nothing.
+pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<StdoutClosed>())
+}
+
+/// An error as one line: `{:#}` (the whole chain, `: `-separated) with any
+/// line breaks inside a message folded into spaces, so a log reader or a
+/// script sees exactly one line per failure.
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// 2 for problems the user must fix (capabilities, tracefs, kernel
 /// features, configuration), 1 for anything else.
+///
+/// A closed standard output ([`StdoutClosed`]) is 0: the reader (`head`)
+/// got what it wanted. 0 rather than the shell's 141 so that `set -o
+/// pipefail` scripts do not fail on `stormguard incidents | head -1`.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use crate::api::client::ClientError;
+    if is_stdout_closed(e) {
+        return 0;
+    }
     if let Some(f) = e.downcast_ref::<doctor::Failed>() {
         return f.exit_code;
     }
     if e.downcast_ref::<KernelError>().is_some()
         || e.downcast_ref::<crate::config::ConfigError>().is_some()
+        || e.downcast_ref::<crate::api::socket::NotASocket>().is_some()
+        // The daemon's problems before READY: restarting cannot fix them.
+        || e.downcast_ref::<crate::daemon::StartError>().is_some()
         || matches!(
             e.downcast_ref::<ClientError>(),
             Some(ClientError::NotRunning { .. } | ClientError::PermissionDenied { .. })

@@ -1,6 +1,6 @@
 //! `stormguard record FILE`: run the sensors and the engine, write every
 //! observation and tick to FILE, print verdict changes as they happen.
-use std::{io::Write as _, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -26,7 +26,7 @@ pub struct RecordArgs {
 }
 
 pub async fn run(args: RecordArgs) -> anyhow::Result<()> {
-    let file = std::fs::File::create(&args.file)
+    let file = crate::record::create_private(&args.file)
         .with_context(|| format!("cannot create {}", args.file.display()))?;
     let out = Box::new(std::io::BufWriter::new(file));
     let json = args.json;
@@ -51,23 +51,20 @@ pub async fn run(args: RecordArgs) -> anyhow::Result<()> {
     .await
 }
 
-/// A verdict change, as a line of text or JSON.
+/// A verdict change, as a line of text or JSON (flushed at once: a
+/// reader follows it live).
 pub fn print_change(c: &VerdictChange, json: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, c)?;
-        writeln!(out)?;
+    let line = if json {
+        serde_json::to_string(c)?
     } else {
-        writeln!(
-            out,
+        format!(
             "{:>10.3}s {:<10} → {:<10} score {:>3}  {}",
             c.ts_ns as f64 / 1e9,
             c.from.as_str(),
             c.to.as_str(),
             c.score,
             c.explanation
-        )?;
-    }
-    out.flush()?;
-    Ok(())
+        )
+    };
+    super::write_stdout(&(line + "\n"))
 }

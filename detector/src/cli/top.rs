@@ -46,13 +46,20 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
 }
 
 fn plain(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     let mut n = 0;
     loop {
         let (status, flows) = &data;
+        let mut out = String::new();
         if args.client.json {
-            println!("{}", serde_json::json!({"status": status, "flows": flows}));
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({"status": status, "flows": flows})
+            );
         } else {
-            println!(
+            let _ = writeln!(
+                out,
                 "stormguard up {} | flows {} | storms {} | events {:.0}/s | drops {}",
                 fmt_secs(status.uptime_s),
                 status.flows_tracked,
@@ -60,12 +67,14 @@ fn plain(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Resul
                 status.events_per_s,
                 status.ring_drops
             );
-            println!(
+            let _ = writeln!(
+                out,
                 "{:>7} {:<15} {:<4} {:<26} {:>10} {:>10} {:<16} VERDICT",
                 "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "ERROR"
             );
             for f in flows.iter().take(20) {
-                println!(
+                let _ = writeln!(
+                    out,
                     "{:>7} {:<15} {:<4} {:<26} {:>10.1} {:>10.1} {:<16} {}",
                     f.pid,
                     f.comm,
@@ -77,8 +86,9 @@ fn plain(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Resul
                     f.verdict
                 );
             }
-            println!();
+            out.push('\n');
         }
+        super::write_stdout(&out)?;
         n += 1;
         if args.iterations.is_some_and(|max| n >= max) {
             return Ok(());

@@ -40,8 +40,9 @@ pub struct DetectConfig {
     /// Distinct processes a roll-up (same parent or cgroup, same
     /// destination) needs in the last second to be a storm of its own.
     pub rollup_min_pids: usize,
-    /// Most flows tracked; beyond it the least recently active healthy ones
-    /// are evicted.
+    /// Most flows tracked; a new flow beyond it evicts the least important
+    /// (healthy and least recently active first, storms last), an eighth
+    /// of the table at a time, counted in [`super::Engine::tables`].
     pub max_flows: usize,
     /// Failed attempts without backoff that are a storm however soon the
     /// run ends (a capped retry loop can fire thousands in 100 ms, sooner

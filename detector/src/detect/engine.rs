@@ -4,14 +4,18 @@
 use std::collections::HashMap;
 
 use super::{
+    TableUsage,
     config::DetectConfig,
-    groups::Groups,
+    groups::{self, Groups},
     signals::{Assessment, Signals, label},
     udp::{self, Owner, UdpSockets},
     verdict::{State, Subject, Verdict, VerdictChange, explain},
     window::{GAP_BUCKETS, WINDOW_NS},
 };
-use crate::ingest::{Comm, Destination, Observation};
+use crate::ingest::{
+    Comm, Destination, Observation,
+    bounded::{batch, lowest},
+};
 
 /// A flow: one process towards one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,6 +95,20 @@ impl Tracked {
             score: 0,
             persistent: false,
         }
+    }
+
+    /// How much it matters to keep: eviction takes the lowest first, so a
+    /// healthy (or resolved) subject always goes before a suspect one, a
+    /// suspect before a recovering one, and a storm last; within a state
+    /// the lower score and the longer idle go first.
+    fn keep_rank(&self) -> (u8, bool, u8, u64) {
+        let severity = match self.state {
+            State::Healthy | State::Resolved => 0,
+            State::Suspect => 1,
+            State::Recovering => 2,
+            State::Storm => 3,
+        };
+        (severity, self.persistent, self.score, self.sig.last_ns)
     }
 
     /// Moves the state machine; returns the previous state if it changed.
@@ -222,9 +240,62 @@ pub struct SubjectStats {
     pub syscalls_per_s: Option<f64>,
 }
 
+/// Capacities of the engine's tables, beyond `DetectConfig::max_flows`
+/// (the flows). Constants rather than configuration: they only bound
+/// memory in a storm of new keys (each is far above what a host shows in
+/// normal work), and no detection threshold depends on them. Tests shrink
+/// them to drive a table past its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Parent and cgroup roll-ups (one per group × destination).
+    pub rollups: usize,
+    /// Flows of exited processes kept until their verdict settles.
+    pub ended: usize,
+    /// Syscall rates of probed processes (the kernel's SUSPECTS map holds
+    /// 16,384 processes).
+    pub syscall_rates: usize,
+    /// Processes whose parent and cgroup are known.
+    pub parents: usize,
+    /// Children forked but not yet seen acting as processes.
+    pub forks: usize,
+    /// UDP sockets watched for replies.
+    pub udp_sockets: usize,
+    /// Processes' last connected UDP socket (for ICMP errors).
+    pub udp_processes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            rollups: 16_384,
+            ended: 4_096,
+            syscall_rates: 16_384,
+            parents: groups::MAX_PROCS,
+            forks: groups::MAX_FORKS,
+            udp_sockets: udp::MAX_SOCKETS,
+            udp_processes: udp::MAX_PROCESSES,
+        }
+    }
+}
+
+/// A syscall rate not measured for this long is forgotten: the probes
+/// were detached, or the process left without its exit being seen.
+const SYSCALLS_STALE_NS: u64 = 30_000_000_000;
+
+/// Entries each table dropped because it was full.
+#[derive(Debug, Clone, Copy, Default)]
+struct Evictions {
+    flows: u64,
+    ended: u64,
+    rollups: u64,
+    syscalls: u64,
+}
+
 /// The detection engine.
 pub struct Engine {
     cfg: DetectConfig,
+    limits: Limits,
+    evicted: Evictions,
     flows: HashMap<FlowKey, Tracked>,
     /// How many flows each process has, so an exit looks for flows only
     /// when there are some (most exiting processes never connected).
@@ -254,15 +325,22 @@ const DNS_PORT: u16 = 53;
 
 impl Engine {
     pub fn new(cfg: DetectConfig) -> Self {
+        Self::with_limits(cfg, Limits::default())
+    }
+
+    /// An engine whose tables hold at most `limits` entries.
+    pub fn with_limits(cfg: DetectConfig, limits: Limits) -> Self {
         Engine {
             cfg,
+            limits,
+            evicted: Evictions::default(),
             flows: HashMap::new(),
             flows_per_pid: HashMap::new(),
             ended: Vec::new(),
             rollups: HashMap::new(),
-            groups: Groups::new(),
+            groups: Groups::with_capacity(limits.parents, limits.forks),
             syscalls: HashMap::new(),
-            udp: UdpSockets::default(),
+            udp: UdpSockets::with_capacity(limits.udp_sockets, limits.udp_processes),
             now: 0,
             last_eval: 0,
             backlog: Vec::new(),
@@ -281,6 +359,40 @@ impl Engine {
     /// Flows tracked now.
     pub fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Every table of the engine: entries, capacity and evictions, for
+    /// status and metrics.
+    pub fn tables(&self) -> Vec<TableUsage> {
+        let mut v = vec![
+            TableUsage::new(
+                "flows",
+                self.flows.len(),
+                self.cfg.max_flows,
+                self.evicted.flows,
+            ),
+            TableUsage::new(
+                "exited_flows",
+                self.ended.len(),
+                self.limits.ended,
+                self.evicted.ended,
+            ),
+            TableUsage::new(
+                "rollups",
+                self.rollups.len(),
+                self.limits.rollups,
+                self.evicted.rollups,
+            ),
+            TableUsage::new(
+                "syscall_rates",
+                self.syscalls.len(),
+                self.limits.syscall_rates,
+                self.evicted.syscalls,
+            ),
+        ];
+        v.extend(self.groups.tables());
+        v.extend(self.udp.tables());
+        v
     }
 
     /// Feeds one observation.
@@ -458,14 +570,32 @@ impl Engine {
             }
             Observation::Syscalls { ts_ns, pid, count } => {
                 let prev = self.syscalls.get(&pid).map(|(t, _)| *t);
-                if let Some(prev) = prev.filter(|p| *p < ts_ns) {
-                    let rate = count as f64 * 1e9 / (ts_ns - prev) as f64;
-                    self.syscalls.insert(pid, (ts_ns, rate));
-                } else {
-                    self.syscalls.insert(pid, (ts_ns, 0.0));
+                let rate = match prev.filter(|p| *p < ts_ns) {
+                    Some(prev) => count as f64 * 1e9 / (ts_ns - prev) as f64,
+                    None => 0.0,
+                };
+                if prev.is_none() && self.syscalls.len() >= self.limits.syscall_rates {
+                    // Full: the longest unmeasured go.
+                    let victims = lowest(
+                        self.syscalls.iter().map(|(p, (t, _))| (*t, *p)),
+                        batch(self.limits.syscall_rates),
+                    );
+                    self.evicted.syscalls += victims.len() as u64;
+                    for p in victims {
+                        self.syscalls.remove(&p);
+                    }
                 }
+                self.syscalls.insert(pid, (ts_ns, rate));
             }
-            Observation::Fork { .. } => self.groups.observe(obs),
+            Observation::Fork { child, .. } => {
+                // A pid forked while the engine still holds state for it was
+                // reused (its exit was missed): the new process starts
+                // with none of the old one's flows or rates.
+                if self.flows_per_pid.contains_key(&child) || self.syscalls.contains_key(&child) {
+                    self.process_exited(child);
+                }
+                self.groups.observe(obs);
+            }
             Observation::Exit {
                 pid, group_dead, ..
             } => {
@@ -479,7 +609,16 @@ impl Engine {
                     self.process_exited(pid);
                 }
             }
-            Observation::Exec { .. } | Observation::UdpConnect { .. } => {}
+            Observation::Exec { pid, .. } => {
+                // An exec under a pid that exited is a new process whose
+                // fork was missed: whatever its predecessor left goes.
+                let reused = self.groups.has_exited(pid);
+                self.groups.observe(obs);
+                if reused {
+                    self.process_exited(pid);
+                }
+            }
+            Observation::UdpConnect { .. } => {}
         }
     }
 
@@ -495,18 +634,31 @@ impl Engine {
     ) {
         let key = FlowKey { pid, dest };
         let now = self.now;
+        if self.flows.len() >= self.cfg.max_flows && !self.flows.contains_key(&key) {
+            self.evict_flows();
+        }
         let flow = self.flows.entry(key).or_insert_with(|| {
             *self.flows_per_pid.entry(pid).or_default() += 1;
             Tracked::new(comm, now)
         });
         flow.comm = comm;
         f(&mut flow.sig, &self.cfg);
-        let (parent, parent_comm) = match self.groups.attempt(pid, cgroup) {
+        let (parent, parent_comm) = match self.groups.attempt(pid, cgroup, ts) {
             Some((p, pcomm)) => (Some(RollupKey::Parent(p, dest)), pcomm),
             None => (None, Comm::default()),
         };
         let group = (cgroup != 0).then_some(RollupKey::Cgroup(cgroup, dest));
         for key in [parent, group].into_iter().flatten() {
+            if self.rollups.len() >= self.limits.rollups && !self.rollups.contains_key(&key) {
+                let victims = lowest(
+                    self.rollups.iter().map(|(k, r)| (r.t.keep_rank(), *k)),
+                    batch(self.limits.rollups),
+                );
+                self.evicted.rollups += victims.len() as u64;
+                for k in victims {
+                    self.rollups.remove(&k);
+                }
+            }
             let r = self.rollups.entry(key).or_insert_with(|| Rollup {
                 t: Tracked::new(comm, now),
                 members: [(0, 0); 8],
@@ -518,6 +670,49 @@ impl Engine {
             f(&mut r.t.sig, &self.cfg);
             r.touch(pid, ts);
         }
+    }
+
+    /// The table is full: the least important flows go (healthy and
+    /// least recently active first, storms last).
+    fn evict_flows(&mut self) {
+        let victims = lowest(
+            self.flows.iter().map(|(k, t)| (t.keep_rank(), *k)),
+            batch(self.cfg.max_flows),
+        );
+        self.evicted.flows += victims.len() as u64;
+        for k in victims {
+            self.flows.remove(&k);
+            self.forget_flow_of(k.pid);
+        }
+    }
+
+    fn forget_flow_of(&mut self, pid: u32) {
+        if let Some(n) = self.flows_per_pid.get_mut(&pid) {
+            *n -= 1;
+            if *n == 0 {
+                self.flows_per_pid.remove(&pid);
+            }
+        }
+    }
+
+    /// Keeps an exited process's unsettled flow; when too many are kept,
+    /// the least important go.
+    fn keep_ended(&mut self, key: FlowKey, t: Tracked) {
+        if self.ended.len() >= self.limits.ended {
+            let mut victims = lowest(
+                self.ended
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, t))| (t.keep_rank(), i)),
+                batch(self.limits.ended),
+            );
+            self.evicted.ended += victims.len() as u64;
+            victims.sort_unstable();
+            for i in victims.into_iter().rev() {
+                self.ended.swap_remove(i);
+            }
+        }
+        self.ended.push((key, t));
     }
 
     /// A process is gone: its flows leave the table (a reused pid starts
@@ -535,7 +730,7 @@ impl Engine {
                 if let Some(t) = self.flows.remove(&key)
                     && t.state != State::Healthy
                 {
-                    self.ended.push((key, t));
+                    self.keep_ended(key, t);
                 }
             }
         }
@@ -635,8 +830,9 @@ impl Engine {
         changes
     }
 
-    /// Drops idle healthy flows and roll-ups, and the least recently active
-    /// healthy flows beyond `max_flows`.
+    /// Drops what has expired: idle healthy flows and roll-ups, and
+    /// syscall rates no longer measured. (The tables' bounds are kept as
+    /// entries arrive, see [`Limits`].)
     fn evict(&mut self, now: u64) {
         let idle = |t: &Tracked| {
             matches!(t.state, State::Healthy | State::Resolved)
@@ -646,33 +842,16 @@ impl Engine {
         self.flows.retain(|k, t| {
             let keep = !idle(t);
             if !keep {
-                gone.push(*k);
+                gone.push(k.pid);
             }
             keep
         });
         self.rollups.retain(|_, r| !idle(&r.t));
-        if self.flows.len() > self.cfg.max_flows {
-            let mut healthy: Vec<(u64, FlowKey)> = self
-                .flows
-                .iter()
-                .filter(|(_, t)| matches!(t.state, State::Healthy | State::Resolved))
-                .map(|(k, t)| (t.sig.last_ns, *k))
-                .collect();
-            healthy.sort_unstable();
-            let excess = self.flows.len() - self.cfg.max_flows;
-            for (_, k) in healthy.into_iter().take(excess) {
-                self.flows.remove(&k);
-                gone.push(k);
-            }
+        for pid in gone {
+            self.forget_flow_of(pid);
         }
-        for k in gone {
-            if let Some(n) = self.flows_per_pid.get_mut(&k.pid) {
-                *n -= 1;
-                if *n == 0 {
-                    self.flows_per_pid.remove(&k.pid);
-                }
-            }
-        }
+        self.syscalls
+            .retain(|_, (t, _)| now.saturating_sub(*t) < SYSCALLS_STALE_NS);
     }
 
     /// The current verdict of a flow, if it is tracked.
@@ -789,51 +968,65 @@ impl Engine {
         })
     }
 
+    /// How severe a suspect or storming subject is, for ordering.
+    fn severity(&self, t: &Tracked) -> Severity {
+        let rate = t.sig.assess(self.now, &self.cfg).rate;
+        Severity {
+            storm: t.state == State::Storm,
+            score: t.score,
+            // Attempts per 1,000 s: an integer, so severities are totally
+            // ordered.
+            milli_rate: (rate.max(0.0) * 1000.0) as u64,
+        }
+    }
+
     /// Processes that are suspect or storming, alone or as members of a
-    /// suspect roll-up: the ones the on-demand probes should look at.
+    /// suspect roll-up: the ones the on-demand probes should look at. Most
+    /// severe first — storms before suspects, then by score, then by rate
+    /// (a process counts as its most severe subject) — so a caller whose
+    /// map holds fewer (the kernel's SUSPECTS) keeps the worst by
+    /// truncating. Ties by pid.
     pub fn suspects(&self) -> Vec<u32> {
         let hot = |s: State| matches!(s, State::Suspect | State::Storm);
-        let mut v: Vec<u32> = self
-            .flows
-            .iter()
-            .filter(|(_, t)| hot(t.state))
-            .map(|(k, _)| k.pid)
-            .collect();
+        let mut best: HashMap<u32, Severity> = HashMap::new();
+        let mut note = |pid: u32, s: Severity| {
+            let e = best.entry(pid).or_insert(s);
+            *e = (*e).max(s);
+        };
+        for (k, t) in self.flows.iter().filter(|(_, t)| hot(t.state)) {
+            note(k.pid, self.severity(t));
+        }
         for (key, r) in self.rollups.iter().filter(|(_, r)| hot(r.t.state)) {
+            let s = self.severity(&r.t);
             // The parent itself: the kernel passes suspicion on to the
             // children it forks next, read from their first request.
             if let RollupKey::Parent(ppid, _) = key {
-                v.push(*ppid);
+                note(*ppid, s);
             }
-            v.extend(
-                r.members
-                    .iter()
-                    .filter(|(p, ts)| {
-                        *ts > 0 && self.now.saturating_sub(*ts) <= WINDOW_NS && *p > 0
-                    })
-                    .map(|(p, _)| *p),
-            );
+            for (p, ts) in r.members {
+                if ts > 0 && self.now.saturating_sub(ts) <= WINDOW_NS && p > 0 {
+                    note(p, s);
+                }
+            }
         }
-        v.sort_unstable();
-        v.dedup();
-        v
+        by_severity(best)
     }
 
     /// cgroups of suspect or storming cgroup roll-ups: every process in
-    /// them, new ones too, is looked at closely.
+    /// them, new ones too, is looked at closely. Most severe first, like
+    /// [`Engine::suspects`].
     pub fn suspect_cgroups(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .rollups
-            .iter()
-            .filter(|(_, r)| matches!(r.t.state, State::Suspect | State::Storm))
-            .filter_map(|(k, _)| match k {
-                RollupKey::Cgroup(id, _) => Some(*id),
-                RollupKey::Parent(..) => None,
-            })
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        let mut best: HashMap<u64, Severity> = HashMap::new();
+        for (k, r) in &self.rollups {
+            if let RollupKey::Cgroup(id, _) = k
+                && matches!(r.t.state, State::Suspect | State::Storm)
+            {
+                let s = self.severity(&r.t);
+                let e = best.entry(*id).or_insert(s);
+                *e = (*e).max(s);
+            }
+        }
+        by_severity(best)
     }
 
     /// Bytes one tracked flow costs, table overhead included (for the bench).
@@ -841,6 +1034,21 @@ impl Engine {
         // Entry plus hashbrown's control byte, at its worst load factor (7/8).
         (std::mem::size_of::<(FlowKey, Tracked)>() + 1) * 8 / 7 + std::mem::size_of::<Destination>()
     }
+}
+
+/// How severe a hot subject is: compared field by field, storms first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Severity {
+    storm: bool,
+    score: u8,
+    milli_rate: u64,
+}
+
+/// Keys most severe first, ties by key.
+fn by_severity<K: Ord + Copy>(best: HashMap<K, Severity>) -> Vec<K> {
+    let mut v: Vec<(Severity, K)> = best.into_iter().map(|(k, s)| (s, k)).collect();
+    v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    v.into_iter().map(|(_, k)| k).collect()
 }
 
 /// Steps the state machine and records a change (or a newly persistent

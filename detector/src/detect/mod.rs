@@ -27,8 +27,17 @@ pub mod udp;
 pub mod verdict;
 pub mod window;
 
+/// Defined at the bottom of the data flow (ingest) so the process table can
+/// report its usage without importing the engine; re-exported here for the
+/// engine's callers.
+pub use crate::ingest::bounded::TableUsage;
 pub use config::DetectConfig;
-pub use engine::{Engine, FlowKey, SubjectStats};
+
+/// How often the engine is ticked (100 ms): verdicts are at most this
+/// late. Here, not in `pipeline`, so the engine's own replay helpers need
+/// nothing from the layer above.
+pub const TICK_NS: u64 = 100_000_000;
+pub use engine::{Engine, FlowKey, Limits, SubjectStats};
 pub use verdict::{State, Subject, Verdict, VerdictChange};
 
 #[cfg(test)]

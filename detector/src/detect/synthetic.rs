@@ -3,11 +3,8 @@
 //! live pipeline (every 100 ms).
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::{DetectConfig, Engine, State, VerdictChange};
-use crate::{
-    ingest::{Comm, ConnectOutcome, Destination, Observation, Proto},
-    pipeline::TICK_NS,
-};
+use super::{DetectConfig, Engine, State, TICK_NS, VerdictChange};
+use crate::ingest::{Comm, ConnectOutcome, Destination, Observation, Proto};
 
 /// 127.0.0.1:`port` over TCP in namespace 1.
 pub fn dest(port: u16) -> Destination {

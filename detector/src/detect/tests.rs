@@ -6,6 +6,10 @@ use super::{
 };
 use crate::ingest::{Comm, Observation, Proto, Reply};
 
+/// Every table bounded, dead state expired, suspects most severe first,
+/// pid reuse.
+mod bounds;
+
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
 
@@ -502,41 +506,6 @@ fn an_exited_storm_resolves_and_a_reused_pid_starts_fresh() {
         engine.verdict(42, &d).is_none(),
         "the pid's state was dropped"
     );
-}
-
-#[test]
-fn flows_are_capped_evicting_the_oldest_healthy() {
-    let cfg = DetectConfig {
-        max_flows: 100,
-        ..Default::default()
-    };
-    let mut engine = Engine::new(cfg);
-    for pid in 0..500u32 {
-        engine.observe(&Observation::UdpSend {
-            ts_ns: SEC + pid as u64 * MS,
-            pid,
-            comm: Comm::from("x"),
-            cgroup: 0,
-            dest: crate::ingest::Destination {
-                proto: Proto::Udp,
-                ..dest(53)
-            },
-            bytes: 10,
-            fingerprint: 0,
-            sock: pid as u64,
-            connected: false,
-            question: None,
-        });
-    }
-    engine.tick(2 * SEC);
-    assert_eq!(engine.flow_count(), 100);
-    // The newest survive.
-    let d = crate::ingest::Destination {
-        proto: Proto::Udp,
-        ..dest(53)
-    };
-    assert!(engine.verdict(499, &d).is_some());
-    assert!(engine.verdict(0, &d).is_none());
 }
 
 #[test]

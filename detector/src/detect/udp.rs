@@ -17,7 +17,10 @@
 //! sends to many peers is a server (or a fan-out), never a client flow.
 use std::collections::HashMap;
 
-use crate::ingest::{Comm, Destination};
+use crate::ingest::{
+    Comm, Destination,
+    bounded::{TableUsage, batch, lowest},
+};
 
 /// A request unanswered when its socket sends again this much later was
 /// not answered (a resend); sooner is a batch (glibc sends A and AAAA
@@ -27,9 +30,11 @@ pub const RESEND_NS: u64 = 5_000_000;
 pub const NO_REPLY_NS: u64 = 2_000_000_000;
 /// A socket idle this long is forgotten.
 const IDLE_NS: u64 = 10_000_000_000;
-/// Most sockets remembered; beyond it new sockets are not tracked
-/// (counted in [`UdpSockets::untracked`]).
+/// Most sockets remembered; beyond it the least important (idle, nothing
+/// awaited) are forgotten to make room.
 pub const MAX_SOCKETS: usize = 65_536;
+/// Most processes whose last connected socket is remembered.
+pub const MAX_PROCESSES: usize = 65_536;
 /// A socket that sends to more distinct peers than this is a server (or
 /// a fan-out), not a client.
 pub const SERVER_PEERS: usize = 4;
@@ -75,19 +80,29 @@ struct LastSocket {
     sock: u64,
     peer: u64,
     netns: u64,
+    /// When it last sent: the least recent go first when the table is full.
+    ts: u64,
 }
 
 /// Sockets are tracked only where it pays: connected sockets of peers that
 /// answer (to see requests go unanswered) and unconnected ones (to tell a
 /// server by its many peers). A connected socket to a fire-and-forget peer
 /// costs nothing here but its process's last-socket entry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UdpSockets {
     socks: HashMap<u64, Socket>,
     /// Each process's last connected socket, to join ICMP errors to.
     last_by_pid: HashMap<u32, LastSocket>,
-    /// Sockets not tracked because the table was full.
-    pub untracked: u64,
+    max_sockets: usize,
+    max_processes: usize,
+    socket_evictions: u64,
+    process_evictions: u64,
+}
+
+impl Default for UdpSockets {
+    fn default() -> Self {
+        Self::with_capacity(MAX_SOCKETS, MAX_PROCESSES)
+    }
 }
 
 /// A cheap hash of a peer (address and port); 0 means "none".
@@ -105,17 +120,59 @@ fn peer_hash(d: &Destination) -> u64 {
 }
 
 impl UdpSockets {
+    /// Tables holding at most `sockets` sockets and `processes` processes'
+    /// last sockets (tests use small ones).
+    pub fn with_capacity(sockets: usize, processes: usize) -> Self {
+        UdpSockets {
+            socks: HashMap::new(),
+            last_by_pid: HashMap::new(),
+            max_sockets: sockets.max(1),
+            max_processes: processes.max(1),
+            socket_evictions: 0,
+            process_evictions: 0,
+        }
+    }
+
+    /// Makes room for one more socket: the least important go — idle ones
+    /// with no request awaited, then unwatched, then the least recent. A
+    /// socket awaiting replies goes last: its silence is evidence.
+    fn make_room(&mut self) {
+        let victims = lowest(
+            self.socks
+                .iter()
+                .map(|(k, s)| ((s.pending > 0, s.watched, s.last_send), *k)),
+            batch(self.max_sockets),
+        );
+        self.socket_evictions += victims.len() as u64;
+        for k in victims {
+            self.socks.remove(&k);
+        }
+    }
+
     /// A datagram sent on `sock`, on a connected socket or not; `dns` when
     /// its peer is a resolver (a request/response peer by its port).
     pub fn send(&mut self, sock: u64, owner: Owner, ts: u64, connected: bool, dns: bool) -> Send {
         let peer = peer_hash(&owner.dest);
         if connected {
+            if self.last_by_pid.len() >= self.max_processes
+                && !self.last_by_pid.contains_key(&owner.pid)
+            {
+                let victims = lowest(
+                    self.last_by_pid.iter().map(|(p, l)| (l.ts, *p)),
+                    batch(self.max_processes),
+                );
+                self.process_evictions += victims.len() as u64;
+                for p in victims {
+                    self.last_by_pid.remove(&p);
+                }
+            }
             self.last_by_pid.insert(
                 owner.pid,
                 LastSocket {
                     sock,
                     peer,
                     netns: owner.dest.netns,
+                    ts,
                 },
             );
         }
@@ -124,9 +181,8 @@ impl UdpSockets {
             if connected && !dns {
                 return Send::Client { unanswered: 0 };
             }
-            if self.socks.len() >= MAX_SOCKETS {
-                self.untracked += 1;
-                return Send::Client { unanswered: 0 };
+            if self.socks.len() >= self.max_sockets {
+                self.make_room();
             }
         }
         let s = self.socks.entry(sock).or_insert(Socket {
@@ -168,7 +224,10 @@ impl UdpSockets {
         if let Some(s) = self.socks.get_mut(&sock) {
             s.pending = s.pending.saturating_sub(1);
             s.watched = true;
-        } else if self.socks.len() < MAX_SOCKETS {
+        } else {
+            if self.socks.len() >= self.max_sockets {
+                self.make_room();
+            }
             self.socks.insert(
                 sock,
                 Socket {
@@ -226,6 +285,29 @@ impl UdpSockets {
 
     pub fn len(&self) -> usize {
         self.socks.len()
+    }
+
+    /// Processes whose last connected socket is remembered.
+    pub fn processes(&self) -> usize {
+        self.last_by_pid.len()
+    }
+
+    /// The socket table and the last-socket table, for status and metrics.
+    pub fn tables(&self) -> [TableUsage; 2] {
+        [
+            TableUsage::new(
+                "udp_sockets",
+                self.socks.len(),
+                self.max_sockets,
+                self.socket_evictions,
+            ),
+            TableUsage::new(
+                "udp_processes",
+                self.last_by_pid.len(),
+                self.max_processes,
+                self.process_evictions,
+            ),
+        ]
     }
 
     pub fn is_empty(&self) -> bool {
@@ -316,12 +398,38 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_bounded() {
-        let mut u = UdpSockets::default();
-        for sock in 0..(MAX_SOCKETS as u64 + 10) {
-            u.send(sock, owner(53), 0, true, true);
+    fn full_tables_forget_the_idle_and_keep_the_awaited() {
+        let mut u = UdpSockets::with_capacity(16, 16);
+        // Socket 0 awaits a reply to a DNS request (evidence); sockets
+        // 1.. are unconnected, nothing awaited.
+        u.send(0, owner(53), 0, true, true);
+        for sock in 1..40u64 {
+            u.send(sock, owner(9), sock * MS, false, false);
         }
-        assert_eq!(u.len(), MAX_SOCKETS);
-        assert_eq!(u.untracked, 10);
+        let [socks, pids] = u.tables();
+        // Full at 16, then batches of 2 (an eighth): the 24 sockets
+        // beyond are 12 rounds of 2 evicted, 2 inserted.
+        assert_eq!(
+            (socks.entries, socks.capacity, socks.evictions),
+            (16, 16, 24)
+        );
+        assert_eq!(pids.entries, 1);
+        // The socket awaiting a reply survived, and its silence still fails.
+        assert_eq!(
+            u.sweep(NO_REPLY_NS + 40 * MS),
+            vec![(owner(53), 1)],
+            "the awaited request was kept"
+        );
+        // Last sockets of 40 more processes (41 with pid 7): 25 beyond
+        // the 16 are 13 rounds of 2 evicted, the last round inserting one.
+        for pid in 100..140u32 {
+            let mut o = owner(53);
+            o.pid = pid;
+            u.send(1_000 + u64::from(pid), o, u64::from(pid) * MS, true, false);
+        }
+        let pids = u.tables()[1];
+        assert_eq!((pids.entries, pids.evictions), (15, 26));
+        assert_eq!(u.error(139, &owner(53).dest), Some(3));
+        assert_eq!(u.error(100, &owner(53).dest), None, "evicted");
     }
 }

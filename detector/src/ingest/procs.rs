@@ -1,16 +1,36 @@
 //! Who a pid is: name, parent, cgroup, executable and command line. Fed by
 //! fork/exec/exit records, seeded from /proc at start-up, and completed
-//! from /proc the first time a pid is shown (cheap, and only for pids that
-//! touch the network).
+//! from /proc for pids that touch the network.
+//!
+//! [`ProcessTable::observe`] runs for every ring record and never touches
+//! the filesystem: a pid that needs its details is queued, and the service
+//! loop reads a bounded number of them per tick with
+//! [`ProcessTable::resolve_pending`] — so a flood of new processes costs
+//! the drain nothing. [`ProcessTable::describe`] still reads at once, for
+//! callers that need the answer now (not for the hot path).
+//!
+//! A pid names one process only together with its start time (field 22 of
+//! /proc/PID/stat): cached details are checked against it, so a reused pid
+//! is read afresh instead of wearing its predecessor's name. The table is
+//! bounded; when full, exited processes go first, then the least recently
+//! used, and every eviction is counted.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fs,
     path::{Path, PathBuf},
 };
 
 use serde::Serialize;
 
-use super::{Comm, Observation};
+use super::{
+    Comm, Observation,
+    bounded::{TableUsage, batch, lowest},
+};
+
+/// A budget for [`ProcessTable::resolve_pending`] per 100 ms tick: 640
+/// processes a second, each a handful of small /proc reads (well under a
+/// millisecond per tick), ahead of what the 1 s interval rows name.
+pub const READS_PER_TICK: usize = 64;
 
 /// What is known of one process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -30,6 +50,13 @@ pub struct ProcessInfo {
     details_read: bool,
     #[serde(skip)]
     exited: bool,
+    /// In the queue of pids to read from /proc.
+    #[serde(skip)]
+    queued: bool,
+    /// When last observed or described (the table's own counter): the
+    /// least recently used live process is evicted first.
+    #[serde(skip)]
+    touched: u64,
 }
 
 /// Processes by pid, bounded so a fork bomb cannot grow it without limit.
@@ -37,6 +64,13 @@ pub struct ProcessTable {
     proc_root: PathBuf,
     procs: HashMap<u32, ProcessInfo>,
     capacity: usize,
+    evictions: u64,
+    /// Pids whose details are to be read, oldest first (at most `capacity`).
+    pending: VecDeque<u32>,
+    /// Pids dropped from a full queue before they were read.
+    pending_dropped: u64,
+    /// Counts observations and descriptions: the recency of `touched`.
+    clock: u64,
 }
 
 /// Parses the ppid and comm out of /proc/PID/stat ("pid (comm) state ppid …";
@@ -78,6 +112,18 @@ pub fn unit_and_container(cgroup: &str) -> (Option<String>, Option<String>) {
     (unit, container)
 }
 
+/// What /proc/PID/stat alone tells: name, parent, start time.
+fn info_from_stat(pid: u32, stat: &str) -> Option<ProcessInfo> {
+    let (comm, ppid) = parse_stat(stat)?;
+    Some(ProcessInfo {
+        pid,
+        ppid: Some(ppid),
+        comm,
+        start_time: parse_start_time(stat),
+        ..Default::default()
+    })
+}
+
 /// The cgroup v2 path from /proc/PID/cgroup (the "0::" line).
 pub fn parse_cgroup(text: &str) -> Option<String> {
     text.lines()
@@ -90,8 +136,90 @@ impl ProcessTable {
         ProcessTable {
             proc_root: proc_root.into(),
             procs: HashMap::new(),
-            capacity,
+            capacity: capacity.max(1),
+            evictions: 0,
+            pending: VecDeque::new(),
+            pending_dropped: 0,
+            clock: 0,
         }
+    }
+
+    /// The process table and its queue of /proc reads, for status and
+    /// metrics.
+    pub fn tables(&self) -> Vec<TableUsage> {
+        vec![
+            TableUsage::new("processes", self.procs.len(), self.capacity, self.evictions),
+            TableUsage::new(
+                "process_reads_pending",
+                self.pending.len(),
+                self.capacity,
+                self.pending_dropped,
+            ),
+        ]
+    }
+
+    /// What is known of `pid` now, without reading anything: safe on the
+    /// hot path.
+    pub fn get(&self, pid: u32) -> Option<&ProcessInfo> {
+        self.procs.get(&pid)
+    }
+
+    /// Pids waiting for [`ProcessTable::resolve_pending`].
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Reads the details of up to `budget` queued pids from /proc; returns
+    /// how many were read. Called by the service loop at tick time, so the
+    /// cost of a burst of new processes is spread over ticks instead of
+    /// stalling the ring drain; a pid that exited before its turn is
+    /// skipped (its /proc is gone, or already another process's).
+    pub fn resolve_pending(&mut self, budget: usize) -> usize {
+        let mut read = 0;
+        while read < budget
+            && let Some(pid) = self.pending.pop_front()
+        {
+            let root = self.proc_root.join(pid.to_string());
+            let Some(info) = self.procs.get_mut(&pid) else {
+                continue;
+            };
+            info.queued = false;
+            if info.exited || info.details_read {
+                continue;
+            }
+            info.details_read = true;
+            read_details(&root, info);
+            read += 1;
+        }
+        read
+    }
+
+    /// Queues a pid for its details (it touched the network).
+    fn want_details(&mut self, pid: u32, comm: Comm) {
+        if !self.procs.contains_key(&pid) {
+            self.insert(ProcessInfo {
+                pid,
+                comm,
+                ..Default::default()
+            });
+        }
+        let Some(info) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        info.touched = self.clock;
+        if info.details_read || info.queued || info.exited {
+            return;
+        }
+        info.queued = true;
+        if self.pending.len() >= self.capacity
+            && let Some(old) = self.pending.pop_front()
+        {
+            self.pending_dropped += 1;
+            if let Some(o) = self.procs.get_mut(&old) {
+                o.queued = false;
+            }
+        }
+        self.pending.push_back(pid);
     }
 
     /// Learns every process already running.
@@ -110,29 +238,36 @@ impl ProcessTable {
 
     fn read_stat(&self, pid: u32) -> Option<ProcessInfo> {
         let stat = fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
-        let (comm, ppid) = parse_stat(&stat)?;
-        Some(ProcessInfo {
-            pid,
-            ppid: Some(ppid),
-            comm,
-            ..Default::default()
-        })
+        info_from_stat(pid, &stat)
     }
 
-    fn insert(&mut self, info: ProcessInfo) {
+    fn insert(&mut self, mut info: ProcessInfo) {
         if self.procs.len() >= self.capacity && !self.procs.contains_key(&info.pid) {
-            // Forget exited ones first; if none, refuse rather than grow.
-            self.reap();
-            if self.procs.len() >= self.capacity {
-                return;
+            // Exited ones first, then the least recently used.
+            let victims = lowest(
+                self.procs.iter().map(|(p, i)| ((!i.exited, i.touched), *p)),
+                batch(self.capacity),
+            );
+            self.evictions += victims.len() as u64;
+            for p in victims {
+                self.procs.remove(&p);
             }
         }
+        info.touched = self.clock;
+        // A queued pid replaced by another process stays queued once.
+        info.queued = self.procs.get(&info.pid).is_some_and(|p| p.queued);
         self.procs.insert(info.pid, info);
     }
 
-    /// Follows fork, exec and exit records.
+    /// Follows fork, exec and exit records, and queues the pids of network
+    /// records for their details. Never reads /proc.
     pub fn observe(&mut self, obs: &Observation) {
+        self.clock += 1;
         match *obs {
+            Observation::Connect { pid, comm, .. }
+            | Observation::UdpConnect { pid, comm, .. }
+            | Observation::UdpSend { pid, comm, .. }
+            | Observation::Exchange { pid, comm, .. } => self.want_details(pid, comm),
             Observation::Fork {
                 parent,
                 child,
@@ -140,7 +275,8 @@ impl ProcessTable {
                 ..
             } => {
                 // Thread creation also arrives as a fork; a thread's entry
-                // is dropped again when it exits.
+                // is dropped again when it exits. A pid forked again was
+                // reused: its entry is replaced, nothing carries over.
                 let cgroup = self.procs.get(&parent).and_then(|p| p.cgroup.clone());
                 self.insert(ProcessInfo {
                     pid: child,
@@ -151,14 +287,27 @@ impl ProcessTable {
                 });
             }
             Observation::Exec { pid, comm, .. } => {
-                let entry = self.procs.entry(pid).or_insert_with(|| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                });
-                entry.comm = comm;
-                entry.exe = None;
-                entry.cmdline = None;
-                entry.details_read = false;
+                // An exec under a pid that exited is a new process whose
+                // fork was missed: nothing of the old one carries over.
+                if self.procs.get(&pid).is_none_or(|p| p.exited) {
+                    self.insert(ProcessInfo {
+                        pid,
+                        ..Default::default()
+                    });
+                }
+                let clock = self.clock;
+                if let Some(entry) = self.procs.get_mut(&pid) {
+                    entry.comm = comm;
+                    entry.exe = None;
+                    entry.cmdline = None;
+                    entry.touched = clock;
+                    // Read again (the new program) if it was worth reading.
+                    let reread = entry.details_read;
+                    entry.details_read = false;
+                    if reread {
+                        self.want_details(pid, comm);
+                    }
+                }
             }
             Observation::Exit {
                 pid,
@@ -179,25 +328,41 @@ impl ProcessTable {
         }
     }
 
-    /// Everything known of `pid`, reading /proc once for what is missing.
+    /// Everything known of `pid`, reading /proc now for what is missing.
+    /// Synchronous — for a caller that needs the answer at once (an
+    /// incident being opened, a row being shown), never for the per-record
+    /// path. For a live process it checks the start time against the
+    /// cached one, so a reused pid is read afresh.
     pub fn describe(&mut self, pid: u32) -> ProcessInfo {
-        if !self.procs.contains_key(&pid) {
-            let info = self.read_stat(pid).unwrap_or(ProcessInfo {
-                pid,
-                ..Default::default()
-            });
-            self.insert(info.clone());
+        self.clock += 1;
+        let root = self.proc_root.join(pid.to_string());
+        if self.procs.get(&pid).is_none_or(|p| !p.exited) {
+            let current = fs::read_to_string(root.join("stat"))
+                .ok()
+                .and_then(|s| info_from_stat(pid, &s));
+            let cached_start = self.procs.get(&pid).and_then(|p| p.start_time);
+            let now_start = current.as_ref().and_then(|c| c.start_time);
+            if let (Some(a), Some(b)) = (cached_start, now_start)
+                && a != b
+            {
+                // Another process under the same pid.
+                self.procs.remove(&pid);
+            }
             if !self.procs.contains_key(&pid) {
-                return info;
+                self.insert(current.unwrap_or(ProcessInfo {
+                    pid,
+                    ..Default::default()
+                }));
             }
         }
-        let root = self.proc_root.join(pid.to_string());
+        let clock = self.clock;
         let Some(info) = self.procs.get_mut(&pid) else {
             return ProcessInfo {
                 pid,
                 ..Default::default()
             };
         };
+        info.touched = clock;
         if !info.details_read && !info.exited {
             info.details_read = true;
             read_details(&root, info);
@@ -313,6 +478,109 @@ mod tests {
         root
     }
 
+    /// Writes /proc/PID under `root` for a process started at `start`
+    /// (clock ticks) running `cmdline`.
+    fn fake_process(root: &Path, pid: u32, start: u64, cmdline: &str) {
+        let dir = root.join(pid.to_string());
+        fs::create_dir_all(&dir).unwrap();
+        let stat = format!(
+            "{pid} (app) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 200"
+        );
+        fs::write(dir.join("stat"), stat).unwrap();
+        fs::write(dir.join("cmdline"), cmdline.replace(' ', "\0")).unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("sg-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        root
+    }
+
+    fn connect(pid: u32) -> Observation {
+        crate::detect::synthetic::refused(1, pid, crate::detect::synthetic::dest(80))
+    }
+
+    #[test]
+    fn observe_never_reads_proc_and_reads_are_budgeted() {
+        let root = scratch("pending");
+        for pid in 1..=5 {
+            fake_process(&root, pid, 100 + u64::from(pid), &format!("app --n {pid}"));
+        }
+        let mut t = ProcessTable::new(&root, 64);
+        for pid in 1..=5 {
+            t.observe(&connect(pid));
+            t.observe(&connect(pid));
+        }
+        // Known by name, nothing read yet; each pid queued once.
+        assert_eq!(
+            t.get(3).map(|p| p.comm.as_str().into_owned()),
+            Some("client".into())
+        );
+        assert_eq!(t.get(3).and_then(|p| p.cmdline.clone()), None);
+        assert_eq!(t.pending(), 5);
+        assert_eq!(t.resolve_pending(2), 2);
+        let read = |t: &ProcessTable, pid| t.get(pid).and_then(|p| p.cmdline.clone());
+        assert_eq!(read(&t, 1).as_deref(), Some("app --n 1"));
+        assert_eq!(read(&t, 2).as_deref(), Some("app --n 2"));
+        assert_eq!(read(&t, 3), None);
+        assert_eq!(t.get(2).and_then(|p| p.start_time), Some(102));
+        // An exited pid is skipped without a read (its /proc is not its).
+        t.observe(&Observation::Exit {
+            ts_ns: 2,
+            pid: 4,
+            tid: 4,
+            group_dead: true,
+        });
+        assert_eq!(t.resolve_pending(10), 2);
+        assert_eq!(read(&t, 4), None);
+        assert_eq!(read(&t, 5).as_deref(), Some("app --n 5"));
+        assert_eq!((t.resolve_pending(10), t.pending()), (0, 0));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_reused_pid_is_read_afresh() {
+        let root = scratch("reuse");
+        fake_process(&root, 300, 1000, "old --serve");
+        let mut t = ProcessTable::new(&root, 64);
+        assert_eq!(t.describe(300).cmdline.as_deref(), Some("old --serve"));
+        // Same process (same start time): the cached details stand.
+        fake_process(&root, 300, 1000, "changed");
+        assert_eq!(t.describe(300).cmdline.as_deref(), Some("old --serve"));
+        // Another process under the pid (its exit and fork unseen).
+        fake_process(&root, 300, 2000, "new --client");
+        let info = t.describe(300);
+        assert_eq!(info.cmdline.as_deref(), Some("new --client"));
+        assert_eq!(info.start_time, Some(2000));
+        // A fork of a known pid replaces it: nothing inherited.
+        t.observe(&Observation::Fork {
+            ts_ns: 5,
+            parent: 77,
+            child: 300,
+            comm: Comm::from("sh"),
+        });
+        let info = t.get(300).unwrap();
+        assert_eq!(
+            (info.ppid, info.cmdline.as_deref(), info.start_time),
+            (Some(77), None, None)
+        );
+        // An exec after an exit (fork unseen): a stranger too.
+        t.observe(&Observation::Exit {
+            ts_ns: 6,
+            pid: 300,
+            tid: 300,
+            group_dead: true,
+        });
+        t.observe(&Observation::Exec {
+            ts_ns: 7,
+            pid: 300,
+            comm: Comm::from("curl"),
+        });
+        let info = t.get(300).unwrap();
+        assert_eq!((info.ppid, info.comm.as_str().as_ref()), (None, "curl"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn fork_exec_exit_and_reap() {
         let root = fake_proc(100, "shell", 1);
@@ -350,16 +618,35 @@ mod tests {
     }
 
     #[test]
-    fn bounded() {
-        let mut t = ProcessTable::new("/nonexistent", 2);
-        for child in 1..=5 {
-            t.observe(&Observation::Fork {
-                ts_ns: 0,
-                parent: 0,
-                child,
-                comm: Comm::from("x"),
-            });
+    fn full_table_evicts_exited_then_least_recently_used() {
+        let mut t = ProcessTable::new("/nonexistent", 8);
+        let fork = |child| Observation::Fork {
+            ts_ns: 0,
+            parent: 0,
+            child,
+            comm: Comm::from("x"),
+        };
+        for child in 1..=20 {
+            t.observe(&fork(child));
         }
-        assert_eq!(t.len(), 2);
+        // Full at 8, then one eviction per new pid (batches of 1).
+        assert_eq!(t.tables()[0], TableUsage::new("processes", 8, 8, 12));
+        assert!(t.get(12).is_none() && t.get(13).is_some());
+        // Pid 13, the least recently used, is used again; 19 exits.
+        t.describe(13);
+        t.observe(&Observation::Exit {
+            ts_ns: 1,
+            pid: 19,
+            tid: 19,
+            group_dead: true,
+        });
+        t.observe(&fork(21));
+        assert!(t.get(19).is_none(), "the exited one went first");
+        t.observe(&fork(22));
+        assert!(t.get(14).is_none(), "then the least recently used");
+        assert!(t.get(13).is_some());
+        assert_eq!(t.tables()[0], TableUsage::new("processes", 8, 8, 14));
+        // And it still learns new processes.
+        assert_eq!(t.get(22).and_then(|p| p.ppid), Some(0));
     }
 }

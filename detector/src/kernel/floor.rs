@@ -9,7 +9,7 @@ use std::fs::File;
 use aya::{
     Ebpf, EbpfLoader,
     maps::PerCpuArray,
-    programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint},
 };
 use detector_common::Offsets;
 
@@ -21,6 +21,8 @@ enum Hook {
     Tracepoint(Tracepoint),
     /// Attach type from the program's section name; shown as given here.
     Cgroup(&'static str),
+    /// A `cgroup_sock` program (`cgroup/sock_release`), likewise.
+    CgroupSock(&'static str),
     RawSysEnter,
 }
 
@@ -28,7 +30,7 @@ impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Hook::Tracepoint(tp) => write!(f, "{tp}"),
-            Hook::Cgroup(name) => f.write_str(name),
+            Hook::Cgroup(name) | Hook::CgroupSock(name) => f.write_str(name),
             // Named as the sensors name it, so the bench can match lists.
             Hook::RawSysEnter => write!(f, "{}", tracefs::SYS_ENTER),
         }
@@ -39,7 +41,7 @@ impl std::fmt::Display for Hook {
 /// the constants in `detector-ebpf/src/probes/floor.rs`), and whether each
 /// belongs to the on-demand set. The test below keeps it covering every
 /// hook the sensors attach.
-const FLOOR_PROGRAMS: [(&str, Hook, bool); 15] = [
+const FLOOR_PROGRAMS: [(&str, Hook, bool); 16] = [
     (
         "floor_set_state",
         Hook::Tracepoint(tracefs::SET_STATE),
@@ -81,6 +83,11 @@ const FLOOR_PROGRAMS: [(&str, Hook, bool); 15] = [
     (
         "floor_recv_length",
         Hook::Tracepoint(tracefs::RECV_LENGTH),
+        false,
+    ),
+    (
+        "floor_sock_release",
+        Hook::CgroupSock("cgroup/sock_release"),
         false,
     ),
 ];
@@ -139,6 +146,15 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
                 })?;
                 // aya 0.14 attaches with bpf_link_create, which rejects the
                 // other modes' flags; links are multi-attach anyway.
+                prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
+            }
+            Hook::CgroupSock(_) => {
+                let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+                prog.load().map_err(err)?;
+                let dir = File::open(&cgroup).map_err(|cause| KernelError::Read {
+                    path: cgroup.clone(),
+                    cause,
+                })?;
                 prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
             }
             Hook::RawSysEnter => {

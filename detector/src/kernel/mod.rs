@@ -7,6 +7,8 @@
 pub mod caps;
 pub mod coverage;
 pub mod floor;
+mod klog;
+pub mod tables;
 pub mod tracefs;
 
 use std::{collections::HashMap as StdHashMap, fs::File, path::PathBuf};
@@ -15,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, FExit, RawTracePoint, TracePoint, UProbe,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, RawTracePoint, TracePoint, UProbe,
         raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
@@ -27,6 +29,8 @@ use aya::Btf;
 use caps::Capability;
 pub use coverage::Signal;
 use coverage::{name, without};
+pub use klog::SUSPECTS_LEFT_OUT;
+pub use tables::{LoadOptions, MapUsage};
 
 use crate::ingest::{DecodeError, Observation, decode};
 use std::os::fd::{AsRawFd, RawFd};
@@ -106,11 +110,12 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st
 /// The always-on hooks [`Sensors::load`] attaches on a current kernel
 /// (first choices; the benchmark floor must cover the same hooks).
 #[cfg(test)]
-const CGROUP_HOOKS: [(&str, &str); 4] = [
+const CGROUP_HOOKS: [(&str, &str); 5] = [
     ("sg_connect4", "cgroup/connect4"),
     ("sg_connect6", "cgroup/connect6"),
     ("sg_sendmsg4", "cgroup/sendmsg4"),
     ("sg_sendmsg6", "cgroup/sendmsg6"),
+    ("sg_sock_release", "cgroup/sock_release"),
 ];
 
 /// Always-on tracepoint programs and where they attach (first choices).
@@ -147,7 +152,9 @@ const RECV_FEXITS: [(&str, &str); 3] = [
 pub struct KernelStats {
     /// Records dropped because the ring buffer was full.
     pub ring_drops: u64,
-    /// Attempts not tracked because a bounded map refused the insert.
+    /// Inserts a bounded map refused (an attempt, a note or a child
+    /// suspect not tracked); the `map_insert` kind of
+    /// [`Sensors::anomalies`].
     pub map_full: u64,
 }
 
@@ -189,9 +196,15 @@ pub fn find_libssl() -> Option<PathBuf> {
 pub struct Sensors {
     ebpf: Ebpf,
     on_demand: Option<OnDemand>,
-    /// Suspects the kernel's SUSPECTS map refused (it is LRU, so this
-    /// should stay 0; counted rather than fatal).
+    /// Suspects (pids and cgroups) left out of the kernel's maps: past
+    /// their capacity, or refused by the kernel. Counted, never fatal.
     pub suspect_insert_failures: u64,
+    /// The pids the last [`Sensors::set_suspects`] wrote, most severe first.
+    user_suspects: Vec<u32>,
+    /// Sizes and user-side counts of the bounded maps.
+    tables: tables::Tables,
+    /// Forwards the programs' log lines; None when it could not start.
+    _log: Option<klog::KernelLog>,
     /// Signal by signal, what this kernel gives.
     signals: Vec<Signal>,
     tls_loaded: bool,
@@ -221,6 +234,13 @@ impl Sensors {
     /// connects is an error; every other gap is a warning, listed in
     /// [`Sensors::signals`]. Nothing stays attached on error.
     pub fn load() -> Result<Self, KernelError> {
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// [`Sensors::load`] with map sizes other than the defaults (tests
+    /// shrink a map to fill it).
+    pub fn load_with(opts: LoadOptions) -> Result<Self, KernelError> {
+        let tables = tables::Tables::new(&opts)?;
         caps::check()?;
         let tracefs = tracefs::mount_point()?;
         let formats = tracefs::Formats::new(&tracefs);
@@ -245,10 +265,14 @@ impl Sensors {
         };
 
         let salt = random_salt();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("OFFSETS", &offsets, true)
-            .override_global("SOCK_SALT", &salt, true)
-            .load(OBJECT)?;
+            .override_global("SOCK_SALT", &salt, true);
+        for (name, size) in &opts.map_sizes {
+            loader.map_max_entries(name, *size);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let mut signals = Vec::new();
 
         // Connects: required.
@@ -368,6 +392,9 @@ impl Sensors {
         ] {
             attach_cgroup(&mut ebpf, &mut s, prog, hook, cgroup_dir()?);
         }
+        // Without it a UDP socket's destination outlives the socket, and a
+        // new socket at the same address may be counted towards it.
+        attach_sock_release(&mut ebpf, &mut s, cgroup_dir()?);
         signals.push(s);
 
         // Loaded now, attached only while something is suspect.
@@ -440,11 +467,22 @@ impl Sensors {
         {
             tracing::warn!("kernel {}: {}", coverage::kernel_release(), s.describe());
         }
+        // After every program is loaded (see klog).
+        let log = match klog::KernelLog::start(&mut ebpf) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::warn!("kernel-side log lines will not be shown: {e}");
+                None
+            }
+        };
         Ok(Sensors {
             ebpf,
             on_demand: None,
             signals,
             suspect_insert_failures: 0,
+            user_suspects: Vec::new(),
+            tables,
+            _log: log,
             tls_loaded,
             sys_enter_loaded,
             exit_connect_loaded,
@@ -630,35 +668,94 @@ impl Sensors {
         a.and(b)
     }
 
-    /// Replaces the set of processes the on-demand probes look at. Entries
-    /// the kernel added for children of a suspect (value 2) are left alone:
-    /// they end with their process (the exit tracepoint removes them) or by
-    /// LRU eviction. An insert that fails is counted, not fatal: a process
-    /// not probed is only seen less closely.
-    pub fn set_suspects(&mut self, pids: &[u32]) -> Result<(), KernelError> {
+    /// Replaces the set of processes the on-demand probes look at.
+    ///
+    /// `pids` come most severe first (the caller orders them): at most the
+    /// map's capacity are written, and if the map is full the ones left
+    /// out are the least severe. Room is made by dropping entries the
+    /// kernel added for children of a suspect (value 2) before any pid
+    /// the caller chose goes without. A pid left out, or one the kernel
+    /// refuses (E2BIG, ENOMEM), is counted in
+    /// [`Sensors::suspect_insert_failures`] (and in
+    /// [`Sensors::anomalies`]) and skipped: a process not probed is only
+    /// seen less closely, which must never end the daemon. Returns how
+    /// many were left out.
+    ///
+    /// Inherited entries end with their process (the exit tracepoint
+    /// removes them) or in [`Sensors::sweep`]. Only a map missing from the
+    /// object is an error.
+    pub fn set_suspects(&mut self, pids: &[u32]) -> Result<usize, KernelError> {
         const SET_BY_USER: u8 = 1;
         let map_err = |cause| KernelError::Map {
             name: "SUSPECTS",
             cause,
         };
+        let capacity = self.tables.capacity_of("SUSPECTS");
+        let keep: Vec<u32> = {
+            let mut seen = std::collections::HashSet::new();
+            pids.iter().copied().filter(|p| seen.insert(*p)).collect()
+        };
+        let (written, left_out) = keep.split_at(keep.len().min(capacity));
+        // A set: with thousands of suspects a slice search per old pid
+        // would be quadratic on every tick.
+        let written_set: std::collections::HashSet<u32> = written.iter().copied().collect();
+        let gone: Vec<u32> = self
+            .user_suspects
+            .iter()
+            .copied()
+            .filter(|p| !written_set.contains(p))
+            .collect();
+        let t = detector_common::table::SUSPECTS as usize;
         let mut suspects: HashMap<_, u32, u8> =
             HashMap::try_from(self.map_mut("SUSPECTS")?).map_err(map_err)?;
-        let old: Vec<u32> = suspects
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| *v == SET_BY_USER)
-            .map(|(k, _)| k)
-            .collect();
-        for pid in old.iter().filter(|p| !pids.contains(p)) {
-            let _ = suspects.remove(pid);
+        let mut deleted = 0;
+        for pid in &gone {
+            if suspects.remove(pid).is_ok() {
+                deleted += 1;
+            }
         }
-        let mut failed = 0;
-        for pid in pids {
-            if suspects.insert(pid, SET_BY_USER, 0).is_err() {
+        // Inherited entries that may make room, found once if needed.
+        let mut inherited: Option<Vec<u32>> = None;
+        let (mut inserted, mut failed) = (0, left_out.len());
+        for pid in written {
+            // NOEXIST first, so a new key is counted as one.
+            let mut ok = match suspects.insert(pid, SET_BY_USER, NOEXIST) {
+                Ok(()) => {
+                    inserted += 1;
+                    true
+                }
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                    suspects.insert(pid, SET_BY_USER, 0).is_ok()
+                }
+                Err(_) => false,
+            };
+            if !ok {
+                let spare = inherited.get_or_insert_with(|| {
+                    suspects
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|(_, v)| *v != SET_BY_USER)
+                        .map(|(k, _)| k)
+                        .collect()
+                });
+                while let Some(victim) = spare.pop() {
+                    if suspects.remove(&victim).is_ok() {
+                        deleted += 1;
+                        if suspects.insert(pid, SET_BY_USER, NOEXIST).is_ok() {
+                            inserted += 1;
+                            ok = true;
+                        }
+                        break;
+                    }
+                }
+            }
+            if !ok {
                 failed += 1;
             }
         }
-        self.suspect_insert_failures += failed;
+        self.tables.inserts[t] += inserted;
+        self.tables.deletes[t] += deleted;
+        self.suspect_insert_failures += failed as u64;
         let mut counts: PerCpuHashMap<_, u32, u64> =
             PerCpuHashMap::try_from(self.map_mut("SYSCALLS")?).map_err(|cause| {
                 KernelError::Map {
@@ -666,39 +763,78 @@ impl Sensors {
                     cause,
                 }
             })?;
-        for pid in old.iter().filter(|p| !pids.contains(p)) {
-            let _ = counts.remove(pid);
+        let mut counts_deleted = 0;
+        for pid in &gone {
+            if counts.remove(pid).is_ok() {
+                counts_deleted += 1;
+            }
         }
-        Ok(())
+        self.tables.deletes[detector_common::table::SYSCALLS as usize] += counts_deleted;
+        self.user_suspects = written.to_vec();
+        Ok(failed)
     }
 
     /// Replaces the cgroups whose every process the on-demand probes look
-    /// at. The cgroup v2 root is never one (it holds the whole host); past
-    /// the map's size the rest are left out and counted.
-    pub fn set_suspect_cgroups(&mut self, cgroups: &[u64]) -> Result<(), KernelError> {
+    /// at, most severe first (the caller orders them). The cgroup v2 root
+    /// is never one (it holds the whole host); past the map's capacity,
+    /// or refused by the kernel, the rest are left out and counted as in
+    /// [`Sensors::set_suspects`]. Returns how many were left out.
+    pub fn set_suspect_cgroups(&mut self, cgroups: &[u64]) -> Result<usize, KernelError> {
         let map_err = |cause| KernelError::Map {
             name: "SUSPECT_CGROUPS",
             cause,
         };
         let root = self.root_cgroup;
+        let capacity = self.tables.capacity_of("SUSPECT_CGROUPS");
+        let wanted: Vec<u64> = {
+            let mut seen = std::collections::HashSet::new();
+            cgroups
+                .iter()
+                .copied()
+                .filter(|id| Some(*id) != root && seen.insert(*id))
+                .collect()
+        };
+        let (written, left_out) = wanted.split_at(wanted.len().min(capacity));
         let mut map: HashMap<_, u64, u8> =
             HashMap::try_from(self.map_mut("SUSPECT_CGROUPS")?).map_err(map_err)?;
-        let old: Vec<u64> = map.keys().filter_map(Result::ok).collect();
-        for id in old.iter().filter(|id| !cgroups.contains(id)) {
+        let old: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .take(capacity.max(1) * 2)
+            .collect();
+        for id in old.iter().filter(|id| !written.contains(id)) {
             let _ = map.remove(id);
         }
-        let mut failed = 0;
+        let mut failed = left_out.len();
         let mut any = false;
-        for id in cgroups.iter().filter(|id| Some(**id) != root) {
+        for id in written {
             if map.insert(id, 1, 0).is_err() {
                 failed += 1;
             } else {
                 any = true;
             }
         }
-        self.suspect_insert_failures += failed;
+        self.suspect_insert_failures += failed as u64;
         self.armed_cgroups = any;
-        self.write_armed()
+        self.write_armed()?;
+        Ok(failed)
+    }
+
+    /// The kernel's SUSPECTS map now: (pid, set by user space — false
+    /// for a child that inherited its parent's suspicion), at most the
+    /// map's capacity (for status and tests).
+    pub fn suspect_entries(&self) -> Result<Vec<(u32, bool)>, KernelError> {
+        let suspects: HashMap<_, u32, u8> =
+            HashMap::try_from(self.map("SUSPECTS")?).map_err(|cause| KernelError::Map {
+                name: "SUSPECTS",
+                cause,
+            })?;
+        Ok(suspects
+            .iter()
+            .filter_map(Result::ok)
+            .take(self.tables.capacity_of("SUSPECTS"))
+            .map(|(pid, v)| (pid, v == 1))
+            .collect())
     }
 
     /// Cumulative syscalls per suspect process, summed over CPUs.
@@ -754,6 +890,7 @@ impl Sensors {
                 out.push(ev);
             }
         }
+        self.tables.deletes[detector_common::table::CLOSED as usize] += out.len() as u64;
         Ok(out)
     }
 
@@ -871,6 +1008,39 @@ fn attach_cgroup(
     match result {
         Ok(_) => signal.via.push(hook.to_string()),
         Err(e) => signal.problems.push(e.to_string()),
+    }
+}
+
+/// Loads and attaches the `cgroup/sock_release` hook that deletes a
+/// released socket's state (kernel 5.9+).
+fn attach_sock_release(ebpf: &mut Ebpf, signal: &mut Signal, dir: File) {
+    const PROG: &str = "sg_sock_release";
+    const HOOK: &str = "cgroup/sock_release";
+    let result = program::<CgroupSock>(ebpf, PROG).and_then(|p| {
+        let err = |cause| KernelError::Program {
+            program: PROG,
+            hook: HOOK.to_string(),
+            cause,
+        };
+        p.load().map_err(err)?;
+        p.attach(dir, CgroupAttachMode::Single).map_err(err)
+    });
+    match result {
+        Ok(_) => signal.via.push(HOOK.to_string()),
+        Err(e) => signal.problems.push(format!(
+            "{e} (a new UDP socket at a released socket's address may be counted towards the old socket's destination)"
+        )),
+    }
+}
+
+/// `BPF_NOEXIST`: insert only a key that is not there yet.
+const NOEXIST: u64 = 1;
+
+/// The errno of a failed map syscall, if it carries one.
+fn errno(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! loaded, the ring drained as records arrive, the engine ticked every
 //! 100 ms, a report every interval, until Ctrl-C, SIGTERM or a duration.
 mod watchdog;
+pub mod writer;
 
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use crate::{
     config::Config,
     detect::{VerdictChange, probes::ProbeConfig},
     flows::FlowRow,
-    kernel::{self, Sensors},
+    health::kind,
+    kernel::{self, DRAIN_MAX, EventRing, Sensors},
     pipeline::{OnDemand, Pipeline, TICK_NS},
 };
 
@@ -41,10 +43,17 @@ pub struct Interval {
 /// Loads the sensors and runs the pipeline until Ctrl-C, SIGTERM or the
 /// duration: records drained as they arrive, the engine ticked every
 /// 100 ms (`on_changes`), a report every interval (`on_interval`).
+///
+/// Errors by kind: anything that fails before `on_ready` (loading,
+/// attaching, the ring) is returned — the environment is wrong and the
+/// caller exits 2. After it, kernel and ring errors are counted in
+/// `pipe.health` and survived; a callback's error ends the loop, so a
+/// caller that must survive (the daemon) handles its own errors, while
+/// `watch` stops when its output is gone.
 pub async fn drive(
     opts: Options,
     mut on_changes: impl FnMut(&mut Pipeline, &[VerdictChange]) -> anyhow::Result<()>,
-    mut on_interval: impl FnMut(&mut Pipeline, &Sensors, Interval) -> anyhow::Result<()>,
+    mut on_interval: impl FnMut(&mut Pipeline, &mut Sensors, Interval) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut sensors = Sensors::load()?;
     let ring = sensors.take_events()?;
@@ -96,23 +105,28 @@ pub async fn drive(
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                guard.get_inner_mut().drain(|r| match r {
-                    Ok(obs) => pipe.observe(&obs),
-                    Err(_) => pipe.decode_errors += 1,
-                });
-                guard.clear_ready();
+                match guard {
+                    Ok(mut guard) => {
+                        let n = drain(guard.get_inner_mut(), &mut pipe);
+                        // A full batch means more is waiting: stay ready,
+                        // but let the ticker and signals have their turn.
+                        if n < DRAIN_MAX {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(e) => {
+                        pipe.health.error(kind::RING, "polling the ring buffer", &e);
+                        tokio::time::sleep(Duration::from_nanos(TICK_NS)).await;
+                    }
+                }
             }
             _ = ticker.tick() => {
                 // Records already in the ring belong before this tick.
-                ring.get_mut().drain(|r| match r {
-                    Ok(obs) => pipe.observe(&obs),
-                    Err(_) => pipe.decode_errors += 1,
-                });
+                drain(ring.get_mut(), &mut pipe);
                 if let Some(w) = watchdog.as_mut() {
                     w.tick();
                 }
-                let changes = pipe.tick(&mut sensors, kernel::monotonic_ns())?;
+                let changes = pipe.tick(&mut sensors, kernel::monotonic_ns());
                 on_changes(&mut pipe, &changes)?;
             }
             _ = reporter.tick() => {
@@ -120,7 +134,7 @@ pub async fn drive(
                 let secs = (now - last_report) as f64 / 1e9;
                 last_report = now;
                 let rows = pipe.flows.take_interval();
-                on_interval(&mut pipe, &sensors, Interval { rows, secs })?;
+                on_interval(&mut pipe, &mut sensors, Interval { rows, secs })?;
                 pipe.end_interval();
             }
             _ = sigint.recv() => break,
@@ -128,8 +142,18 @@ pub async fn drive(
             _ = async { tokio::time::sleep_until(deadline.unwrap_or(start)).await }, if deadline.is_some() => break,
         }
     }
-    sensors.detach_on_demand()?;
+    if let Err(e) = sensors.detach_on_demand() {
+        tracing::warn!(error = %e, "detaching the on-demand probes at exit");
+    }
     drop(sensors);
     eprintln!("stormguard: detached");
     Ok(())
+}
+
+/// One bounded batch from the ring into the pipeline; how many were read.
+fn drain(ring: &mut EventRing, pipe: &mut Pipeline) -> usize {
+    ring.drain(|r| match r {
+        Ok(obs) => pipe.observe(&obs),
+        Err(_) => pipe.decode_errors += 1,
+    })
 }
