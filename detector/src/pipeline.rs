@@ -33,6 +33,9 @@ pub enum OnDemand {
 
 pub use crate::detect::TICK_NS;
 
+/// Processes checked for liveness per second (a stat of /proc/PID each).
+const SWEEP_PER_SECOND: usize = 2_048;
+
 /// How long after a failed attach of the on-demand probes the next try is.
 pub const ATTACH_RETRY_NS: u64 = 30_000_000_000;
 
@@ -137,6 +140,16 @@ impl Pipeline {
             if let Err(e) = sensors.sweep() {
                 self.health
                     .error(kind::MAP, "sweeping entries of dead processes", &e);
+            }
+            // Processes gone without their exit seen (it arrived before
+            // their fork): an exit now, so every table forgets them.
+            for pid in self.procs.sweep_dead(SWEEP_PER_SECOND) {
+                self.observe(&Observation::Exit {
+                    ts_ns: now,
+                    pid,
+                    tid: pid,
+                    group_dead: true,
+                });
             }
         }
         // /proc is read here, a bounded number of processes per tick, never

@@ -476,3 +476,123 @@ fn a_corrupt_database_is_moved_aside() {
     assert_eq!(d.json(&["incidents"]), serde_json::json!([]));
     d.stop();
 }
+
+/// A table's entries and evictions from status (`kernel:NAME` for maps).
+fn table(status: &serde_json::Value, name: &str) -> (u64, u64) {
+    let t = status["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no table {name} in status"));
+    (
+        t["entries"].as_u64().expect("entries"),
+        t["evictions"].as_u64().expect("evictions"),
+    )
+}
+
+/// 20,000 short-lived processes refused by one port, and one process
+/// refused by 50,000 destinations, beside a storm: afterwards no table or
+/// map holds entries of the dead processes once their expiry has passed,
+/// the flows evicted at the bound are counted, and the storm — the most
+/// severe — was kept and recorded.
+#[test]
+fn twenty_thousand_processes_and_fifty_thousand_destinations_leave_nothing_behind() {
+    let _alone = alone();
+    let Some(mut d) = Daemon::start("churn", &tmp("churn"), "") else {
+        return;
+    };
+    let closed = closed_port(false);
+    let storm_at = closed_port(false).to_string();
+    let started = Instant::now();
+    let storming = storm(&storm_at, "20");
+    let spawn = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["spawn", "--count", "20000", "--gap-ms", "0", "--"])
+            .args(["tcp", "--addr", &closed.to_string(), "--count", "1"])
+            .stdout(Stdio::null()),
+    );
+    let scatter = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["scatter", "--count", "50000", "--port"])
+            .arg(closed.port().to_string())
+            .stdout(Stdio::null()),
+    );
+    let spawned = spawn.finish(scaled(Duration::from_secs(240)));
+    let scattered = scatter.finish(scaled(Duration::from_secs(120)));
+    println!(
+        "20,000 processes and 50,000 destinations in {:?} ({} / {})",
+        started.elapsed(),
+        spawned.trim(),
+        scattered.trim()
+    );
+    drop(storming);
+    assert_alive(&mut d, "after the churn");
+    let (during, _) = timed_status(&d);
+    let (_, flow_evictions) = table(&during, "flows");
+    // 70,000 flows through a 10,000-flow table: most go by eviction (the
+    // rest expire idle while the load runs, which is not counted as one).
+    println!("flows evicted at the bound: {flow_evictions}");
+    assert!(
+        flow_evictions >= 10_000,
+        "70,000 flows through a 10,000-flow table evicted only {flow_evictions}"
+    );
+    let kept = incidents_towards(&d, &storm_at);
+    assert_eq!(kept.len(), 1, "the storm was not kept through the churn");
+    // Past every expiry (idle flows 10 s, storms resolved after calm, the
+    // kernel sweep once a second, map usage counted every 10 s).
+    // Tables that hold only what is active: empty once all is over.
+    let empty_tables = [
+        "flows",
+        "rollups",
+        "syscall_rates",
+        "process_reads_pending",
+        "kernel:SYSCALLS",
+        "kernel:PRE_SYN",
+        "kernel:RECV_NOTES",
+        "kernel:SUSPECTS",
+    ];
+    // Tables of processes: at most the tasks alive on the host (the test's
+    // own threads fork too); 22,000 dead ones left would be far above it.
+    let process_tables = ["parents", "forks", "processes"];
+    let live_tasks = || {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .filter_map(|e| std::fs::read_dir(e.path().join("task")).ok())
+            .map(|t| t.count() as u64)
+            .sum::<u64>()
+    };
+    let quiet = Instant::now();
+    let left = loop {
+        assert_alive(&mut d, "while the tables empty");
+        let (status, _) = timed_status(&d);
+        let live = live_tasks();
+        let mut left: Vec<(&str, u64)> = empty_tables
+            .iter()
+            .map(|t| (*t, table(&status, t).0))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        left.extend(
+            process_tables
+                .iter()
+                .map(|t| (*t, table(&status, t).0))
+                .filter(|(_, n)| *n > live),
+        );
+        if left.is_empty() || quiet.elapsed() > scaled(Duration::from_secs(60)) {
+            println!(
+                "tables after {:?} ({live} tasks alive): {}",
+                quiet.elapsed(),
+                status["tables"]
+            );
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        left.is_empty(),
+        "entries of dead processes left past their expiry: {left:?}"
+    );
+    d.stop();
+}

@@ -71,6 +71,8 @@ pub struct ProcessTable {
     pending_dropped: u64,
     /// Counts observations and descriptions: the recency of `touched`.
     clock: u64,
+    /// Pids still to check in the current liveness sweep.
+    to_check: Vec<u32>,
 }
 
 /// Parses the ppid and comm out of /proc/PID/stat ("pid (comm) state ppid …";
@@ -141,7 +143,37 @@ impl ProcessTable {
             pending: VecDeque::new(),
             pending_dropped: 0,
             clock: 0,
+            to_check: Vec::new(),
         }
+    }
+
+    /// Up to `budget` tracked processes that are gone from /proc although
+    /// their exit was never seen — a child that exits before its parent's
+    /// fork record is written arrives as a fork *after* its exit, and
+    /// would stay forever. Resumes where the last call stopped; a full
+    /// round covers every entry. The caller turns each into an exit
+    /// observation so every table forgets it the usual way.
+    pub fn sweep_dead(&mut self, budget: usize) -> Vec<u32> {
+        if self.to_check.is_empty() {
+            self.to_check = self
+                .procs
+                .iter()
+                .filter(|(_, p)| !p.exited)
+                .map(|(pid, _)| *pid)
+                .collect();
+        }
+        let mut dead = Vec::new();
+        for _ in 0..budget {
+            let Some(pid) = self.to_check.pop() else {
+                break;
+            };
+            if self.procs.get(&pid).is_some_and(|p| !p.exited)
+                && !self.proc_root.join(pid.to_string()).exists()
+            {
+                dead.push(pid);
+            }
+        }
+        dead
     }
 
     /// The process table and its queue of /proc reads, for status and
@@ -579,6 +611,39 @@ mod tests {
         let info = t.get(300).unwrap();
         assert_eq!((info.ppid, info.comm.as_str().as_ref()), (None, "curl"));
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn processes_gone_without_an_exit_are_found_by_the_sweep() {
+        let root = scratch("sweep");
+        fake_process(&root, 10, 1, "alive");
+        let mut t = ProcessTable::new(&root, 64);
+        for child in [10, 11, 12, 13] {
+            t.observe(&Observation::Fork {
+                ts_ns: 1,
+                parent: 1,
+                child,
+                comm: Comm::from("x"),
+            });
+        }
+        // 11..13 have no /proc entry: gone, their exits never seen.
+        // A budget of 2 checks two entries; the next call the other two.
+        let mut dead = t.sweep_dead(2);
+        assert!(dead.len() <= 2, "{dead:?}");
+        dead.extend(t.sweep_dead(10));
+        dead.sort_unstable();
+        assert_eq!(dead, vec![11, 12, 13]);
+        // Once their exits are observed, the next round finds nothing.
+        for pid in dead {
+            t.observe(&Observation::Exit {
+                ts_ns: 2,
+                pid,
+                tid: pid,
+                group_dead: true,
+            });
+        }
+        assert_eq!(t.sweep_dead(10), Vec::<u32>::new());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

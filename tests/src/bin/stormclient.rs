@@ -132,6 +132,14 @@ enum Cmd {
         #[arg(long)]
         secs: f64,
     },
+    /// One refused connect to each of `count` loopback addresses
+    /// (127.1.0.0 upwards, port `port`): many destinations from one process.
+    Scatter {
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        port: u16,
+    },
     /// Refused connects in a tight loop for `secs` seconds (at most
     /// `max` attempts): a retry storm.
     Storm {
@@ -274,6 +282,16 @@ fn main() -> anyhow::Result<()> {
                 c.wait()?;
             }
             tally.ok = count;
+        }
+        Cmd::Scatter { count, port } => {
+            for i in 0..count {
+                let ip = std::net::Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+                match TcpStream::connect(SocketAddr::from((ip, port))) {
+                    Ok(_) => tally.ok += 1,
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => tally.refused += 1,
+                    Err(_) => tally.other += 1,
+                }
+            }
         }
         Cmd::Backoff {
             addr,
