@@ -649,9 +649,7 @@ pub async fn serve_with(
     // it bounds both slow headers and idle keep-alive connections.
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    // Accept errors (EMFILE, ENFILE, ENOBUFS) back off instead of spinning.
-    const BACKOFF_MIN: Duration = Duration::from_millis(5);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = crate::api::backoff::AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -660,16 +658,15 @@ pub async fn serve_with(
         };
         let stream = match accepted {
             Ok((stream, _)) => {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 stream
             }
             Err(error) => {
-                tracing::warn!(%error, "metrics: accept failed; backing off {backoff:?}");
+                let wait = backoff.failed("metrics", &error);
                 tokio::select! {
                     _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };

@@ -575,6 +575,23 @@ impl Daemon {
         true
     }
 
+    /// Panics with the daemon's last words if it has exited: a test that
+    /// storms reports the daemon's death as such, not as a failed query.
+    pub fn assert_alive(&mut self, when: &str) {
+        let c = self.child.as_mut().expect("daemon child");
+        if let Some(status) = c.0.try_wait().expect("wait") {
+            let said: Vec<String> = self
+                .stderr
+                .as_ref()
+                .map(|r| r.try_iter().collect())
+                .unwrap_or_default();
+            panic!(
+                "the daemon exited ({status}) {when}; last lines:\n{}",
+                said[said.len().saturating_sub(20)..].join("\n")
+            );
+        }
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

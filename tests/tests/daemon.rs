@@ -550,23 +550,6 @@ fn a_thousand_children_storming_one_destination_are_one_incident() {
     );
     let parent = fanout.pid();
     let started = Instant::now();
-    // The daemon's death is reported with what it said, not as a failed
-    // query.
-    let alive = |d: &mut Daemon| {
-        let c = d.child.as_mut().expect("daemon child");
-        if let Some(status) = c.0.try_wait().expect("wait") {
-            let said: Vec<String> = d
-                .stderr
-                .as_ref()
-                .map(|r| r.try_iter().collect())
-                .unwrap_or_default();
-            panic!(
-                "the daemon exited ({status}) {:?} into the storm; last lines:\n{}",
-                started.elapsed(),
-                said[said.len().saturating_sub(20)..].join("\n")
-            );
-        }
-    };
     // Incidents for this destination, checked at every poll: never more
     // than one active.
     let here = |d: &Daemon, active: bool| -> Vec<serde_json::Value> {
@@ -587,7 +570,7 @@ fn a_thousand_children_storming_one_destination_are_one_incident() {
     let mut most_active = 0;
     let mut first_seen = None;
     while started.elapsed() < Duration::from_secs(20) {
-        alive(&mut d);
+        d.assert_alive(&format!("{:?} into the storm", started.elapsed()));
         let active = here(&d, true);
         most_active = most_active.max(active.len());
         assert!(
@@ -684,7 +667,7 @@ fn a_thousand_children_storming_one_destination_are_one_incident() {
     );
 
     fanout.finish(Duration::from_secs(60));
-    alive(&mut d);
+    d.assert_alive(&format!("{:?} into the storm", started.elapsed()));
     // Whatever else was recorded for this destination was merged into it.
     let all = here(&d, false);
     for other in all.iter().filter(|i| i["id"] != id.as_str()) {

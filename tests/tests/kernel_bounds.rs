@@ -136,6 +136,17 @@ impl Reader {
 /// SYSCALLS (per-CPU LRU) shrunk to 8, 24 suspects woken one at a time,
 /// each inserting its key exactly once: 24 inserts, at most 8 live, and
 /// every other one an eviction — then the exits delete what is left.
+/// `n` reader processes, each blocked in read(2) (so alive and idle).
+fn blocked_readers(n: usize) -> Vec<Reader> {
+    let readers: Vec<Reader> = (0..n).map(|_| Reader::spawn()).collect();
+    for r in &readers {
+        wait_for("reader blocked", Duration::from_secs(10), || {
+            blocked_in_read(r.pid())
+        });
+    }
+    readers
+}
+
 #[test]
 fn a_shrunk_lru_map_counts_its_evictions_exactly() {
     const CAP: u32 = 8;
@@ -143,12 +154,7 @@ fn a_shrunk_lru_map_counts_its_evictions_exactly() {
     let Some(mut sensors) = load("lru_evictions", &[("SYSCALLS", CAP)]) else {
         return;
     };
-    let mut readers: Vec<Reader> = (0..N).map(|_| Reader::spawn()).collect();
-    for r in &readers {
-        wait_for("reader blocked", Duration::from_secs(10), || {
-            blocked_in_read(r.pid())
-        });
-    }
+    let mut readers = blocked_readers(N);
     sensors.attach_on_demand().expect("on-demand probes");
     let pids: Vec<u32> = readers.iter().map(Reader::pid).collect();
     assert_eq!(sensors.set_suspects(&pids).expect("suspects"), 0);
@@ -340,12 +346,7 @@ fn entries_of_dead_threads_are_swept() {
     let Some(mut sensors) = load("sweep_dead", &[]) else {
         return;
     };
-    let mut readers: Vec<Reader> = (0..N).map(|_| Reader::spawn()).collect();
-    for r in &readers {
-        wait_for("reader blocked", Duration::from_secs(10), || {
-            blocked_in_read(r.pid())
-        });
-    }
+    let mut readers = blocked_readers(N);
     sensors.attach_on_demand().expect("on-demand probes");
     let pids: Vec<u32> = readers.iter().map(Reader::pid).collect();
     sensors.set_suspects(&pids).expect("suspects");

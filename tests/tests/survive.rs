@@ -34,22 +34,6 @@ fn storm(addr: &str, secs: &str) -> ChildGuard {
     )
 }
 
-/// Panics with the daemon's last words if it has exited.
-fn assert_alive(d: &mut Daemon, when: &str) {
-    let c = d.child.as_mut().expect("daemon child");
-    if let Some(status) = c.0.try_wait().expect("wait") {
-        let said: Vec<String> = d
-            .stderr
-            .as_ref()
-            .map(|r| r.try_iter().collect())
-            .unwrap_or_default();
-        panic!(
-            "the daemon exited ({status}) {when}; last lines:\n{}",
-            said[said.len().saturating_sub(20)..].join("\n")
-        );
-    }
-}
-
 /// A field of /proc/PID/status in kB (VmRSS, VmHWM).
 fn status_kb(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -124,7 +108,7 @@ fn two_thousand_processes_storming_one_destination() {
     let mut latencies = Vec::new();
     let mut most = 0;
     while started.elapsed() < scaled(Duration::from_secs(40)) {
-        assert_alive(&mut d, "during the 2,000-process storm");
+        d.assert_alive("during the 2,000-process storm");
         let (_, took) = timed_status(&d);
         latencies.push(took);
         most = most.max(incidents_towards(&d, &port).len());
@@ -135,7 +119,7 @@ fn two_thousand_processes_storming_one_destination() {
     }
     let _ = fanout.0.kill();
     let _ = fanout.0.wait();
-    assert_alive(&mut d, "after the 2,000-process storm");
+    d.assert_alive("after the 2,000-process storm");
     let incidents = incidents_towards(&d, &port);
     let hwm_mib = status_kb(pid, "VmHWM") / 1024;
     latencies.sort();
@@ -193,7 +177,7 @@ fn a_million_records_in_a_burst() {
     let mut latencies = Vec::new();
     let mut burst = Some(burst);
     while started.elapsed() < scaled(Duration::from_secs(60)) {
-        assert_alive(&mut d, "during the burst");
+        d.assert_alive("during the burst");
         let (status, took) = timed_status(&d);
         latencies.push(took);
         most_storms = most_storms.max(status["storms_active"].as_u64().unwrap_or(0));
@@ -289,7 +273,7 @@ fn kill_9_twenty_times_loses_nothing_acknowledged() {
             .collect();
         let wait = Duration::from_millis(800 + next() % 2_200);
         std::thread::sleep(wait);
-        assert_alive(&mut d, "before the kill");
+        d.assert_alive("before the kill");
         let listed = d.json(&["incidents"]);
         for i in listed.as_array().expect("list") {
             acknowledged.insert(i["id"].as_str().expect("id").to_string());
@@ -401,7 +385,7 @@ fn a_full_disk_costs_the_history_not_detection() {
     let mut seen_failing = None;
     let mut seen_storm = false;
     while started.elapsed() < scaled(Duration::from_secs(30)) {
-        assert_alive(&mut d, "with a full disk");
+        d.assert_alive("with a full disk");
         let (status, _) = timed_status(&d);
         seen_storm |= status["storms_active"].as_u64().unwrap_or(0) >= 1;
         if status["store"]["state"] == "failing" {
@@ -431,7 +415,7 @@ fn a_full_disk_costs_the_history_not_detection() {
     std::fs::remove_file(&filler).expect("remove filler");
     let back = Instant::now();
     loop {
-        assert_alive(&mut d, "after space came back");
+        d.assert_alive("after space came back");
         let (status, _) = timed_status(&d);
         if status["store"]["state"] == "ok" && !incidents_towards(&d, &port).is_empty() {
             break;
@@ -527,7 +511,7 @@ fn twenty_thousand_processes_and_fifty_thousand_destinations_leave_nothing_behin
         scattered.trim()
     );
     drop(storming);
-    assert_alive(&mut d, "after the churn");
+    d.assert_alive("after the churn");
     let (during, _) = timed_status(&d);
     let (_, flow_evictions) = table(&during, "flows");
     // 70,000 flows through a 10,000-flow table: most go by eviction (the
@@ -566,7 +550,7 @@ fn twenty_thousand_processes_and_fifty_thousand_destinations_leave_nothing_behin
     };
     let quiet = Instant::now();
     let left = loop {
-        assert_alive(&mut d, "while the tables empty");
+        d.assert_alive("while the tables empty");
         let (status, _) = timed_status(&d);
         let live = live_tasks();
         let mut left: Vec<(&str, u64)> = empty_tables

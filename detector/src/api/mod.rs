@@ -5,6 +5,7 @@
 //! "message":…}}`. Methods: `status`, `flows`, `incidents` (`since_secs`,
 //! `active`), `explain` (`id` or `pid`), `events` (then one verdict change
 //! per line until the client hangs up).
+pub mod backoff;
 pub mod client;
 pub mod server;
 pub mod socket;

@@ -236,8 +236,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    const BACKOFF_MIN: Duration = Duration::from_millis(5);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = super::backoff::AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -246,17 +245,15 @@ pub async fn serve_with(
         };
         let stream = match accepted {
             Ok((stream, _)) => {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 stream
             }
             Err(error) => {
-                // EMFILE and the like: back off rather than spin.
-                tracing::warn!(%error, "API: accept failed; backing off {backoff:?}");
+                let wait = backoff.failed("API", &error);
                 tokio::select! {
                     _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };

@@ -140,10 +140,7 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
             Hook::Cgroup(_) => {
                 let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 prog.load().map_err(err)?;
-                let dir = File::open(&cgroup).map_err(|cause| KernelError::Read {
-                    path: cgroup.clone(),
-                    cause,
-                })?;
+                let dir = open_dir(&cgroup)?;
                 // aya 0.14 attaches with bpf_link_create, which rejects the
                 // other modes' flags; links are multi-attach anyway.
                 prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
@@ -151,10 +148,7 @@ pub fn load(on_demand_too: bool) -> Result<FloorProbes, KernelError> {
             Hook::CgroupSock(_) => {
                 let prog: &mut CgroupSock = program(&mut ebpf, name)?;
                 prog.load().map_err(err)?;
-                let dir = File::open(&cgroup).map_err(|cause| KernelError::Read {
-                    path: cgroup.clone(),
-                    cause,
-                })?;
+                let dir = open_dir(&cgroup)?;
                 prog.attach(dir, CgroupAttachMode::Single).map_err(err)?;
             }
             Hook::RawSysEnter => {
@@ -195,6 +189,14 @@ impl FloorProbes {
         }
         Ok(out)
     }
+}
+
+/// The cgroup2 root, opened to attach a cgroup hook to.
+fn open_dir(path: &std::path::Path) -> Result<File, KernelError> {
+    File::open(path).map_err(|cause| KernelError::Read {
+        path: path.to_path_buf(),
+        cause,
+    })
 }
 
 #[cfg(test)]
