@@ -1,7 +1,7 @@
 //! `cargo xtask soak [--minutes N]`: the release daemon under a steady mix
 //! of storms, process churn and datagrams for N minutes (10 by default),
-//! sampled every 30 s — RSS, tracked flows, every bounded table's entries
-//! and the incidents written — then judged flat: nothing may keep growing
+//! sampled once a round, mid-load — RSS, tracked flows, every bounded
+//! table's entries and the incidents written — then judged flat: nothing may keep growing
 //! once the load is steady. Not in CI (too long); the curve goes in notes.
 use std::{
     net::{TcpListener, UdpSocket},
@@ -192,18 +192,23 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         "soak: {} minutes; sample every 30 s\n{:>6} {:>8} {:>7} {:>9} {:>9} {:>9} {:>6}",
         args.minutes, "t(s)", "RSS MiB", "flows", "tables", "kernel", "incid.", "errors"
     );
+    sink.set_nonblocking(true)?;
     while start.elapsed() < total {
         let round = load_round(&client, &sink_addr)?;
-        let until = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < until {
+        let began = Instant::now();
+        let mut s = None;
+        while began.elapsed() < Duration::from_secs(30) {
             // Drain the sink so its socket buffer never fills.
-            sink.set_nonblocking(true)?;
             let mut buf = [0u8; 2048];
             while sink.recv(&mut buf).is_ok() {}
+            // Sampled mid-load (the storm lasts 5 s): the tables at work.
+            if s.is_none() && began.elapsed() >= Duration::from_secs(4) {
+                s = Some(sample(&bin, &socket, pid, start.elapsed())?);
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         drop(round);
-        let s = sample(&bin, &socket, pid, start.elapsed())?;
+        let s = s.expect("sampled within the round");
         println!(
             "{:>6} {:>8.1} {:>7} {:>9} {:>9} {:>9} {:>6}",
             s.at.as_secs(),
