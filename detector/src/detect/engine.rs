@@ -912,6 +912,21 @@ impl Engine {
     }
 
     /// Everything known of one subject now, for incidents.
+    /// Whether the engine still tracks `subject` — what
+    /// [`Engine::subject_stats`] would answer `Some` for, without building
+    /// the stats (callers check thousands of subjects a second).
+    pub fn knows(&self, subject: &Subject) -> bool {
+        match *subject {
+            Subject::Flow { pid, dest } => {
+                let key = FlowKey { pid, dest };
+                self.flows.contains_key(&key) || self.ended.iter().any(|(k, _)| *k == key)
+            }
+            Subject::Parent { .. } | Subject::Cgroup { .. } => {
+                RollupKey::of(subject).is_some_and(|k| self.rollups.contains_key(&k))
+            }
+        }
+    }
+
     pub fn subject_stats(&self, subject: &Subject) -> Option<SubjectStats> {
         let (t, who, members, member_count, syscalls) = match *subject {
             Subject::Flow { pid, dest } => {

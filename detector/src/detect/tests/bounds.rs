@@ -252,7 +252,9 @@ fn syscall_rates_are_capped_and_expire() {
     // one gives a rate; an evicted pid starts over (and evicts one more).
     e.observe(&syscalls(2 * SEC, 20));
     e.observe(&syscalls(2 * SEC, 12));
-    assert!(e.syscall_rate(20).is_some_and(|r| r > 0.0));
+    // 500 syscalls between its measurements at 1.020 s and 2 s.
+    let rate = e.syscall_rate(20).expect("a rate for pid 20");
+    assert!((rate - 500.0 / 0.98).abs() < 1e-6, "{rate}");
     assert_eq!(e.syscall_rate(12), None);
     assert_eq!(fill(&e, "syscall_rates"), (8, 8, 13));
     // No longer measured: forgotten.
@@ -400,4 +402,32 @@ fn dead_processes_leave_nothing_behind() {
         .collect();
     assert_eq!(evicted, [("flows", 41_250), ("rollups", 83_968)]);
     assert_eq!(flow_state(&e, 9, storm_dest), None);
+}
+
+/// `knows` answers as `subject_stats` does, without building the stats.
+#[test]
+fn knows_agrees_with_subject_stats() {
+    let mut e = Engine::new(DetectConfig::default());
+    let d = dest(7070);
+    let obs: Vec<Observation> = (0..200u64)
+        .map(|i| refused(1_000_000_000 + i * 1_000_000, 42, d))
+        .collect();
+    run(&mut e, &obs, 0);
+    let subjects = [
+        Subject::Flow { pid: 42, dest: d },
+        Subject::Flow { pid: 43, dest: d },
+        Subject::Flow {
+            pid: 42,
+            dest: dest(7071),
+        },
+        Subject::Parent { ppid: 1, dest: d },
+        Subject::Cgroup { cgroup: 7, dest: d },
+    ];
+    let known: Vec<bool> = subjects.iter().map(|s| e.knows(s)).collect();
+    let stats: Vec<bool> = subjects
+        .iter()
+        .map(|s| e.subject_stats(s).is_some())
+        .collect();
+    assert_eq!(known, stats);
+    assert_eq!(known[..3], [true, false, false]);
 }
