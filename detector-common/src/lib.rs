@@ -426,6 +426,8 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }
 
+pub mod enforce;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and
@@ -444,4 +446,14 @@ mod pod {
     unsafe impl aya::Pod for super::Conn {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Fingerprint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::BudgetKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::Budget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::EnforceConfig {}
 }

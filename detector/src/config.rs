@@ -25,6 +25,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub metrics: MetricsConfig,
     pub probes: ProbesConfig,
+    /// Budgets and who is never throttled.
+    pub enforce: crate::enforce::config::EnforceConfig,
 }
 
 /// The local API.
@@ -218,6 +220,15 @@ pub const RANGES: &[(&str, &str, Range)] = &[
     ("store", "max_incidents", Range::Int(1, 10_000_000)),
     ("metrics", "per_storm_max", Range::Int(0, 1_000)),
     ("probes", "max_attached_secs", Range::Int(1, 86_400)),
+    ("enforce", "retry_ratio", Range::Float(0.0, 1.0)),
+    ("enforce", "floor_per_s", Range::Float(0.01, 1_000_000.0)),
+    ("enforce", "burst", Range::Int(1, 1_000_000)),
+    ("enforce", "ttl_secs", Range::Int(1, 86_400)),
+    (
+        "enforce",
+        "max_budgets",
+        Range::Int(1, detector_common::enforce::MAX_BUDGETS as u64),
+    ),
 ];
 
 impl Config {
@@ -297,6 +308,14 @@ impl Config {
                 "must be octal permissions like 0660",
             ));
         }
+        if crate::enforce::request::errno_by_name(&config.enforce.errno).is_err() {
+            return Err(bad(
+                "enforce.errno",
+                &config.enforce.errno,
+                "must be an errno name (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH, ENETUNREACH, \
+                 EPERM, EACCES, ECONNRESET, EAGAIN) or a number 1..=4095",
+            ));
+        }
         if !["auto", "always", "never"].contains(&config.probes.on_demand.as_str()) {
             return Err(bad(
                 "probes.on_demand",
@@ -328,6 +347,11 @@ impl Config {
             ("detect", "rollup_min_pids") => int(d.rollup_min_pids as u64),
             ("detect", "max_flows") => int(d.max_flows as u64),
             ("detect", "burst_attempts") => int(d.burst_attempts),
+            ("enforce", "retry_ratio") => float(self.enforce.retry_ratio),
+            ("enforce", "floor_per_s") => float(self.enforce.floor_per_s),
+            ("enforce", "burst") => int(self.enforce.burst as u64),
+            ("enforce", "ttl_secs") => int(self.enforce.ttl_secs),
+            ("enforce", "max_budgets") => int(self.enforce.max_budgets as u64),
             ("store", "retention_days") => int(self.store.retention_days.into()),
             ("store", "max_incidents") => int(self.store.max_incidents.into()),
             ("metrics", "per_storm_max") => int(self.metrics.per_storm_max as u64),

@@ -36,6 +36,7 @@ use crate::{
     },
     config::Config,
     detect::{State, VerdictChange},
+    enforce,
     health::kind,
     incident::{self, IncidentTracker},
     ingest::failure,
@@ -52,6 +53,8 @@ struct Daemon {
     config: Config,
     /// Kernel features found at start-up (read once).
     features: Vec<(String, String)>,
+    /// Budgets, shared with the API thread.
+    enforcer: Arc<enforce::Handle>,
     store: StoreWriter,
     tracker: IncidentTracker,
     shared: Arc<Shared>,
@@ -197,6 +200,17 @@ async fn serve(
         ),
     };
 
+    let enforcer = Arc::new(enforce::Handle(Mutex::new(enforce::Enforcer::new(
+        config.enforce.clone(),
+        std::fs::read_to_string("/proc/mounts")
+            .ok()
+            .and_then(|m| kernel::find_cgroup2(&m)),
+        Some(enforce::persist::path_beside(&config.store.path)),
+    ))));
+    for note in enforcer.lock().restore() {
+        tracing::info!("budgets: {note}");
+    }
+
     let (events, _) = broadcast::channel(1024);
     // Answerable from the first request, before the first second is over.
     let features = kernel::features();
@@ -216,6 +230,7 @@ async fn serve(
         db_path: config.store.path.clone(),
         db: Mutex::new(None),
         events,
+        control: Some(enforcer.clone()),
     });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let servers = spawn_servers(
@@ -248,6 +263,7 @@ async fn serve(
         kernel_tables: Vec::new(),
         config: config.clone(),
         features,
+        enforcer: enforcer.clone(),
     }));
     let on_ready = {
         let state = state.clone();
@@ -293,6 +309,8 @@ async fn serve(
     )
     .await;
     notify(&[sd_notify::NotifyState::Stopping]);
+    // Budgets end with the daemon; manual ones are on disk for the next start.
+    enforcer.lock().shutdown();
     let _ = stop.send(true);
     if servers.join().is_err() {
         tracing::warn!("the API thread panicked");
@@ -413,6 +431,7 @@ impl Daemon {
         for inc in opened {
             tracing::warn!(id = %inc.id, comm = %inc.comm, destination = %inc.destination, processes = inc.processes(), "incident opened: {}", inc.explanation);
         }
+        self.enforce(pipe, changes);
         for c in changes {
             let _ = self.shared.events.send(c.clone());
             if self.limiter.allow() {
@@ -426,6 +445,30 @@ impl Daemon {
                 );
             }
         }
+    }
+
+    /// Every tick: storms get or lose their budgets, retry budgets get
+    /// their deposits, expired budgets end (a storm's renewed while it
+    /// goes on).
+    fn enforce(&mut self, pipe: &mut Pipeline, changes: &[VerdictChange]) {
+        let mut e = self.enforcer.lock();
+        let tracker = &self.tracker;
+        e.on_changes(changes, |subject| match *subject {
+            crate::detect::Subject::Flow { pid, dest } => tracker
+                .active()
+                .find(|i| i.pid == Some(pid) && i.destination == dest.to_string())
+                .map(|i| i.id.clone()),
+            _ => None,
+        });
+        let (pids, cgroups) = e.watched();
+        pipe.tally.watch(pids, cgroups);
+        e.credit(&pipe.tally.drain());
+        let engine = &pipe.engine;
+        e.tick(kernel::monotonic_ns(), |subject| {
+            engine
+                .subject_stats(subject)
+                .is_some_and(|s| s.state == State::Storm)
+        });
     }
 
     fn on_interval(&mut self, pipe: &mut Pipeline, sensors: &mut Sensors, iv: Interval) {
@@ -614,7 +657,9 @@ impl Daemon {
             store: store_health,
             tables,
             kernel_anomalies: anomalies,
+            enforce: self.enforcer.lock().summary(),
         };
+        self.metrics.set_enforce(&status.enforce);
         if let Ok(mut s) = self.shared.status.lock() {
             *s = status;
         }

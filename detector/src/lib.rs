@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod detect;
+pub mod enforce;
 pub mod flows;
 pub mod health;
 pub mod incident;

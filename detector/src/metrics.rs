@@ -124,6 +124,9 @@ pub struct Metrics {
     store_queued: Gauge<u64, AtomicU64>,
     store_dropped_writes: Counter,
     connections_refused: Counter,
+    enforce_decisions: Arc<KindFamily>,
+    enforce_budgets: Gauge<u64, AtomicU64>,
+    enforce_attached: Gauge<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -197,6 +200,24 @@ impl Metrics {
         registry.register_collector(Box::new(Arc::clone(&kernel_anomalies)));
         let tables = Arc::new(TableSeries::default());
         registry.register_collector(Box::new(Arc::clone(&tables)));
+        let enforce_decisions = Arc::new(KindFamily::new(
+            "enforce_decisions",
+            "Decisions of every budget since start, by kind: allowed, slowed, denied, \
+             would_deny (dry-run budgets), not_enforced (storms that got no budget).",
+        ));
+        registry.register_collector(Box::new(Arc::clone(&enforce_decisions)));
+        let enforce_budgets = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "enforce_budgets",
+            "Budgets in force (manual and from storms)",
+            enforce_budgets.clone(),
+        );
+        let enforce_attached = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "enforce_attached",
+            "1 while the enforcement hooks are attached (only while a budget exists)",
+            enforce_attached.clone(),
+        );
         let store_failing = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "store_failing",
@@ -240,7 +261,23 @@ impl Metrics {
             store_queued,
             store_dropped_writes,
             connections_refused,
+            enforce_decisions,
+            enforce_budgets,
+            enforce_attached,
         }
+    }
+
+    /// Sets the enforcement series from the enforcer's summary.
+    pub fn set_enforce(&self, s: &crate::enforce::EnforceSummary) {
+        self.enforce_decisions.set(&BTreeMap::from([
+            ("allowed".to_string(), s.allowed),
+            ("slowed".to_string(), s.slowed),
+            ("denied".to_string(), s.denied),
+            ("would_deny".to_string(), s.would_deny),
+            ("not_enforced".to_string(), s.not_enforced),
+        ]));
+        self.enforce_budgets.set(s.budgets as u64);
+        self.enforce_attached.set(u64::from(s.attached));
     }
 
     /// Feeds `stormguard_errors_total{kind}` with the running totals of

@@ -58,6 +58,8 @@ pub struct Pipeline {
     last_sweep: u64,
     /// Observations seen so far (for the event rate).
     pub observed: u64,
+    /// Successes of budgeted processes, for retry budgets' deposits.
+    pub tally: crate::enforce::tally::Tally,
 }
 
 impl Pipeline {
@@ -79,6 +81,7 @@ impl Pipeline {
             attach_retry_at: None,
             last_sweep: 0,
             observed: 0,
+            tally: Default::default(),
         }
     }
 
@@ -98,6 +101,7 @@ impl Pipeline {
         self.procs.observe(obs);
         self.flows.observe(obs);
         self.engine.observe(obs);
+        self.tally.observe(obs);
         if let Observation::Exit {
             pid,
             group_dead: true,

@@ -22,6 +22,9 @@ pub enum ClientError {
         .socket.display()
     )]
     PermissionDenied { socket: PathBuf, group: String },
+    /// Let in, but the method is root's alone (`throttle`, `release`).
+    #[error("{message}; run it as root (sudo)")]
+    NeedsRoot { message: String },
     #[error("{message}")]
     Api { code: String, message: String },
     #[error("talking to the daemon on {}: {cause}", .socket.display())]
@@ -105,6 +108,9 @@ impl Client {
                 code: "internal".into(),
                 message: "error without details".into(),
             });
+            if e.code == "permission_denied" && e.message.starts_with(super::ROOT_ONLY) {
+                return Err(ClientError::NeedsRoot { message: e.message });
+            }
             if e.code == "permission_denied" {
                 return Err(ClientError::PermissionDenied {
                     socket: self.socket.clone(),
@@ -150,5 +156,63 @@ impl Client {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// The error of one call to a daemon that answers `answer`.
+    fn refused_with(tag: &str, answer: Response) -> ClientError {
+        let dir = std::env::temp_dir().join(format!("sg-client-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let mut out = serde_json::to_vec(&answer).unwrap();
+            out.push(b'\n');
+            (&s).write_all(&out).unwrap();
+        });
+        let e = Client::connect(&path, "stormguard")
+            .unwrap()
+            .call("throttle", Value::Null)
+            .unwrap_err();
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        e
+    }
+
+    #[test]
+    fn root_only_refusals_keep_the_daemons_words() {
+        let message = format!(
+            "{}; members of group `stormguard` may list (`stormguard throttles`)",
+            super::super::ROOT_ONLY
+        );
+        let e = refused_with("root", Response::err("permission_denied", message.clone()));
+        assert!(
+            matches!(&e, ClientError::NeedsRoot { message: m } if *m == message),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), format!("{message}; run it as root (sudo)"));
+        // The peer itself refused: how to join the group.
+        let e = refused_with(
+            "group",
+            Response::err(
+                "permission_denied",
+                "permission denied: only root and members of group `stormguard` may use the stormguard API",
+            ),
+        );
+        assert!(matches!(e, ClientError::PermissionDenied { .. }), "{e:?}");
+        let e = refused_with("other", Response::err("unavailable", "no enforcer"));
+        assert!(
+            matches!(&e, ClientError::Api { code, message } if code == "unavailable" && message == "no enforcer"),
+            "{e:?}"
+        );
     }
 }

@@ -4,7 +4,10 @@
 //! `{"v":1,"ok":true,"result":…}` or `{"v":1,"ok":false,"error":{"code":…,
 //! "message":…}}`. Methods: `status`, `flows`, `incidents` (`since_secs`,
 //! `active`), `explain` (`id` or `pid`), `events` (then one verdict change
-//! per line until the client hangs up).
+//! per line until the client hangs up), and for enforcement `throttle`
+//! (`pid` | `cgroup` | `unit`, `dest`, `rate`, `burst`, `retry_ratio`,
+//! `for_secs`, `errno`, `dry_run`; root only), `release` (`id` or
+//! `all`; root only) and `throttles`.
 pub mod backoff;
 pub mod client;
 pub mod server;
@@ -18,6 +21,10 @@ use serde::{Deserialize, Serialize};
 pub const VERSION: u32 = 1;
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// How the refusal of a root-only method to a peer let in (a member of
+/// the group) begins; the client tells it from the refusal of the peer
+/// itself by this.
+pub const ROOT_ONLY: &str = "only root may throttle or release";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
@@ -31,7 +38,8 @@ pub struct Request {
 pub struct ApiError {
     /// Stable, machine-readable: bad_request, request_too_large,
     /// unsupported_version, unknown_method, not_found, permission_denied,
-    /// busy, internal.
+    /// busy, internal; and from enforcement unavailable, protected, full,
+    /// kernel.
     pub code: String,
     pub message: String,
 }
@@ -109,6 +117,9 @@ pub struct StatusView {
     /// Anomalies the eBPF programs reported, by kind (e.g. "map_full",
     /// "ring_reserve").
     pub kernel_anomalies: BTreeMap<String, u64>,
+    /// Budgets and their decisions.
+    #[serde(default)]
+    pub enforce: crate::enforce::EnforceSummary,
 }
 
 /// Health of the incident store, as the writer sees it.

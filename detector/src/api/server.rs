@@ -27,8 +27,16 @@ use tokio::{
     sync::{Semaphore, broadcast},
 };
 
-use super::{FlowView, MAX_REQUEST, Request, Response, StatusView, VERSION};
-use crate::{detect::VerdictChange, incident::parse_id, store::Store};
+use super::{FlowView, MAX_REQUEST, ROOT_ONLY, Request, Response, StatusView, VERSION};
+use crate::{
+    detect::VerdictChange,
+    enforce::{
+        Control, DestSpec, EnforceError, Release, TargetSpec, ThrottleRequest,
+        request::{MAX_FOR_SECS, check_retry_ratio, errno_by_name, parse_budget_id},
+    },
+    incident::parse_id,
+    store::Store,
+};
 
 /// What the daemon loop publishes for the API to read.
 pub struct Shared {
@@ -39,6 +47,10 @@ pub struct Shared {
     /// blocks the daemon loop's writes).
     pub db: Mutex<Option<Store>>,
     pub events: broadcast::Sender<VerdictChange>,
+    /// The enforcer, for `throttle`, `release` and `throttles`; `None`
+    /// when this daemon runs without enforcement (they answer
+    /// `unavailable`).
+    pub control: Option<Arc<dyn Control>>,
 }
 
 /// Who may talk to the API besides root.
@@ -83,7 +95,38 @@ impl Access {
             self.group_name
         )
     }
+
+    /// Whether peer `uid`, already let in, may call `method`: `throttle`
+    /// and `release` change what other processes may do, so they are for
+    /// root alone; everything else is for anyone let in. Pure.
+    pub fn authorize(&self, method: &str, uid: u32) -> Result<(), Response> {
+        if uid == 0 || !ROOT_METHODS.contains(&method) {
+            return Ok(());
+        }
+        Err(Response::err(
+            "permission_denied",
+            format!(
+                "{ROOT_ONLY}; members of group `{}` may list (`stormguard throttles`)",
+                self.group_name
+            ),
+        ))
+    }
 }
+
+/// The methods only root may call.
+pub const ROOT_METHODS: [&str; 2] = ["throttle", "release"];
+
+/// Every method, as the unknown-method error lists them.
+pub const METHODS: [&str; 8] = [
+    "status",
+    "flows",
+    "incidents",
+    "explain",
+    "events",
+    "throttle",
+    "release",
+    "throttles",
+];
 
 /// Supplementary groups of the peer of a connected Unix socket, as they
 /// were at connect (SO_PEERGROUPS, Linux 4.13+). Starts with room for 32
@@ -337,6 +380,12 @@ pub enum Call {
     ExplainId(i64),
     ExplainPid(u32),
     Events,
+    /// A manual budget (root only).
+    Throttle(ThrottleRequest),
+    /// Ends budgets (root only).
+    Release(Release),
+    /// Every budget.
+    Throttles,
 }
 
 /// Turns a request line into a [`Request`], or the error response to send.
@@ -410,13 +459,230 @@ impl Call {
                     ))
                 }
             }
+            "throttle" => parse_throttle(p).map(Call::Throttle),
+            "release" => parse_release(p).map(Call::Release),
+            "throttles" => Ok(Call::Throttles),
             other => Err(Response::err(
                 "unknown_method",
-                format!(
-                    "unknown method `{other}`; methods: status, flows, incidents, explain, events"
-                ),
+                format!("unknown method `{other}`; methods: {}", METHODS.join(", ")),
             )),
         }
+    }
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    Response::err("bad_request", message)
+}
+
+/// `params` as an object (`null` as an empty one), every key one of
+/// `known`: a misspelt `dry_run` must not go unnoticed.
+fn check_params(method: &str, params: &Value, known: &[&str]) -> Result<(), Response> {
+    let map = match params {
+        Value::Null => return Ok(()),
+        Value::Object(map) => map,
+        _ => return Err(bad(format!("{method} takes its params as an object"))),
+    };
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(bad(format!(
+            "unknown param `{k}`; {method} takes {}",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The params of `throttle`, checked. Pure.
+fn parse_throttle(params: &Value) -> Result<ThrottleRequest, Response> {
+    const KNOWN: [&str; 10] = [
+        "pid",
+        "cgroup",
+        "unit",
+        "dest",
+        "rate",
+        "burst",
+        "retry_ratio",
+        "for_secs",
+        "errno",
+        "dry_run",
+    ];
+    check_params("throttle", params, &KNOWN)?;
+    // Absent and null are the same.
+    let get = |k: &str| Some(&params[k]).filter(|v| !v.is_null());
+
+    let given: Vec<&str> = ["pid", "cgroup", "unit"]
+        .into_iter()
+        .filter(|k| get(k).is_some())
+        .collect();
+    let target = match given.as_slice() {
+        [] => {
+            return Err(bad(
+                "throttle needs one of params.pid (a pid), params.cgroup (a cgroup v2 path) or params.unit (a systemd unit)",
+            ));
+        }
+        [_] => {
+            if let Some(v) = get("pid") {
+                match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                    Some(pid) if pid > 0 => TargetSpec::Pid(pid),
+                    _ => {
+                        return Err(bad(
+                            "params.pid must be a pid: a whole number from 1 to 4294967295",
+                        ));
+                    }
+                }
+            } else if let Some(v) = get("cgroup") {
+                match v.as_str() {
+                    Some(path) if valid_cgroup(path) => TargetSpec::Cgroup(path.into()),
+                    _ => {
+                        return Err(bad(
+                            "params.cgroup must be a cgroup v2 path below the cgroup root, as a string (e.g. /system.slice/nginx.service), without `..`",
+                        ));
+                    }
+                }
+            } else {
+                match get("unit").and_then(Value::as_str) {
+                    Some(unit) if valid_unit(unit) => TargetSpec::Unit(unit.into()),
+                    _ => {
+                        return Err(bad(
+                            "params.unit must be a systemd unit name, as a string (e.g. nginx.service)",
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {
+            return Err(bad(format!(
+                "throttle takes only one of params.pid, params.cgroup and params.unit (got {})",
+                given.join(" and ")
+            )));
+        }
+    };
+
+    let dest = match get("dest") {
+        None => None,
+        Some(Value::String(s)) => Some(
+            s.parse::<DestSpec>()
+                .map_err(|e| bad(format!("params.dest: {e}")))?,
+        ),
+        Some(_) => {
+            return Err(bad(
+                "params.dest must be a string: ADDR or ADDR:PORT (IPv6 as [ADDR]:PORT)",
+            ));
+        }
+    };
+
+    let rate_per_s = match get("rate").and_then(Value::as_f64) {
+        Some(r) if r.is_finite() && r > 0.0 => r,
+        _ => {
+            return Err(bad(
+                "params.rate must be a number of attempts per second above 0 (e.g. 10 or 0.5)",
+            ));
+        }
+    };
+
+    let burst = match get("burst") {
+        None => None,
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(b) if b >= 1 => Some(b),
+            _ => {
+                return Err(bad(
+                    "params.burst must be a whole number of attempts from 1 to 4294967295",
+                ));
+            }
+        },
+    };
+
+    let retry_ratio = match get("retry_ratio") {
+        None => None,
+        Some(v) => Some(
+            v.as_f64()
+                .ok_or_else(|| "not a number".to_string())
+                .and_then(check_retry_ratio)
+                .map_err(|_| {
+                    bad("params.retry_ratio must be a number above 0 and at most 1 (e.g. 0.2)")
+                })?,
+        ),
+    };
+
+    let for_secs = match get("for_secs").and_then(Value::as_u64) {
+        Some(s) if (1..=MAX_FOR_SECS).contains(&s) => s,
+        _ => {
+            return Err(bad(format!(
+                "params.for_secs must be a whole number of seconds from 1 to {MAX_FOR_SECS} (7 days)"
+            )));
+        }
+    };
+
+    let errno = match get("errno") {
+        None => None,
+        Some(Value::String(name)) => {
+            errno_by_name(name).map_err(|e| bad(format!("params.errno: {e}")))?;
+            Some(name.clone())
+        }
+        Some(_) => {
+            return Err(bad(
+                "params.errno must be a string: an errno name such as ECONNREFUSED",
+            ));
+        }
+    };
+
+    let dry_run = match get("dry_run") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("params.dry_run must be true or false")),
+    };
+
+    Ok(ThrottleRequest {
+        target,
+        dest,
+        rate_per_s,
+        burst,
+        retry_ratio,
+        for_secs,
+        errno,
+        dry_run,
+    })
+}
+
+/// A cgroup path names something below the root and cannot climb out.
+fn valid_cgroup(path: &str) -> bool {
+    !path.trim_matches('/').is_empty()
+        && !path.contains('\0')
+        && !path.split('/').any(|c| c == "..")
+}
+
+/// A unit name is one path component (`nginx.service`).
+fn valid_unit(unit: &str) -> bool {
+    !unit.is_empty() && unit != "." && unit != ".." && !unit.contains(['/', '\0'])
+}
+
+/// The params of `release`, checked. Pure.
+fn parse_release(params: &Value) -> Result<Release, Response> {
+    check_params("release", params, &["id", "all"])?;
+    let all = match &params["all"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        _ => return Err(bad("params.all must be true or false")),
+    };
+    match (&params["id"], all) {
+        (Value::Null, true) => Ok(Release::All),
+        (Value::Null, false) => Err(bad(
+            "release needs params.id (a budget id, thr-N) or params.all: true",
+        )),
+        (_, true) => Err(bad(
+            "release takes params.id or params.all: true, not both",
+        )),
+        (Value::String(id), false) => {
+            parse_budget_id(id)
+                .map(Release::Id)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "params.id: `{id}` is not a budget id (they look like thr-3; see `stormguard throttles`)"
+                    ))
+                })
+        }
+        (_, false) => Err(bad(
+            "params.id must be a string: a budget id such as thr-3",
+        )),
     }
 }
 
@@ -461,7 +727,12 @@ async fn handle(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let call = decode(&line).and_then(|req| Call::parse(&req, now_ms()));
+        let call = decode(&line).and_then(|req| {
+            // Before the params: a peer that may not call a method learns
+            // nothing more of it.
+            access.authorize(&req.method, cred.uid())?;
+            Call::parse(&req, now_ms())
+        });
         let resp = match call {
             Err(resp) => resp,
             Ok(Call::Events) => {
@@ -471,6 +742,9 @@ async fn handle(
                     }
                     Err(why) => write(&mut wr, &Response::err("busy", why)).await,
                 };
+            }
+            Ok(call @ (Call::Throttle(_) | Call::Release(_) | Call::Throttles)) => {
+                control(call, shared).await
             }
             Ok(call) => dispatch(&call, shared),
         };
@@ -503,6 +777,46 @@ fn dispatch(call: &Call, shared: &Shared) -> Response {
             .or_not_found(format!("no incident for pid {pid} (is it storming?)")),
         // Handled by the connection (it takes the connection over).
         Call::Events => Response::err("internal", "events cannot be dispatched"),
+        Call::Throttle(_) | Call::Release(_) | Call::Throttles => {
+            Response::err("internal", "enforcement calls go through `control`")
+        }
+    }
+}
+
+/// Message of `unavailable`, when the daemon runs without enforcement.
+pub const UNAVAILABLE: &str = "enforcement is unavailable: this daemon runs without it (see its log for why); detection goes on";
+
+/// `throttle`, `release` and `throttles`. The enforcer's calls take its
+/// mutex and update kernel maps — quick, but the daemon loop may hold that
+/// mutex, and this runtime also serves every other connection and the
+/// metrics: so they run on the blocking pool, never on this thread.
+async fn control(call: Call, shared: &Shared) -> Response {
+    let Some(ctl) = shared.control.clone() else {
+        return Response::err("unavailable", UNAVAILABLE);
+    };
+    match tokio::task::spawn_blocking(move || control_call(&*ctl, call)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "enforcement call failed");
+            Response::err("internal", format!("the enforcer failed: {e}"))
+        }
+    }
+}
+
+/// One enforcement call on `ctl`, as a response.
+fn control_call(ctl: &dyn Control, call: Call) -> Response {
+    let failed = |e: EnforceError| Response::err(e.code(), e.to_string());
+    match call {
+        Call::Throttle(req) => match ctl.throttle(req) {
+            Ok(view) => Response::ok(json!(view)),
+            Err(e) => failed(e),
+        },
+        Call::Release(which) => match ctl.release(which) {
+            Ok(ids) => Response::ok(json!({ "released": ids })),
+            Err(e) => failed(e),
+        },
+        Call::Throttles => Response::ok(json!(ctl.list())),
+        _ => Response::err("internal", "not an enforcement call"),
     }
 }
 
@@ -605,6 +919,7 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
     use crate::detect::{State, Subject, synthetic};
+    use crate::enforce::BudgetView;
     use tokio::io::AsyncReadExt as _;
 
     #[tokio::test]
@@ -675,6 +990,366 @@ mod tests {
         assert_eq!(code(r#"{"v":2,"method":"status"}"#), "unsupported_version");
         assert_eq!(code(r#"{"v":1,"method":"nope"}"#), "unknown_method");
         assert_eq!(code("not json"), "bad_request");
+    }
+
+    fn throttle(params: Value) -> Result<Call, Response> {
+        Call::parse(
+            &Request {
+                v: 1,
+                method: "throttle".into(),
+                params,
+            },
+            0,
+        )
+    }
+
+    /// The message of a `bad_request`, failing on anything else.
+    fn bad_request(r: Result<Call, Response>) -> String {
+        let e = r.expect_err("refused").error.unwrap();
+        assert_eq!(e.code, "bad_request", "{}", e.message);
+        e.message
+    }
+
+    #[test]
+    fn throttle_params_parse() {
+        assert_eq!(
+            throttle(json!({
+                "pid": 1234, "dest": "127.0.0.1:8080", "rate": 10, "burst": 20,
+                "retry_ratio": 0.2, "for_secs": 30, "errno": "ETIMEDOUT", "dry_run": true
+            })),
+            Ok(Call::Throttle(ThrottleRequest {
+                target: TargetSpec::Pid(1234),
+                dest: Some("127.0.0.1:8080".parse().unwrap()),
+                rate_per_s: 10.0,
+                burst: Some(20),
+                retry_ratio: Some(0.2),
+                for_secs: 30,
+                errno: Some("ETIMEDOUT".into()),
+                dry_run: true,
+            }))
+        );
+        // The least: a target, a rate, a duration; null is absent.
+        assert_eq!(
+            throttle(
+                json!({"unit": "nginx.service", "rate": 0.5, "for_secs": 604800,
+                            "pid": null, "dest": null, "burst": null})
+            ),
+            Ok(Call::Throttle(ThrottleRequest {
+                target: TargetSpec::Unit("nginx.service".into()),
+                dest: None,
+                rate_per_s: 0.5,
+                burst: None,
+                retry_ratio: None,
+                for_secs: 604800,
+                errno: None,
+                dry_run: false,
+            }))
+        );
+        let Ok(Call::Throttle(r)) = throttle(
+            json!({"cgroup": "/system.slice/x.service", "dest": "[::1]:53", "rate": 1, "for_secs": 1, "retry_ratio": 1}),
+        ) else {
+            panic!("a cgroup target")
+        };
+        assert_eq!(
+            r.target,
+            TargetSpec::Cgroup("/system.slice/x.service".into())
+        );
+        assert_eq!(r.dest.unwrap().port, Some(53));
+        assert_eq!(r.retry_ratio, Some(1.0));
+    }
+
+    #[test]
+    fn bad_throttle_params_name_the_param_and_what_is_allowed() {
+        let ok = json!({"pid": 1234, "rate": 10, "for_secs": 30});
+        let with = |k: &str, v: Value| {
+            let mut p = ok.clone();
+            p[k] = v;
+            bad_request(throttle(p))
+        };
+        let without = |k: &str| {
+            let mut p = ok.clone();
+            p.as_object_mut().unwrap().remove(k);
+            bad_request(throttle(p))
+        };
+        // Targets: exactly one.
+        assert!(without("pid").contains("needs one of params.pid"));
+        assert!(bad_request(throttle(Value::Null)).contains("needs one of params.pid"));
+        let two = with("cgroup", json!("/x"));
+        assert!(
+            two.contains("only one of") && two.contains("pid and cgroup"),
+            "{two}"
+        );
+        let mut three = ok.clone();
+        three["cgroup"] = json!("/x");
+        three["unit"] = json!("x.service");
+        assert!(bad_request(throttle(three)).contains("pid and cgroup and unit"));
+        for pid in [
+            json!(0),
+            json!(-1),
+            json!(4294967296u64),
+            json!("1234"),
+            json!(1.5),
+        ] {
+            assert!(with("pid", pid).starts_with("params.pid must be a pid"));
+        }
+        let mut cg = ok.clone();
+        cg.as_object_mut().unwrap().remove("pid");
+        for path in [
+            json!(""),
+            json!("/"),
+            json!("/a/../../b"),
+            json!("a\0b"),
+            json!(7),
+        ] {
+            let mut p = cg.clone();
+            p["cgroup"] = path.clone();
+            assert!(
+                bad_request(throttle(p)).starts_with("params.cgroup must be"),
+                "{path}"
+            );
+        }
+        for unit in [json!(""), json!("a/b"), json!(".."), json!(true)] {
+            let mut p = cg.clone();
+            p["unit"] = unit.clone();
+            assert!(
+                bad_request(throttle(p)).starts_with("params.unit must be"),
+                "{unit}"
+            );
+        }
+        // Destination.
+        assert!(with("dest", json!("example.com:80")).starts_with("params.dest: `example.com:80`"));
+        assert!(with("dest", json!(8080)).starts_with("params.dest must be a string"));
+        // Rate: required, above 0.
+        assert!(without("rate").starts_with("params.rate must be"));
+        for rate in [json!(0), json!(-1), json!("10/s")] {
+            assert!(with("rate", rate).contains("above 0"));
+        }
+        // Burst: 1..=u32::MAX.
+        for burst in [
+            json!(0),
+            json!(-1),
+            json!(4294967296u64),
+            json!(2.5),
+            json!("5"),
+        ] {
+            assert!(with("burst", burst).starts_with("params.burst must be"));
+        }
+        // Retry ratio: (0, 1].
+        for r in [json!(0), json!(1.5), json!(-0.2), json!("0.2")] {
+            assert!(with("retry_ratio", r).contains("above 0 and at most 1"));
+        }
+        // Duration: required, 1..=7 days.
+        assert!(without("for_secs").starts_with("params.for_secs must be"));
+        for f in [json!(0), json!(604801), json!(1.5), json!("30s")] {
+            assert!(with("for_secs", f).contains("from 1 to 604800"));
+        }
+        // errno.
+        assert!(with("errno", json!("EWHAT")).starts_with("params.errno: `EWHAT` is not an errno"));
+        assert!(with("errno", json!(111)).starts_with("params.errno must be a string"));
+        // dry_run.
+        assert_eq!(
+            with("dry_run", json!("yes")),
+            "params.dry_run must be true or false"
+        );
+        // Misspelt or unknown params are refused, not ignored.
+        let typo = with("dryrun", json!(true));
+        assert!(
+            typo.starts_with("unknown param `dryrun`") && typo.contains("dry_run"),
+            "{typo}"
+        );
+        assert!(bad_request(throttle(json!([1234]))).contains("as an object"));
+    }
+
+    #[test]
+    fn release_params_parse() {
+        let release = |params: Value| {
+            Call::parse(
+                &Request {
+                    v: 1,
+                    method: "release".into(),
+                    params,
+                },
+                0,
+            )
+        };
+        assert_eq!(
+            release(json!({"id": "thr-3"})),
+            Ok(Call::Release(Release::Id(3)))
+        );
+        assert_eq!(
+            release(json!({"all": true})),
+            Ok(Call::Release(Release::All))
+        );
+        assert_eq!(
+            release(json!({"id": "thr-3", "all": false})),
+            Ok(Call::Release(Release::Id(3)))
+        );
+        assert!(bad_request(release(Value::Null)).contains("needs params.id"));
+        assert!(bad_request(release(json!({"all": false}))).contains("needs params.id"));
+        assert!(bad_request(release(json!({"id": "thr-3", "all": true}))).contains("not both"));
+        assert!(bad_request(release(json!({"id": "inc-3"}))).contains("not a budget id"));
+        assert!(bad_request(release(json!({"id": 3}))).starts_with("params.id must be a string"));
+        assert!(bad_request(release(json!({"all": "yes"}))).starts_with("params.all must be"));
+        assert!(bad_request(release(json!({"ids": ["thr-1"]}))).starts_with("unknown param `ids`"));
+        assert_eq!(
+            Call::parse(
+                &Request {
+                    v: 1,
+                    method: "throttles".into(),
+                    params: Value::Null
+                },
+                0
+            ),
+            Ok(Call::Throttles)
+        );
+        let e = Call::parse(
+            &Request {
+                v: 1,
+                method: "nope".into(),
+                params: Value::Null,
+            },
+            0,
+        )
+        .unwrap_err()
+        .error
+        .unwrap();
+        assert!(
+            e.message.ends_with("events, throttle, release, throttles"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn only_root_throttles_or_releases() {
+        let a = Access {
+            group_name: "stormguard".into(),
+            gid: Some(4242),
+        };
+        for m in ["throttle", "release"] {
+            assert_eq!(a.authorize(m, 0), Ok(()));
+            let e = a.authorize(m, 1000).unwrap_err().error.unwrap();
+            assert_eq!(e.code, "permission_denied");
+            assert_eq!(
+                e.message,
+                "only root may throttle or release; members of group `stormguard` may list (`stormguard throttles`)"
+            );
+            assert!(e.message.starts_with(crate::api::ROOT_ONLY));
+        }
+        for m in [
+            "throttles",
+            "status",
+            "flows",
+            "incidents",
+            "explain",
+            "events",
+            "nope",
+        ] {
+            assert_eq!(a.authorize(m, 1000), Ok(()), "{m}");
+        }
+    }
+
+    /// An enforcer in memory: pid 1 is protected, ids count up.
+    #[derive(Default)]
+    struct FakeControl {
+        budgets: Mutex<Vec<BudgetView>>,
+    }
+
+    impl Control for FakeControl {
+        fn throttle(&self, req: ThrottleRequest) -> Result<BudgetView, EnforceError> {
+            if req.target == TargetSpec::Pid(1) {
+                return Err(EnforceError::Protected(
+                    "pid 1 (systemd) is never throttled".into(),
+                ));
+            }
+            let mut b = self.budgets.lock().unwrap();
+            let view = BudgetView {
+                id: format!("thr-{}", b.len() + 1),
+                origin: "manual".into(),
+                target: format!("{:?}", req.target),
+                dest: req.dest.map(|d| d.to_string()),
+                kind: if req.retry_ratio.is_some() {
+                    "retry"
+                } else {
+                    "rate"
+                }
+                .into(),
+                rate_per_s: req.rate_per_s,
+                burst: req.burst.unwrap_or(1),
+                retry_ratio: req.retry_ratio,
+                errno: req.errno.unwrap_or_else(|| "ECONNREFUSED".into()),
+                mode: if req.dry_run { "dry-run" } else { "enforce" }.into(),
+                created_ms: 1_000,
+                expires_ms: 1_000 + req.for_secs as i64 * 1000,
+                remaining_s: req.for_secs,
+                allowed: 0,
+                slowed: 0,
+                denied: 0,
+                incident: None,
+            };
+            b.push(view.clone());
+            Ok(view)
+        }
+
+        fn release(&self, which: Release) -> Result<Vec<String>, EnforceError> {
+            let mut b = self.budgets.lock().unwrap();
+            match which {
+                Release::All => Ok(b.drain(..).map(|v| v.id).collect()),
+                Release::Id(n) => {
+                    let id = format!("thr-{n}");
+                    let i = b
+                        .iter()
+                        .position(|v| v.id == id)
+                        .ok_or_else(|| EnforceError::NotFound(format!("no budget {id}")))?;
+                    Ok(vec![b.remove(i).id])
+                }
+            }
+        }
+
+        fn list(&self) -> Vec<BudgetView> {
+            self.budgets.lock().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn control_calls_answer_views_ids_and_error_codes() {
+        let ctl = FakeControl::default();
+        let Ok(Call::Throttle(req)) = throttle(json!({"pid": 1234, "rate": 10, "for_secs": 30}))
+        else {
+            panic!()
+        };
+        let r = control_call(&ctl, Call::Throttle(req.clone()));
+        assert!(r.ok, "{r:?}");
+        let view: BudgetView = serde_json::from_value(r.result.unwrap()).unwrap();
+        assert_eq!((view.id.as_str(), view.remaining_s), ("thr-1", 30));
+        let list = control_call(&ctl, Call::Throttles).result.unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        assert_eq!(list[0]["id"], "thr-1");
+        let e = control_call(
+            &ctl,
+            Call::Throttle(ThrottleRequest {
+                target: TargetSpec::Pid(1),
+                ..req
+            }),
+        )
+        .error
+        .unwrap();
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            ("protected", "refused: pid 1 (systemd) is never throttled")
+        );
+        let e = control_call(&ctl, Call::Release(Release::Id(9)))
+            .error
+            .unwrap();
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            ("not_found", "no budget thr-9")
+        );
+        assert_eq!(
+            control_call(&ctl, Call::Release(Release::All)).result,
+            Some(json!({"released": ["thr-1"]}))
+        );
+        assert_eq!(control_call(&ctl, Call::Throttles).result, Some(json!([])));
     }
 
     fn root() -> bool {
@@ -793,6 +1468,10 @@ mod tests {
 
     impl Server {
         fn start(tag: &str, limits: Limits) -> Server {
+            Server::start_with(tag, limits, None)
+        }
+
+        fn start_with(tag: &str, limits: Limits, control: Option<Arc<dyn Control>>) -> Server {
             let dir = temp_dir(tag);
             let path = dir.join("s.sock");
             let listener = UnixListener::bind(&path).unwrap();
@@ -803,6 +1482,7 @@ mod tests {
                 db_path: dir.join("db.sqlite"),
                 db: Mutex::new(None),
                 events: events.clone(),
+                control,
             });
             let access = Access {
                 group_name: "sg-test".into(),
@@ -876,6 +1556,51 @@ mod tests {
     }
 
     const EVENTS: &str = r#"{"v":1,"method":"events"}"#;
+
+    #[tokio::test]
+    async fn enforcement_over_the_socket() {
+        // Without an enforcer: `unavailable`, for listing too.
+        let none = Server::start("no-control", Limits::default());
+        let mut s = none.connect().await;
+        for line in [
+            r#"{"v":1,"method":"throttles"}"#,
+            r#"{"v":1,"method":"release","params":{"all":true}}"#,
+        ] {
+            let e = call(&mut s, line).await.error.expect("unavailable");
+            assert_eq!(
+                (e.code.as_str(), e.message.as_str()),
+                ("unavailable", UNAVAILABLE)
+            );
+        }
+        // With one (the test runs as root, as the server tests do).
+        let srv = Server::start_with(
+            "control",
+            Limits::default(),
+            Some(Arc::new(FakeControl::default())),
+        );
+        let mut s = srv.connect().await;
+        let r = call(
+            &mut s,
+            r#"{"v":1,"method":"throttle","params":{"pid":4242,"rate":10,"for_secs":30,"dry_run":true}}"#,
+        )
+        .await;
+        let view: BudgetView = serde_json::from_value(r.result.expect("a budget")).unwrap();
+        assert_eq!((view.id.as_str(), view.mode.as_str()), ("thr-1", "dry-run"));
+        let list = call(&mut s, r#"{"v":1,"method":"throttles"}"#).await;
+        assert_eq!(list.result.unwrap()[0]["id"], "thr-1");
+        let bad = call(
+            &mut s,
+            r#"{"v":1,"method":"throttle","params":{"pid":4242}}"#,
+        )
+        .await;
+        assert_eq!(bad.error.unwrap().code, "bad_request");
+        let gone = call(
+            &mut s,
+            r#"{"v":1,"method":"release","params":{"id":"thr-1"}}"#,
+        )
+        .await;
+        assert_eq!(gone.result, Some(json!({"released": ["thr-1"]})));
+    }
 
     #[tokio::test]
     async fn followers_are_capped_per_uid_and_in_total() {
@@ -1046,6 +1771,11 @@ mod tests {
             r#"{"v":1,"method":"explain","params":{"id":"inc-42"}}"#,
             r#"{"v":1,"method":"explain","params":{"pid":4242}}"#,
             r#"{"v":1,"method":"events"}"#,
+            r#"{"v":1,"method":"throttle","params":{"pid":4242,"dest":"10.0.0.1:443","rate":10,"burst":20,"retry_ratio":0.2,"for_secs":30,"errno":"ECONNREFUSED","dry_run":true}}"#,
+            r#"{"v":1,"method":"throttle","params":{"cgroup":"/system.slice/x.service","rate":0.5,"for_secs":60}}"#,
+            r#"{"v":1,"method":"release","params":{"id":"thr-3"}}"#,
+            r#"{"v":1,"method":"release","params":{"all":true}}"#,
+            r#"{"v":1,"method":"throttles"}"#,
         ];
 
         /// Any JSON value, a few levels deep.
@@ -1057,15 +1787,43 @@ mod tests {
                 any::<u64>().prop_map(|n| json!(n)),
                 any::<f64>().prop_map(|f| json!(f)),
                 ".{0,12}".prop_map(Value::String),
-                prop::sample::select(vec!["inc-1", "inc-0", "inc--1", "inc-99999999999999999999"])
-                    .prop_map(|s| json!(s)),
+                prop::sample::select(vec![
+                    "inc-1",
+                    "inc-0",
+                    "inc--1",
+                    "inc-99999999999999999999",
+                    "thr-1",
+                    "thr-",
+                    "10.0.0.1:443",
+                    "[::1]:0",
+                    "/a/../b",
+                    "nginx.service",
+                    "ECONNREFUSED",
+                ])
+                .prop_map(|s| json!(s)),
             ];
             leaf.prop_recursive(3, 24, 4, |inner| {
                 prop_oneof![
                     prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
                     prop::collection::btree_map(
-                        prop::sample::select(vec!["id", "pid", "since_secs", "active", "x"])
-                            .prop_map(String::from),
+                        prop::sample::select(vec![
+                            "id",
+                            "pid",
+                            "since_secs",
+                            "active",
+                            "x",
+                            "cgroup",
+                            "unit",
+                            "dest",
+                            "rate",
+                            "burst",
+                            "retry_ratio",
+                            "for_secs",
+                            "errno",
+                            "dry_run",
+                            "all",
+                        ])
+                        .prop_map(String::from),
                         inner,
                         0..4
                     )
@@ -1109,7 +1867,10 @@ mod tests {
             #[test]
             fn arbitrary_params_never_panic(
                 v in prop_oneof![Just(1u32), any::<u32>()],
-                method in prop::sample::select(vec!["status", "flows", "incidents", "explain", "events", "nope"]),
+                method in prop::sample::select(vec![
+                    "status", "flows", "incidents", "explain", "events", "throttle", "release",
+                    "throttles", "nope",
+                ]),
                 params in json_value()
             ) {
                 let line = serde_json::to_vec(&json!({"v": v, "method": method, "params": params})).unwrap();

@@ -14,6 +14,7 @@ pub mod incidents;
 pub mod record;
 pub mod replay;
 pub mod status;
+pub mod throttle;
 pub mod top;
 pub mod watch;
 
@@ -55,6 +56,15 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Print verdict changes as they happen.
     Events(events::EventsArgs),
+    /// Hold a process, cgroup or unit to a connect budget for a while
+    /// (root only): attempts beyond it fail, or are only counted with
+    /// --dry-run.
+    Throttle(throttle::ThrottleArgs),
+    /// End a budget (thr-N), or every one with --all (root only).
+    Release(throttle::ReleaseArgs),
+    /// List budgets, manual and automatic, with what each let through,
+    /// slowed and denied.
+    Throttles(throttle::ThrottlesArgs),
     /// Check or show the configuration.
     Config(config::ConfigArgs),
     /// Check this host: capabilities, tracefs, cgroup v2, BTF, which
@@ -95,6 +105,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Incidents(args) => incidents::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Events(args) => events::run(args),
+        Command::Throttle(args) => throttle::run_throttle(args),
+        Command::Release(args) => throttle::run_release(args),
+        Command::Throttles(args) => throttle::run_throttles(args),
         Command::Config(args) => config::run(args),
         Command::Doctor(args) => doctor::run(args),
     }
@@ -159,7 +172,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         || e.downcast_ref::<crate::daemon::StartError>().is_some()
         || matches!(
             e.downcast_ref::<ClientError>(),
-            Some(ClientError::NotRunning { .. } | ClientError::PermissionDenied { .. })
+            Some(
+                ClientError::NotRunning { .. }
+                    | ClientError::PermissionDenied { .. }
+                    | ClientError::NeedsRoot { .. }
+            )
         )
     {
         2

@@ -150,6 +150,22 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000_000)]
         max: u64,
     },
+    /// Connects for `secs` seconds (at `rate` per second, or as fast as
+    /// possible; at most 2,000,000), each on a new socket closed at once,
+    /// counted by outcome in 100 ms buckets, with the CPU time it used:
+    /// what an enforced budget does to a client, as the client sees it.
+    /// Prints one JSON object; `ready` on stderr once started.
+    Budgeted {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        rate: Option<f64>,
+        /// The errno a budget denies with, counted as `denied`.
+        #[arg(long, default_value_t = 113)]
+        deny_errno: i32,
+    },
 }
 
 #[derive(Default, Debug)]
@@ -383,6 +399,15 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Budgeted {
+            addr,
+            secs,
+            rate,
+            deny_errno,
+        } => {
+            budgeted(addr, secs, rate, deny_errno);
+            return Ok(());
+        }
         Cmd::Storm { addr, secs, max } => {
             let end = Instant::now() + Duration::from_secs_f64(secs);
             let mut n = 0;
@@ -394,6 +419,73 @@ fn main() -> anyhow::Result<()> {
     }
     tally.print(started.elapsed());
     Ok(())
+}
+
+/// CPU time of this process so far (user + system), in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // After the comm: state is field 3; utime 14 and stime 15.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn budgeted(addr: SocketAddr, secs: f64, rate: Option<f64>, deny_errno: i32) {
+    const BUCKET_MS: u128 = 100;
+    let n = (secs * 1000.0 / BUCKET_MS as f64).ceil() as usize + 1;
+    let (mut ok, mut refused, mut denied, mut other) =
+        (vec![0u64; n], vec![0u64; n], vec![0u64; n], vec![0u64; n]);
+    let mut errnos = std::collections::BTreeMap::<i32, u64>::new();
+    let mut pace = rate.map(Pacer::new);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    eprintln!("ready");
+    let mut count = 0u64;
+    while Instant::now() < end && count < 2_000_000 {
+        if let Some(p) = pace.as_mut() {
+            p.wait();
+        }
+        let r = TcpStream::connect(addr);
+        let b = ((start.elapsed().as_millis() / BUCKET_MS) as usize).min(n - 1);
+        match r {
+            Ok(_) => ok[b] += 1,
+            Err(e) => {
+                let code = e.raw_os_error().unwrap_or(-1);
+                *errnos.entry(code).or_default() += 1;
+                if code == deny_errno {
+                    denied[b] += 1;
+                } else if e.kind() == ErrorKind::ConnectionRefused {
+                    refused[b] += 1;
+                } else {
+                    other[b] += 1;
+                }
+            }
+        }
+        count += 1;
+    }
+    let list = |v: &[u64]| {
+        v.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let errnos = errnos
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "{{\"bucket_ms\":{BUCKET_MS},\"ok\":[{}],\"refused\":[{}],\"denied\":[{}],\"other\":[{}],\"errnos\":{{{errnos}}},\"cpu_ticks\":{},\"elapsed_s\":{}}}",
+        list(&ok),
+        list(&refused),
+        list(&denied),
+        list(&other),
+        cpu_ticks(),
+        start.elapsed().as_secs_f64()
+    );
 }
 
 /// Forks the children of `fanout`; returns their pids. On a failed fork

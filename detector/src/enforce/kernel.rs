@@ -1,0 +1,224 @@
+//! The enforcement object in the kernel: loaded at the first budget,
+//! its connect hooks attached at the cgroup v2 root while any budget
+//! exists and detached when the last one goes. Links are owned by this
+//! process, so however it ends, the kernel drops them: enforcement fails
+//! open.
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLinkId},
+};
+use detector_common::enforce::{Budget, BudgetKey, Counters, EnforceConfig, MAX_BUDGETS};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stormguard-enforce"));
+
+/// The hooks, in attach order.
+const HOOKS: [(&str, &str); 2] = [
+    ("sg_enforce_connect4", "cgroup/connect4"),
+    ("sg_enforce_connect6", "cgroup/connect6"),
+];
+
+/// A kernel step of enforcement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the enforcement programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{program} ({hook}): {cause}")]
+    Program {
+        program: &'static str,
+        hook: &'static str,
+        cause: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {cause}")]
+    Map {
+        map: &'static str,
+        cause: aya::maps::MapError,
+    },
+    #[error("counting CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("opening the cgroup root {path}: {cause}")]
+    Cgroup {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |cause| KernelError::Map { map, cause }
+}
+
+/// The loaded object and, while attached, its links.
+pub struct Programs {
+    ebpf: Ebpf,
+    cgroup_root: PathBuf,
+    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+impl Programs {
+    /// Loads (verifies) the programs; attaches nothing.
+    pub fn load(cgroup_root: &Path) -> Result<Self, KernelError> {
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        for (program, hook) in HOOKS {
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::NotLoaded)
+                .and_then(|p| p.try_into())
+                .map_err(|cause| KernelError::Program {
+                    program,
+                    hook,
+                    cause,
+                })?;
+            p.load().map_err(|cause| KernelError::Program {
+                program,
+                hook,
+                cause,
+            })?;
+        }
+        Ok(Programs {
+            ebpf,
+            cgroup_root: cgroup_root.to_path_buf(),
+            links: Vec::new(),
+        })
+    }
+
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Attaches the connect hooks at the cgroup root; all or none.
+    pub fn attach(&mut self) -> Result<(), KernelError> {
+        if self.attached() {
+            return Ok(());
+        }
+        for (program, hook) in HOOKS {
+            let dir =
+                std::fs::File::open(&self.cgroup_root).map_err(|cause| KernelError::Cgroup {
+                    path: self.cgroup_root.clone(),
+                    cause,
+                })?;
+            let p: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::NotLoaded)
+                .and_then(|p| p.try_into())
+                .map_err(|cause| KernelError::Program {
+                    program,
+                    hook,
+                    cause,
+                })?;
+            match p.attach(dir, CgroupAttachMode::Single) {
+                Ok(link) => self.links.push((program, link)),
+                Err(cause) => {
+                    self.detach();
+                    return Err(KernelError::Program {
+                        program,
+                        hook,
+                        cause,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches every hook; errors are logged (the link goes with the
+    /// object anyway).
+    pub fn detach(&mut self) {
+        for (program, link) in self.links.drain(..) {
+            let detached = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+                .map(|p| p.detach(link));
+            if let Some(Err(e)) = detached {
+                tracing::warn!(program, error = %e, "detaching an enforcement hook");
+            }
+        }
+    }
+
+    fn budgets(&mut self) -> Result<HashMap<&mut MapData, BudgetKey, Budget>, KernelError> {
+        let m = self
+            .ebpf
+            .map_mut("BUDGETS")
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "BUDGETS".into(),
+            })
+            .map_err(map_err("BUDGETS"))?;
+        HashMap::try_from(m).map_err(map_err("BUDGETS"))
+    }
+
+    pub fn put(&mut self, key: &BudgetKey, budget: &Budget) -> Result<(), KernelError> {
+        self.budgets()?
+            .insert(key, budget, 0)
+            .map_err(map_err("BUDGETS"))
+    }
+
+    pub fn remove(&mut self, key: &BudgetKey) -> Result<(), KernelError> {
+        match self.budgets()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("BUDGETS")(e)),
+        }
+    }
+
+    /// Which key shapes exist and who is never throttled.
+    pub fn configure(&mut self, config: &EnforceConfig) -> Result<(), KernelError> {
+        let m = self
+            .ebpf
+            .map_mut("ENFORCE_CONFIG")
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "ENFORCE_CONFIG".into(),
+            })
+            .map_err(map_err("ENFORCE_CONFIG"))?;
+        let mut a: Array<&mut MapData, EnforceConfig> =
+            Array::try_from(m).map_err(map_err("ENFORCE_CONFIG"))?;
+        a.set(0, config, 0).map_err(map_err("ENFORCE_CONFIG"))
+    }
+
+    /// A slot's decisions, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<Counters, KernelError> {
+        if slot >= MAX_BUDGETS {
+            return Ok(Counters::default());
+        }
+        let m = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "COUNTERS".into(),
+            })
+            .map_err(map_err("COUNTERS"))?;
+        let a: PerCpuArray<&MapData, Counters> =
+            PerCpuArray::try_from(m).map_err(map_err("COUNTERS"))?;
+        let per_cpu = a.get(&slot, 0).map_err(map_err("COUNTERS"))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+            allowed: acc.allowed + c.allowed,
+            slowed: acc.slowed + c.slowed,
+            denied: acc.denied + c.denied,
+            expired: acc.expired + c.expired,
+        }))
+    }
+
+    /// Zeroes a slot's counters on every CPU, for a budget taking it over.
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), KernelError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cpus(e))?;
+        let m = self
+            .ebpf
+            .map_mut("COUNTERS")
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "COUNTERS".into(),
+            })
+            .map_err(map_err("COUNTERS"))?;
+        let mut a: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(m).map_err(map_err("COUNTERS"))?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(KernelError::Cpus)?;
+        a.set(slot, zero, 0).map_err(map_err("COUNTERS"))
+    }
+}
+
+impl Drop for Programs {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}

@@ -1,0 +1,632 @@
+//! Enforcement: budgets the kernel holds a storm to, and the safety
+//! rules around them. Downstream of detection (storm verdicts make
+//! automatic budgets) and beside the API (manual budgets).
+//!
+//! - [`request`]: what callers ask and see; [`config`]: `[enforce]`;
+//! - [`target`]: pid / cgroup / unit → kernel id, refusing protected ones;
+//! - [`table`]: the budgets, pure; [`persist`]: manual ones across restarts;
+//! - [`kernel`]: the enforcement object, attached only while a budget exists;
+//! - [`tally`]: successes seen, the deposits of retry budgets.
+pub mod config;
+pub mod kernel;
+pub mod persist;
+pub mod request;
+pub mod table;
+pub mod tally;
+pub mod target;
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use detector_common::enforce::{Counters, EnforceConfig as KernelConfig, scope};
+use serde::Serialize;
+
+pub use request::{
+    BudgetView, Control, DestSpec, EnforceError, Release, TargetSpec, ThrottleRequest,
+};
+
+use self::{
+    config::{EnforceConfig, Mode},
+    kernel::Programs,
+    table::{Draft, Entry, Limit, Origin, Table},
+    target::Host,
+};
+use crate::{
+    detect::{State, Subject, VerdictChange},
+    ingest::Proto,
+};
+
+/// Wall clock, Unix ms.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Enforcement as `status` and metrics show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct EnforceSummary {
+    pub mode: String,
+    pub budgets: usize,
+    pub max_budgets: usize,
+    /// The enforcement hooks are attached (only while a budget exists).
+    pub attached: bool,
+    /// Decisions of every budget since start, released ones included.
+    pub allowed: u64,
+    pub slowed: u64,
+    pub denied: u64,
+    /// What dry-run budgets would have denied.
+    pub would_deny: u64,
+    /// Storms that got no budget: protected, UDP, or the table full.
+    pub not_enforced: u64,
+    /// Kernel or file errors while enforcing, survived.
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// Every budget, its kernel object and its file.
+pub struct Enforcer {
+    cfg: EnforceConfig,
+    table: Table,
+    progs: Option<Programs>,
+    cgroup_root: Option<PathBuf>,
+    proc_root: PathBuf,
+    self_pid: u32,
+    state: Option<PathBuf>,
+    default_errno: u32,
+    errors: u64,
+    last_error: Option<String>,
+    /// Decisions of budgets already released, so totals never go back
+    /// (`expired` holds dry-run denials).
+    retired: Counters,
+    not_enforced: u64,
+    /// Storms refused an automatic budget (protected): not asked again.
+    refused: HashSet<Subject>,
+}
+
+impl Enforcer {
+    /// An enforcer with no budgets and nothing loaded. `state`: where
+    /// manual budgets are kept across restarts.
+    pub fn new(cfg: EnforceConfig, cgroup_root: Option<PathBuf>, state: Option<PathBuf>) -> Self {
+        let default_errno = request::errno_by_name(&cfg.errno).unwrap_or(libc::ECONNREFUSED as u32);
+        Enforcer {
+            table: Table::new(cfg.max_budgets),
+            cfg,
+            progs: None,
+            cgroup_root,
+            proc_root: PathBuf::from("/proc"),
+            self_pid: std::process::id(),
+            state,
+            default_errno,
+            errors: 0,
+            last_error: None,
+            retired: Counters::default(),
+            not_enforced: 0,
+            refused: HashSet::new(),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.cfg.mode
+    }
+
+    fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        self.errors += 1;
+        let line = format!("{what}: {e}");
+        tracing::warn!("{line}");
+        self.last_error = Some(line);
+    }
+
+    fn host(&self) -> Result<Host<'_>, EnforceError> {
+        let root = self.cgroup_root.as_deref().ok_or_else(|| {
+            EnforceError::Kernel("no cgroup v2 hierarchy is mounted; budgets need it".into())
+        })?;
+        Ok(Host {
+            cgroup_root: root,
+            proc_root: &self.proc_root,
+            self_pid: self.self_pid,
+            allow: &self.cfg.allow,
+        })
+    }
+
+    /// Loads and attaches the programs if needed, then writes `entry`.
+    fn apply(&mut self, entry: &Entry) -> Result<(), kernel::KernelError> {
+        if self.progs.is_none() {
+            let root = self.cgroup_root.clone().unwrap_or_default();
+            self.progs = Some(Programs::load(&root)?);
+        }
+        let present = self.table.present();
+        let progs = self.progs.as_mut().expect("loaded above");
+        progs.reset_counters(entry.slot)?;
+        progs.put(&entry.key(), &entry.budget())?;
+        progs.configure(&KernelConfig {
+            present,
+            self_tgid: self.self_pid,
+            _pad: 0,
+        })?;
+        progs.attach()
+    }
+
+    /// Adds a budget: resolved, checked, written to the kernel — or
+    /// nothing at all.
+    fn add(&mut self, draft: Draft) -> Result<Entry, EnforceError> {
+        let (entry, old) = self.table.insert(draft)?;
+        if let Some(old) = &old {
+            self.retire(old);
+        }
+        if let Err(e) = self.apply(&entry) {
+            self.table.remove(entry.id);
+            if let Some(old) = old {
+                // Put back what was replaced; its bucket starts over.
+                let _ = self.table.restore(old);
+            }
+            self.sync_kernel();
+            return Err(EnforceError::Kernel(e.to_string()));
+        }
+        Ok(entry)
+    }
+
+    /// The kernel's present bits after a change, and detach when empty.
+    fn sync_kernel(&mut self) {
+        let present = self.table.present();
+        let empty = self.table.is_empty();
+        let Some(progs) = self.progs.as_mut() else {
+            return;
+        };
+        let result = progs.configure(&KernelConfig {
+            present,
+            self_tgid: self.self_pid,
+            _pad: 0,
+        });
+        if empty {
+            progs.detach();
+        }
+        if let Err(e) = result {
+            self.error("updating the enforcement config", &e);
+        }
+    }
+
+    /// Adds the decisions of a budget going away to the totals.
+    fn retire(&mut self, e: &Entry) {
+        if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
+            self.retired.allowed += c.allowed;
+            self.retired.slowed += c.slowed;
+            if e.limit.dry_run {
+                self.retired.expired += c.denied;
+            } else {
+                self.retired.denied += c.denied;
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.table.remove(id)?;
+        self.retire(&e);
+        if let Some(progs) = self.progs.as_mut()
+            && let Err(err) = progs.remove(&e.key())
+        {
+            self.error("removing a budget from the kernel", &err);
+        }
+        Some(e)
+    }
+
+    fn save(&mut self) {
+        let Some(path) = self.state.clone() else {
+            return;
+        };
+        let manual = self
+            .table
+            .iter()
+            .filter(|e| e.origin == Origin::Manual)
+            .cloned()
+            .collect::<Vec<_>>();
+        if let Err(e) = persist::save(&path, manual.iter()) {
+            self.error(&format!("saving budgets to {}", path.display()), &e);
+        }
+    }
+
+    /// Puts back the manual budgets saved before a restart: those not
+    /// expired and whose process is the same (pid and start time).
+    /// Returns one line per budget dropped, for the log.
+    pub fn restore(&mut self) -> Vec<String> {
+        let Some(path) = self.state.clone() else {
+            return Vec::new();
+        };
+        let saved = match persist::load(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                let aside = path.with_extension("json.bad");
+                let _ = std::fs::rename(&path, &aside);
+                return vec![format!(
+                    "{} is not readable ({e}); moved to {} and started with no manual budgets",
+                    path.display(),
+                    aside.display()
+                )];
+            }
+        };
+        let (now, mono) = (now_ms(), crate::kernel::monotonic_ns());
+        let mut notes = Vec::new();
+        for mut e in saved {
+            let left_ms = e.expires_ms - now;
+            if left_ms <= 0 {
+                notes.push(format!("thr-{} expired while the daemon was down", e.id));
+                continue;
+            }
+            if e.target.scope == scope::PROCESS {
+                let same = target::start_time(&self.proc_root, e.target.id as u32);
+                if same.is_none() || same != e.target.start_time {
+                    notes.push(format!("thr-{}: {} is gone", e.id, e.target.label));
+                    continue;
+                }
+            }
+            e.expires_ns = mono + left_ms as u64 * 1_000_000;
+            let restored = self.table.restore(e.clone());
+            match restored.map_err(|x| x.to_string()).and_then(|r| {
+                self.apply(&r).map_err(|x| {
+                    self.table.remove(r.id);
+                    x.to_string()
+                })
+            }) {
+                Ok(()) => notes.push(format!("thr-{} restored ({})", e.id, e.target.label)),
+                Err(why) => notes.push(format!("thr-{} not restored: {why}", e.id)),
+            }
+        }
+        self.sync_kernel();
+        self.save();
+        notes
+    }
+
+    /// A manual budget.
+    pub fn throttle(&mut self, req: ThrottleRequest) -> Result<BudgetView, EnforceError> {
+        if req.for_secs == 0 || req.for_secs > 7 * 86_400 {
+            return Err(EnforceError::Invalid(format!(
+                "--for {}s is out of range: give 1 s to 7 days",
+                req.for_secs
+            )));
+        }
+        let errno = match &req.errno {
+            Some(name) => request::errno_by_name(name).map_err(EnforceError::Invalid)?,
+            None => self.default_errno,
+        };
+        let target = target::resolve(&req.target, &self.host()?)?;
+        let (now, mono) = (now_ms(), crate::kernel::monotonic_ns());
+        let entry = self.add(Draft {
+            target,
+            dest: req.dest,
+            limit: Limit {
+                rate_per_s: req.rate_per_s,
+                burst: req
+                    .burst
+                    .unwrap_or_else(|| (req.rate_per_s.ceil() as u32).max(1)),
+                retry_ratio: req.retry_ratio,
+                errno,
+                dry_run: req.dry_run,
+            },
+            origin: Origin::Manual,
+            created_ms: now,
+            expires_ms: now + req.for_secs as i64 * 1000,
+            expires_ns: mono + req.for_secs * 1_000_000_000,
+        })?;
+        tracing::info!(id = entry.id, target = %entry.target.label, "manual budget added");
+        self.save();
+        Ok(self.view(&entry))
+    }
+
+    /// Ends budgets.
+    pub fn release(&mut self, which: Release) -> Result<Vec<String>, EnforceError> {
+        let ids: Vec<u64> = match which {
+            Release::All => self.table.iter().map(|e| e.id).collect(),
+            Release::Id(id) => {
+                if self.table.get(id).is_none() {
+                    return Err(EnforceError::NotFound(format!(
+                        "no budget thr-{id}; `stormguard throttles` lists them"
+                    )));
+                }
+                vec![id]
+            }
+        };
+        for id in &ids {
+            self.remove(*id);
+        }
+        self.sync_kernel();
+        self.save();
+        Ok(ids.iter().map(|id| format!("thr-{id}")).collect())
+    }
+
+    /// Every budget with its counters.
+    pub fn list(&self) -> Vec<BudgetView> {
+        self.table.iter().map(|e| self.view(e)).collect()
+    }
+
+    fn view(&self, e: &Entry) -> BudgetView {
+        let c = self
+            .progs
+            .as_ref()
+            .and_then(|p| p.counters(e.slot).ok())
+            .unwrap_or_default();
+        let now = now_ms();
+        BudgetView {
+            id: format!("thr-{}", e.id),
+            origin: match e.origin {
+                Origin::Manual => "manual".into(),
+                Origin::Auto { .. } => "auto".into(),
+            },
+            target: e.target.label.clone(),
+            dest: e.dest.map(|d| d.to_string()),
+            kind: if e.limit.retry_ratio.is_some() {
+                "retry".into()
+            } else {
+                "rate".into()
+            },
+            rate_per_s: e.limit.rate_per_s,
+            burst: e.limit.burst,
+            retry_ratio: e.limit.retry_ratio,
+            errno: request::errno_name(e.limit.errno),
+            mode: if e.limit.dry_run {
+                "dry-run".into()
+            } else {
+                "enforce".into()
+            },
+            created_ms: e.created_ms,
+            expires_ms: e.expires_ms,
+            remaining_s: ((e.expires_ms - now).max(0) as u64).div_ceil(1000),
+            allowed: c.allowed,
+            slowed: c.slowed,
+            denied: c.denied,
+            incident: match &e.origin {
+                Origin::Auto { incident, .. } => incident.clone(),
+                Origin::Manual => None,
+            },
+        }
+    }
+
+    /// What a storm's subject is throttled as: a process towards one
+    /// destination, or the cgroup of a roll-up towards it.
+    fn storm_target(&self, subject: &Subject) -> Option<(TargetSpec, DestSpec)> {
+        let dest = subject.dest();
+        if dest.proto != Proto::Tcp {
+            // UDP storms are slowed, not denied: not in this version.
+            return None;
+        }
+        let d = DestSpec {
+            addr: dest.addr,
+            port: Some(dest.port),
+        };
+        match *subject {
+            Subject::Flow { pid, .. } => Some((TargetSpec::Pid(pid), d)),
+            Subject::Parent { ppid, .. } => {
+                target::cgroup_of(&self.proc_root, ppid).map(|c| (TargetSpec::Cgroup(c), d))
+            }
+            Subject::Cgroup { cgroup, .. } => {
+                let root = self.cgroup_root.as_deref()?;
+                target::cgroup_path_by_id(root, cgroup).map(|c| (TargetSpec::Cgroup(c), d))
+            }
+        }
+    }
+
+    /// Storms get a budget (in `enforce` and `dry-run`); resolved storms
+    /// lose theirs. `incident` names the incident of a subject.
+    pub fn on_changes(
+        &mut self,
+        changes: &[VerdictChange],
+        incident: impl Fn(&Subject) -> Option<String>,
+    ) {
+        if self.cfg.mode == Mode::Observe {
+            return;
+        }
+        for c in changes {
+            let existing = self
+                .table
+                .iter()
+                .find(
+                    |e| matches!(&e.origin, Origin::Auto { subject, .. } if *subject == c.subject),
+                )
+                .map(|e| e.id);
+            if c.to == State::Storm {
+                if existing.is_some() || self.refused.contains(&c.subject) {
+                    continue;
+                }
+                self.storm_budget(c, incident(&c.subject));
+            } else if c.from == State::Storm
+                && let Some(id) = existing
+            {
+                tracing::info!(id, "storm resolved; its budget is lifted");
+                self.remove(id);
+                self.sync_kernel();
+            }
+        }
+    }
+
+    fn storm_budget(&mut self, c: &VerdictChange, incident: Option<String>) {
+        let Some((spec, dest)) = self.storm_target(&c.subject) else {
+            self.not_enforced += 1;
+            return;
+        };
+        let resolved = self.host().and_then(|h| target::resolve(&spec, &h));
+        let target = match resolved {
+            Ok(t) => t,
+            Err(e) => {
+                self.not_enforced += 1;
+                tracing::info!(subject = ?c.subject, "storm not throttled: {e}");
+                if self.refused.len() < 4096 {
+                    self.refused.insert(c.subject);
+                }
+                return;
+            }
+        };
+        let (now, mono) = (now_ms(), crate::kernel::monotonic_ns());
+        let ttl = self.cfg.ttl_secs;
+        let draft = Draft {
+            target,
+            dest: Some(dest),
+            limit: Limit {
+                rate_per_s: self.cfg.floor_per_s,
+                burst: self.cfg.burst,
+                retry_ratio: (self.cfg.retry_ratio > 0.0).then_some(self.cfg.retry_ratio),
+                errno: self.default_errno,
+                dry_run: self.cfg.mode == Mode::DryRun,
+            },
+            origin: Origin::Auto {
+                subject: c.subject,
+                incident,
+            },
+            created_ms: now,
+            expires_ms: now + ttl as i64 * 1000,
+            expires_ns: mono + ttl * 1_000_000_000,
+        };
+        match self.add(draft) {
+            Ok(e) => {
+                tracing::info!(id = e.id, target = %e.target.label, dest = %dest, "storm budget added")
+            }
+            Err(e) => self.error("adding a storm's budget", &e),
+        }
+    }
+
+    /// Once a tick: budgets past their expiry end — a storm's is renewed
+    /// while `storming` says it goes on — and budgets of processes that
+    /// are gone end.
+    pub fn tick(&mut self, now_ns: u64, storming: impl Fn(&Subject) -> bool) {
+        let mut changed = false;
+        for id in self.table.expired(now_ns) {
+            let renew = match self.table.get(id).map(|e| &e.origin) {
+                Some(Origin::Auto { subject, .. }) => storming(subject),
+                _ => false,
+            };
+            if renew {
+                let ttl = self.cfg.ttl_secs;
+                let e = self.table.iter_mut().find(|e| e.id == id).expect("listed");
+                e.expires_ns = now_ns + ttl * 1_000_000_000;
+                e.expires_ms = now_ms() + ttl as i64 * 1000;
+                let (key, budget) = (e.key(), e.budget());
+                if let Some(p) = self.progs.as_mut()
+                    && let Err(err) = p.put(&key, &budget)
+                {
+                    self.error("renewing a storm's budget", &err);
+                }
+            } else {
+                tracing::info!(id, "budget expired");
+                self.remove(id);
+                changed = true;
+            }
+        }
+        if changed {
+            self.sync_kernel();
+            self.save();
+        }
+    }
+
+    /// Processes and cgroups whose successes retry budgets need.
+    pub fn watched(&self) -> (HashSet<u32>, HashSet<u64>) {
+        let mut pids = HashSet::new();
+        let mut cgroups = HashSet::new();
+        for e in self.table.iter().filter(|e| e.limit.retry_ratio.is_some()) {
+            if e.target.scope == scope::PROCESS {
+                pids.insert(e.target.id as u32);
+            } else {
+                cgroups.insert(e.target.id);
+            }
+        }
+        (pids, cgroups)
+    }
+
+    /// Deposits successes into the retry budgets they belong to.
+    pub fn credit(&mut self, successes: &[(tally::Key, u64)]) {
+        let mut updates = Vec::new();
+        for e in self
+            .table
+            .iter_mut()
+            .filter(|e| e.limit.retry_ratio.is_some())
+        {
+            let n: u64 = successes
+                .iter()
+                .filter(|(k, _)| {
+                    let who = if e.target.scope == scope::PROCESS {
+                        k.pid as u64 == e.target.id
+                    } else {
+                        k.cgroup == e.target.id
+                    };
+                    who && e
+                        .dest
+                        .is_none_or(|d| d.addr == k.addr && d.port.is_none_or(|p| p == k.port))
+                })
+                .map(|(_, n)| n)
+                .sum();
+            if n > 0 {
+                e.deposit(n);
+                updates.push((e.key(), e.budget()));
+            }
+        }
+        for (key, budget) in updates {
+            if let Some(p) = self.progs.as_mut()
+                && let Err(err) = p.put(&key, &budget)
+            {
+                self.error("depositing into a retry budget", &err);
+            }
+        }
+    }
+
+    pub fn summary(&self) -> EnforceSummary {
+        let mut s = EnforceSummary {
+            mode: self.cfg.mode.as_str().into(),
+            budgets: self.table.len(),
+            max_budgets: self.table.max(),
+            attached: self.progs.as_ref().is_some_and(Programs::attached),
+            allowed: self.retired.allowed,
+            slowed: self.retired.slowed,
+            denied: self.retired.denied,
+            would_deny: self.retired.expired,
+            not_enforced: self.not_enforced,
+            errors: self.errors,
+            last_error: self.last_error.clone(),
+        };
+        for e in self.table.iter() {
+            if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
+                s.allowed += c.allowed;
+                s.slowed += c.slowed;
+                if e.limit.dry_run {
+                    s.would_deny += c.denied;
+                } else {
+                    s.denied += c.denied;
+                }
+            }
+        }
+        s
+    }
+
+    /// Detaches everything; manual budgets stay on disk for the next start.
+    pub fn shutdown(&mut self) {
+        if let Some(mut p) = self.progs.take() {
+            p.detach();
+        }
+    }
+
+    pub fn state_path(&self) -> Option<&Path> {
+        self.state.as_deref()
+    }
+}
+
+/// The enforcer shared by the daemon loop and the API.
+pub struct Handle(pub Mutex<Enforcer>);
+
+impl Handle {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Enforcer> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Control for Handle {
+    fn throttle(&self, req: ThrottleRequest) -> Result<BudgetView, EnforceError> {
+        self.lock().throttle(req)
+    }
+
+    fn release(&self, which: Release) -> Result<Vec<String>, EnforceError> {
+        self.lock().release(which)
+    }
+
+    fn list(&self) -> Vec<BudgetView> {
+        self.lock().list()
+    }
+}

@@ -1,0 +1,406 @@
+//! Enforcement (issue 10) with real eBPF: a real daemon, real clients
+//! moved into a cgroup each test creates, budgets enforced by the kernel
+//! at connect. Counts come from both sides: the client's own tally of
+//! what connect() returned, and the daemon's per-budget counters.
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use stormguard_tests::{Cgroup, ChildGuard, Daemon, closed_port, scaled};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
+/// The errno the tests configure for denials, distinct from the real
+/// ECONNREFUSED of a closed port so the client can tell them apart.
+const DENY: &str = "EHOSTUNREACH";
+const DENY_ERRNO: i32 = libc::EHOSTUNREACH;
+
+/// Budgets are host-wide in the kernel: one test at a time.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sg-enforce-{tag}-{}", std::process::id()))
+}
+
+/// A `budgeted` client in `cg`, connecting to `addr` for `secs`.
+fn client(cg: &Cgroup, addr: &str, secs: f64, rate: Option<f64>) -> ChildGuard {
+    let secs = secs.to_string();
+    let errno = DENY_ERRNO.to_string();
+    let mut args = vec![
+        "budgeted",
+        "--addr",
+        addr,
+        "--secs",
+        &secs,
+        "--deny-errno",
+        &errno,
+    ];
+    let rate_s = rate.map(|r| r.to_string());
+    if let Some(r) = &rate_s {
+        args.extend(["--rate", r]);
+    }
+    ChildGuard::spawn(
+        cg.exec_in(CLIENT, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+}
+
+/// What the client counted.
+struct Counts(Value);
+
+impl Counts {
+    fn of(child: ChildGuard, timeout: Duration) -> Counts {
+        let out = child.finish(timeout);
+        Counts(serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("client said {out:?}: {e}")))
+    }
+
+    fn series(&self, what: &str) -> Vec<u64> {
+        self.0[what]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {what} in {}", self.0))
+            .iter()
+            .map(|v| v.as_u64().expect("count"))
+            .collect()
+    }
+
+    fn total(&self, what: &str) -> u64 {
+        self.series(what).iter().sum()
+    }
+
+    /// Sum of `what` in buckets [from_s, to_s).
+    fn window(&self, what: &str, from_s: f64, to_s: f64) -> u64 {
+        let ms = self.0["bucket_ms"].as_u64().expect("bucket_ms") as f64;
+        let (a, b) = ((from_s * 1000.0 / ms) as usize, (to_s * 1000.0 / ms) as usize);
+        self.series(what).iter().skip(a).take(b.saturating_sub(a)).sum()
+    }
+}
+
+fn throttles(d: &Daemon) -> Vec<Value> {
+    d.json(&["throttles"]).as_array().expect("list").clone()
+}
+
+/// Waits until a budget exists for `target` (a `pid N (…)` label prefix).
+fn wait_budget(d: &Daemon, target: &str, within: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(b) = throttles(d)
+            .into_iter()
+            .find(|b| b["target"].as_str().is_some_and(|t| t.starts_with(target)))
+        {
+            println!("budget for {target} after {:?}", start.elapsed());
+            return b;
+        }
+        assert!(
+            start.elapsed() < within,
+            "no budget for {target} within {within:?}: {:?}",
+            throttles(d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn budget_by_id(d: &Daemon, id: &str) -> Option<Value> {
+    throttles(d).into_iter().find(|b| b["id"] == id)
+}
+
+/// The pid of the client process (sh execs into it).
+fn pid_of(c: &ChildGuard) -> u32 {
+    c.pid()
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<u64> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// Under `enforce`, a refused-connect storm gets the default retry budget
+/// (no successes: its floor, 10/s): over 5 s the kernel lets 50 ± 20%
+/// through and fails the rest with the configured errno, for 30 s with
+/// one budget (no release-and-retrigger); a second, calm process to the
+/// same destination is untouched; the storming process's CPU is printed.
+#[test]
+fn a_connect_storm_is_held_to_its_budget() {
+    let _alone = alone();
+    let Some(mut d) = Daemon::start(
+        "enforce",
+        &tmp("storm"),
+        &format!("[enforce]\nmode = \"enforce\"\nerrno = \"{DENY}\"\nttl_secs = 20\n"),
+    ) else {
+        return;
+    };
+    let cg = Cgroup::create("enforce-storm");
+    let addr = closed_port(false).to_string();
+    let storm = client(&cg, &addr, 36.0, None);
+    let pid = pid_of(&storm);
+    let before = (cpu_ticks(pid), Instant::now());
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu_before = (cpu_ticks(pid) - before.0) as f64 / 100.0 / before.1.elapsed().as_secs_f64();
+    let budget = wait_budget(&d, &format!("pid {pid} "), scaled(Duration::from_secs(15)));
+    let id = budget["id"].as_str().expect("id").to_string();
+    assert_eq!(budget["origin"], "auto");
+    assert_eq!(budget["kind"], "retry");
+    assert_eq!(budget["errno"], DENY);
+    assert_eq!(budget["dest"], addr.as_str());
+    // A calm neighbour to the same destination: 1 connect a second.
+    let calm = client(&cg, &addr, 6.0, Some(1.0));
+    // Let the burst drain, then measure 5 s of the daemon's counters.
+    std::thread::sleep(Duration::from_secs(2));
+    let a = budget_by_id(&d, &id).expect("budget");
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let b = budget_by_id(&d, &id).expect("budget");
+    let secs = t.elapsed().as_secs_f64();
+    let allowed = b["allowed"].as_u64().unwrap() - a["allowed"].as_u64().unwrap();
+    let denied = b["denied"].as_u64().unwrap() - a["denied"].as_u64().unwrap();
+    let expected = 10.0 * secs;
+    println!("over {secs:.2} s: {allowed} allowed (expected {expected:.0} ±20%), {denied} denied");
+    assert!(
+        (allowed as f64 - expected).abs() <= 0.2 * expected,
+        "{allowed} allowed in {secs:.2} s, expected {expected:.0} ±20%"
+    );
+    assert!(denied > allowed * 5, "a storm is mostly denied: {denied} denied, {allowed} allowed");
+    let cpu_start = (cpu_ticks(pid), Instant::now());
+    let calm = Counts::of(calm, scaled(Duration::from_secs(20)));
+    assert_eq!(
+        (calm.total("denied"), calm.total("other")),
+        (0, 0),
+        "the calm neighbour was throttled: {}",
+        calm.0
+    );
+    assert!(calm.total("refused") >= 5, "{}", calm.0);
+    // Still throttled 30 s on, by the same budget.
+    while t.elapsed() < Duration::from_secs(27) {
+        d.assert_alive("during the throttled storm");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let cpu_after = (cpu_ticks(pid) - cpu_start.0) as f64 / 100.0 / cpu_start.1.elapsed().as_secs_f64();
+    let later = budget_by_id(&d, &id).unwrap_or_else(|| panic!("{id} was lifted while the storm went on: {:?}", throttles(&d)));
+    assert!(later["denied"].as_u64().unwrap() > b["denied"].as_u64().unwrap());
+    let mine = throttles(&d)
+        .into_iter()
+        .filter(|b| b["target"].as_str().is_some_and(|t| t.starts_with(&format!("pid {pid} "))))
+        .count();
+    assert_eq!(mine, 1, "one budget, not one per retrigger: {:?}", throttles(&d));
+    let storm = Counts::of(storm, scaled(Duration::from_secs(30)));
+    println!(
+        "storming client: CPU {:.0}% of a core before its budget, {:.0}% under it; \
+         it saw {} ECONNREFUSED from the port, {} {DENY} from the budget, errnos {}",
+        cpu_before * 100.0,
+        cpu_after * 100.0,
+        storm.total("refused"),
+        storm.total("denied"),
+        storm.0["errnos"]
+    );
+    assert_eq!(storm.total("other"), 0, "no errno but the port's and the budget's: {}", storm.0["errnos"]);
+    assert!(storm.total("denied") > 0);
+}
+
+/// A TCP server on `bind` that accepts and closes, until dropped.
+struct Acceptor {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Acceptor {
+    fn start(bind: &str) -> Acceptor {
+        let l = std::net::TcpListener::bind(bind).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("addr");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        Acceptor { addr, stop }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: signalling the test's own daemon child.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+fn enforce_hooks(pid: u32) -> usize {
+    stormguard_tests::attached_programs(pid)
+        .iter()
+        .filter(|p| p.starts_with("sg_enforce"))
+        .count()
+}
+
+/// Manual budgets: `observe` attaches nothing until one exists; an IPv6
+/// destination is held to `--rate`; `--for 2s` ends in the kernel while
+/// the daemon is frozen; protected targets are refused with a reason;
+/// a manual budget survives a restart with its id; release detaches.
+#[test]
+fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
+    let _alone = alone();
+    let Some(mut d) = Daemon::start("manual", &tmp("manual"), "") else {
+        return;
+    };
+    let daemon_pid = d.child.as_ref().expect("child").pid();
+    assert_eq!(enforce_hooks(daemon_pid), 0, "observe with no budget attaches nothing");
+
+    // Protected targets.
+    for (pid, why) in [(1, "PID 1"), (daemon_pid, "stormguard itself")] {
+        let out = d.cli(&["throttle", "--pid", &pid.to_string(), "--rate", "5/s", "--for", "10s"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "pid {pid} was throttled");
+        assert!(err.contains(why) && err.lines().count() == 1, "pid {pid}: {err}");
+    }
+    assert!(throttles(&d).is_empty());
+
+    // IPv6, expiring while the daemon is frozen.
+    let server = Acceptor::start("[::1]:0");
+    let cg = Cgroup::create("enforce-manual");
+    let dest = server.addr.to_string();
+    let c = client(&cg, &dest, 6.0, Some(200.0));
+    let pid = pid_of(&c);
+    let t0 = Instant::now();
+    let b = d.json(&[
+        "throttle", "--pid", &pid.to_string(), "--dest", &dest, "--rate", "20/s", "--burst", "1",
+        "--for", "2s", "--errno", DENY,
+    ]);
+    let set_at = t0.elapsed().as_secs_f64();
+    assert_eq!(b["dest"], dest.as_str());
+    assert_eq!(b["origin"], "manual");
+    assert_eq!(enforce_hooks(daemon_pid), 2, "connect4 and connect6 attached while a budget exists");
+    signal(daemon_pid, libc::SIGSTOP);
+    let counts = Counts::of(c, scaled(Duration::from_secs(20)));
+    signal(daemon_pid, libc::SIGCONT);
+    let (from, to) = (set_at + 0.3, set_at + 1.8);
+    let ok = counts.window("ok", from, to) as f64;
+    let denied = counts.window("denied", from, to);
+    let rate = ok / (to - from);
+    println!("under --rate 20/s: {rate:.1} ok/s and {denied} denied; after expiry: {} denied", counts.window("denied", set_at + 2.5, 6.0));
+    assert!((rate - 20.0).abs() <= 10.0, "{rate:.1}/s under a 20/s budget: {}", counts.0);
+    assert!(denied > 100, "{}", counts.0);
+    assert_eq!(
+        counts.window("denied", set_at + 2.5, 6.0),
+        0,
+        "the budget outlived its --for while the daemon was frozen: {}",
+        counts.0
+    );
+    assert!(counts.window("ok", set_at + 2.5, 6.0) > 400, "{}", counts.0);
+    // The daemon sweeps it once it runs again.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(throttles(&d).is_empty(), "{:?}", throttles(&d));
+    assert_eq!(enforce_hooks(daemon_pid), 0, "detached with the last budget");
+
+    // A manual budget survives a restart, with its id.
+    let mut sleeper = ChildGuard::spawn(&mut cg.exec_in("sleep", &["120"]));
+    let kept = d.json(&["throttle", "--pid", &sleeper.pid().to_string(), "--rate", "5", "--for", "10m"]);
+    d.stop();
+    assert!(d.spawn("manual restart"));
+    let back = throttles(&d);
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!((&back[0]["id"], &back[0]["target"]), (&kept["id"], &kept["target"]));
+    let released = d.json(&["release", "--all"]);
+    assert_eq!(released["released"][0], kept["id"]);
+    assert!(throttles(&d).is_empty());
+    let _ = sleeper.0.kill();
+    let _ = sleeper.0.wait();
+}
+
+/// `dry-run`: a storm's budget counts what it would deny and denies
+/// nothing; status and metrics show it.
+#[test]
+fn dry_run_counts_and_limits_nothing() {
+    let _alone = alone();
+    let Some(d) = Daemon::start(
+        "dry-run",
+        &tmp("dry"),
+        &format!("[enforce]\nmode = \"dry-run\"\nerrno = \"{DENY}\"\n"),
+    ) else {
+        return;
+    };
+    let cg = Cgroup::create("enforce-dry");
+    let addr = closed_port(false).to_string();
+    let storm = client(&cg, &addr, 8.0, None);
+    let pid = pid_of(&storm);
+    let b = wait_budget(&d, &format!("pid {pid} "), scaled(Duration::from_secs(15)));
+    assert_eq!(b["mode"], "dry-run");
+    let counts = Counts::of(storm, scaled(Duration::from_secs(30)));
+    assert_eq!(counts.total("denied"), 0, "dry-run denied: {}", counts.0);
+    assert_eq!(counts.total("other"), 0, "{}", counts.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = d.json(&["status"]);
+    let would = status["enforce"]["would_deny"].as_u64().expect("would_deny");
+    println!("dry-run: the client saw {} refusals, all from the port; the budget would have denied {would}", counts.total("refused"));
+    assert!(would > 100, "{}", status["enforce"]);
+    assert_eq!(status["enforce"]["denied"], 0);
+    let metrics = ureq_get(d.metrics.expect("metrics"));
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("stormguard_enforce_decisions_total{kind=\"would_deny\"}"))
+        .unwrap_or_else(|| panic!("no would_deny series:\n{metrics}"));
+    assert!(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 100.0, "{line}");
+}
+
+fn ureq_get(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
+}
+
+/// `kill -9` of the daemon: the kernel drops its links with its last
+/// file descriptor, and a throttled client's denials stop at once.
+#[test]
+fn kill_9_ends_denial_at_once() {
+    let _alone = alone();
+    let Some(mut d) = Daemon::start("kill", &tmp("kill"), "") else {
+        return;
+    };
+    let server = Acceptor::start("127.0.0.1:0");
+    let cg = Cgroup::create("enforce-kill");
+    let c = client(&cg, &server.addr.to_string(), 5.0, Some(200.0));
+    let t0 = Instant::now();
+    d.json(&[
+        "throttle", "--pid", &pid_of(&c).to_string(), "--rate", "1/s", "--burst", "1", "--for",
+        "10m", "--errno", DENY,
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = t0.elapsed().as_secs_f64();
+    let mut child = d.child.take().expect("daemon");
+    signal(child.pid(), libc::SIGKILL);
+    let _ = child.0.wait();
+    let counts = Counts::of(c, scaled(Duration::from_secs(20)));
+    let ms = counts.0["bucket_ms"].as_u64().unwrap() as f64 / 1000.0;
+    let last_denied = counts
+        .series("denied")
+        .iter()
+        .rposition(|n| *n > 0)
+        .map(|i| (i as f64 + 1.0) * ms)
+        .expect("some denials before the kill");
+    println!(
+        "kill -9 at {killed_at:.2} s; last denial in the bucket ending {last_denied:.2} s ({:.0} ms after)",
+        (last_denied - killed_at) * 1000.0
+    );
+    assert!(last_denied - killed_at < 1.0, "denials went on {:.2} s after the daemon died: {}", last_denied - killed_at, counts.0);
+    assert!(counts.window("ok", killed_at + 1.0, 5.0) > 300, "{}", counts.0);
+}
