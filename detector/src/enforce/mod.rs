@@ -485,32 +485,47 @@ impl Enforcer {
         }
     }
 
-    /// Once a tick: budgets past their expiry end — a storm's is renewed
-    /// while `storming` says it goes on — and budgets of processes that
-    /// are gone end.
+    /// Once a tick: a storm's budget close to its expiry is renewed while
+    /// `storming` says the storm goes on — before the kernel would let it
+    /// lapse, so a storm that goes on is never let through for a moment —
+    /// and budgets past their expiry end.
     pub fn tick(&mut self, now_ns: u64, storming: impl Fn(&Subject) -> bool) {
+        let ttl_ns = self.cfg.ttl_secs * 1_000_000_000;
+        // Renew within a quarter of the TTL (at most 5 s) of the end.
+        let lead = (ttl_ns / 4).min(5_000_000_000);
+        let due: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|e| {
+                matches!(e.origin, Origin::Auto { .. }) && e.expires_ns <= now_ns + lead
+            })
+            .map(|e| e.id)
+            .collect();
+        for id in due {
+            let Some(Origin::Auto { subject, .. }) = self.table.get(id).map(|e| &e.origin) else {
+                continue;
+            };
+            if !storming(subject) {
+                continue;
+            }
+            let ttl = self.cfg.ttl_secs;
+            let Some(e) = self.table.iter_mut().find(|e| e.id == id) else {
+                continue;
+            };
+            e.expires_ns = now_ns + ttl_ns;
+            e.expires_ms = now_ms() + ttl as i64 * 1000;
+            let (key, budget) = (e.key(), e.budget());
+            if let Some(p) = self.progs.as_mut()
+                && let Err(err) = p.put(&key, &budget)
+            {
+                self.error("renewing a storm's budget", &err);
+            }
+        }
         let mut changed = false;
         for id in self.table.expired(now_ns) {
-            let renew = match self.table.get(id).map(|e| &e.origin) {
-                Some(Origin::Auto { subject, .. }) => storming(subject),
-                _ => false,
-            };
-            if renew {
-                let ttl = self.cfg.ttl_secs;
-                let e = self.table.iter_mut().find(|e| e.id == id).expect("listed");
-                e.expires_ns = now_ns + ttl * 1_000_000_000;
-                e.expires_ms = now_ms() + ttl as i64 * 1000;
-                let (key, budget) = (e.key(), e.budget());
-                if let Some(p) = self.progs.as_mut()
-                    && let Err(err) = p.put(&key, &budget)
-                {
-                    self.error("renewing a storm's budget", &err);
-                }
-            } else {
-                tracing::info!(id, "budget expired");
-                self.remove(id);
-                changed = true;
-            }
+            tracing::info!(id, "budget expired");
+            self.remove(id);
+            changed = true;
         }
         if changed {
             self.sync_kernel();

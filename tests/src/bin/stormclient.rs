@@ -151,7 +151,7 @@ enum Cmd {
         max: u64,
     },
     /// Connects for `secs` seconds (at `rate` per second, or as fast as
-    /// possible; at most 2,000,000), each on a new socket closed at once,
+    /// possible; at most 20,000,000), each on a new socket closed at once,
     /// counted by outcome in 100 ms buckets, with the CPU time it used:
     /// what an enforced budget does to a client, as the client sees it.
     /// Prints one JSON object; `ready` on stderr once started.
@@ -444,7 +444,7 @@ fn budgeted(addr: SocketAddr, secs: f64, rate: Option<f64>, deny_errno: i32) {
     let end = start + Duration::from_secs_f64(secs);
     eprintln!("ready");
     let mut count = 0u64;
-    while Instant::now() < end && count < 2_000_000 {
+    while Instant::now() < end && count < 20_000_000 {
         if let Some(p) = pace.as_mut() {
             p.wait();
         }
