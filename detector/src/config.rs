@@ -572,9 +572,9 @@ mod tests {
                 checked += 1;
             }
         }
-        // 14 integer fields (3 starting at 0: no value below) × 2 + 2 or 1,
-        // 5 float fields × (2 + 4).
-        assert_eq!(checked, 14 * 4 - 3 + 5 * 6);
+        // 17 integer fields (3 starting at 0: no value below) × 2 + 2 or 1,
+        // 7 float fields × (2 + 4).
+        assert_eq!(checked, 17 * 4 - 3 + 7 * 6);
     }
 
     #[test]

@@ -57,7 +57,9 @@ struct Counts(Value);
 impl Counts {
     fn of(child: ChildGuard, timeout: Duration) -> Counts {
         let out = child.finish(timeout);
-        Counts(serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("client said {out:?}: {e}")))
+        Counts(
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("client said {out:?}: {e}")),
+        )
     }
 
     fn series(&self, what: &str) -> Vec<u64> {
@@ -76,8 +78,15 @@ impl Counts {
     /// Sum of `what` in buckets [from_s, to_s).
     fn window(&self, what: &str, from_s: f64, to_s: f64) -> u64 {
         let ms = self.0["bucket_ms"].as_u64().expect("bucket_ms") as f64;
-        let (a, b) = ((from_s * 1000.0 / ms) as usize, (to_s * 1000.0 / ms) as usize);
-        self.series(what).iter().skip(a).take(b.saturating_sub(a)).sum()
+        let (a, b) = (
+            (from_s * 1000.0 / ms) as usize,
+            (to_s * 1000.0 / ms) as usize,
+        );
+        self.series(what)
+            .iter()
+            .skip(a)
+            .take(b.saturating_sub(a))
+            .sum()
     }
 }
 
@@ -170,7 +179,10 @@ fn a_connect_storm_is_held_to_its_budget() {
         (allowed as f64 - expected).abs() <= 0.2 * expected,
         "{allowed} allowed in {secs:.2} s, expected {expected:.0} ±20%"
     );
-    assert!(denied > allowed * 5, "a storm is mostly denied: {denied} denied, {allowed} allowed");
+    assert!(
+        denied > allowed * 5,
+        "a storm is mostly denied: {denied} denied, {allowed} allowed"
+    );
     let cpu_start = (cpu_ticks(pid), Instant::now());
     let calm = Counts::of(calm, scaled(Duration::from_secs(20)));
     assert_eq!(
@@ -185,14 +197,29 @@ fn a_connect_storm_is_held_to_its_budget() {
         d.assert_alive("during the throttled storm");
         std::thread::sleep(Duration::from_secs(1));
     }
-    let cpu_after = (cpu_ticks(pid) - cpu_start.0) as f64 / 100.0 / cpu_start.1.elapsed().as_secs_f64();
-    let later = budget_by_id(&d, &id).unwrap_or_else(|| panic!("{id} was lifted while the storm went on: {:?}", throttles(&d)));
+    let cpu_after =
+        (cpu_ticks(pid) - cpu_start.0) as f64 / 100.0 / cpu_start.1.elapsed().as_secs_f64();
+    let later = budget_by_id(&d, &id).unwrap_or_else(|| {
+        panic!(
+            "{id} was lifted while the storm went on: {:?}",
+            throttles(&d)
+        )
+    });
     assert!(later["denied"].as_u64().unwrap() > b["denied"].as_u64().unwrap());
     let mine = throttles(&d)
         .into_iter()
-        .filter(|b| b["target"].as_str().is_some_and(|t| t.starts_with(&format!("pid {pid} "))))
+        .filter(|b| {
+            b["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&format!("pid {pid} ")))
+        })
         .count();
-    assert_eq!(mine, 1, "one budget, not one per retrigger: {:?}", throttles(&d));
+    assert_eq!(
+        mine,
+        1,
+        "one budget, not one per retrigger: {:?}",
+        throttles(&d)
+    );
     let storm = Counts::of(storm, scaled(Duration::from_secs(30)));
     println!(
         "storming client: CPU {:.0}% of a core before its budget, {:.0}% under it; \
@@ -203,7 +230,12 @@ fn a_connect_storm_is_held_to_its_budget() {
         storm.total("denied"),
         storm.0["errnos"]
     );
-    assert_eq!(storm.total("other"), 0, "no errno but the port's and the budget's: {}", storm.0["errnos"]);
+    assert_eq!(
+        storm.total("other"),
+        0,
+        "no errno but the port's and the budget's: {}",
+        storm.0["errnos"]
+    );
     assert!(storm.total("denied") > 0);
 }
 
@@ -261,14 +293,29 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
         return;
     };
     let daemon_pid = d.child.as_ref().expect("child").pid();
-    assert_eq!(enforce_hooks(daemon_pid), 0, "observe with no budget attaches nothing");
+    assert_eq!(
+        enforce_hooks(daemon_pid),
+        0,
+        "observe with no budget attaches nothing"
+    );
 
     // Protected targets.
     for (pid, why) in [(1, "PID 1"), (daemon_pid, "stormguard itself")] {
-        let out = d.cli(&["throttle", "--pid", &pid.to_string(), "--rate", "5/s", "--for", "10s"]);
+        let out = d.cli(&[
+            "throttle",
+            "--pid",
+            &pid.to_string(),
+            "--rate",
+            "5/s",
+            "--for",
+            "10s",
+        ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "pid {pid} was throttled");
-        assert!(err.contains(why) && err.lines().count() == 1, "pid {pid}: {err}");
+        assert!(
+            err.contains(why) && err.lines().count() == 1,
+            "pid {pid}: {err}"
+        );
     }
     assert!(throttles(&d).is_empty());
 
@@ -280,13 +327,28 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
     let pid = pid_of(&c);
     let t0 = Instant::now();
     let b = d.json(&[
-        "throttle", "--pid", &pid.to_string(), "--dest", &dest, "--rate", "20/s", "--burst", "1",
-        "--for", "2s", "--errno", DENY,
+        "throttle",
+        "--pid",
+        &pid.to_string(),
+        "--dest",
+        &dest,
+        "--rate",
+        "20/s",
+        "--burst",
+        "1",
+        "--for",
+        "2s",
+        "--errno",
+        DENY,
     ]);
     let set_at = t0.elapsed().as_secs_f64();
     assert_eq!(b["dest"], dest.as_str());
     assert_eq!(b["origin"], "manual");
-    assert_eq!(enforce_hooks(daemon_pid), 2, "connect4 and connect6 attached while a budget exists");
+    assert_eq!(
+        enforce_hooks(daemon_pid),
+        2,
+        "connect4 and connect6 attached while a budget exists"
+    );
     signal(daemon_pid, libc::SIGSTOP);
     let counts = Counts::of(c, scaled(Duration::from_secs(20)));
     signal(daemon_pid, libc::SIGCONT);
@@ -294,8 +356,15 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
     let ok = counts.window("ok", from, to) as f64;
     let denied = counts.window("denied", from, to);
     let rate = ok / (to - from);
-    println!("under --rate 20/s: {rate:.1} ok/s and {denied} denied; after expiry: {} denied", counts.window("denied", set_at + 2.5, 6.0));
-    assert!((rate - 20.0).abs() <= 10.0, "{rate:.1}/s under a 20/s budget: {}", counts.0);
+    println!(
+        "under --rate 20/s: {rate:.1} ok/s and {denied} denied; after expiry: {} denied",
+        counts.window("denied", set_at + 2.5, 6.0)
+    );
+    assert!(
+        (rate - 20.0).abs() <= 10.0,
+        "{rate:.1}/s under a 20/s budget: {}",
+        counts.0
+    );
     assert!(denied > 100, "{}", counts.0);
     assert_eq!(
         counts.window("denied", set_at + 2.5, 6.0),
@@ -307,16 +376,31 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
     // The daemon sweeps it once it runs again.
     std::thread::sleep(Duration::from_millis(500));
     assert!(throttles(&d).is_empty(), "{:?}", throttles(&d));
-    assert_eq!(enforce_hooks(daemon_pid), 0, "detached with the last budget");
+    assert_eq!(
+        enforce_hooks(daemon_pid),
+        0,
+        "detached with the last budget"
+    );
 
     // A manual budget survives a restart, with its id.
     let mut sleeper = ChildGuard::spawn(&mut cg.exec_in("sleep", &["120"]));
-    let kept = d.json(&["throttle", "--pid", &sleeper.pid().to_string(), "--rate", "5", "--for", "10m"]);
+    let kept = d.json(&[
+        "throttle",
+        "--pid",
+        &sleeper.pid().to_string(),
+        "--rate",
+        "5",
+        "--for",
+        "10m",
+    ]);
     d.stop();
     assert!(d.spawn("manual restart"));
     let back = throttles(&d);
     assert_eq!(back.len(), 1, "{back:?}");
-    assert_eq!((&back[0]["id"], &back[0]["target"]), (&kept["id"], &kept["target"]));
+    assert_eq!(
+        (&back[0]["id"], &back[0]["target"]),
+        (&kept["id"], &kept["target"])
+    );
     let released = d.json(&["release", "--all"]);
     assert_eq!(released["released"][0], kept["id"]);
     assert!(throttles(&d).is_empty());
@@ -347,8 +431,13 @@ fn dry_run_counts_and_limits_nothing() {
     assert_eq!(counts.total("other"), 0, "{}", counts.0);
     std::thread::sleep(Duration::from_millis(1500));
     let status = d.json(&["status"]);
-    let would = status["enforce"]["would_deny"].as_u64().expect("would_deny");
-    println!("dry-run: the client saw {} refusals, all from the port; the budget would have denied {would}", counts.total("refused"));
+    let would = status["enforce"]["would_deny"]
+        .as_u64()
+        .expect("would_deny");
+    println!(
+        "dry-run: the client saw {} refusals, all from the port; the budget would have denied {would}",
+        counts.total("refused")
+    );
     assert!(would > 100, "{}", status["enforce"]);
     assert_eq!(status["enforce"]["denied"], 0);
     let metrics = ureq_get(d.metrics.expect("metrics"));
@@ -356,13 +445,17 @@ fn dry_run_counts_and_limits_nothing() {
         .lines()
         .find(|l| l.starts_with("stormguard_enforce_decisions_total{kind=\"would_deny\"}"))
         .unwrap_or_else(|| panic!("no would_deny series:\n{metrics}"));
-    assert!(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 100.0, "{line}");
+    assert!(
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 100.0,
+        "{line}"
+    );
 }
 
 fn ureq_get(addr: std::net::SocketAddr) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("response");
     body
@@ -381,8 +474,17 @@ fn kill_9_ends_denial_at_once() {
     let c = client(&cg, &server.addr.to_string(), 5.0, Some(200.0));
     let t0 = Instant::now();
     d.json(&[
-        "throttle", "--pid", &pid_of(&c).to_string(), "--rate", "1/s", "--burst", "1", "--for",
-        "10m", "--errno", DENY,
+        "throttle",
+        "--pid",
+        &pid_of(&c).to_string(),
+        "--rate",
+        "1/s",
+        "--burst",
+        "1",
+        "--for",
+        "10m",
+        "--errno",
+        DENY,
     ]);
     std::thread::sleep(Duration::from_millis(1500));
     let killed_at = t0.elapsed().as_secs_f64();
@@ -401,6 +503,15 @@ fn kill_9_ends_denial_at_once() {
         "kill -9 at {killed_at:.2} s; last denial in the bucket ending {last_denied:.2} s ({:.0} ms after)",
         (last_denied - killed_at) * 1000.0
     );
-    assert!(last_denied - killed_at < 1.0, "denials went on {:.2} s after the daemon died: {}", last_denied - killed_at, counts.0);
-    assert!(counts.window("ok", killed_at + 1.0, 5.0) > 300, "{}", counts.0);
+    assert!(
+        last_denied - killed_at < 1.0,
+        "denials went on {:.2} s after the daemon died: {}",
+        last_denied - killed_at,
+        counts.0
+    );
+    assert!(
+        counts.window("ok", killed_at + 1.0, 5.0) > 300,
+        "{}",
+        counts.0
+    );
 }

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use detector_common::{
     AF_INET, IPPROTO_TCP,
     enforce::{
-        Bucket, Budget, BudgetKey, CGROUP_DEPTH, Counters, EnforceConfig, MAX_BUDGETS, TOKEN,
-        kind, mode, present, scope,
+        Bucket, Budget, BudgetKey, CGROUP_DEPTH, Counters, EnforceConfig, MAX_BUDGETS, TOKEN, kind,
+        mode, present, scope,
     },
 };
 

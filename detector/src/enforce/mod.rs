@@ -496,9 +496,7 @@ impl Enforcer {
         let due: Vec<u64> = self
             .table
             .iter()
-            .filter(|e| {
-                matches!(e.origin, Origin::Auto { .. }) && e.expires_ns <= now_ns + lead
-            })
+            .filter(|e| matches!(e.origin, Origin::Auto { .. }) && e.expires_ns <= now_ns + lead)
             .map(|e| e.id)
             .collect();
         for id in due {

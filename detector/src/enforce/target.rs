@@ -158,7 +158,7 @@ fn protected_process(pid: u32, p: &Proc, host: &Host<'_>) -> Option<String> {
         return Some(format!("pid {pid} ({}) is part of systemd", p.comm));
     }
     let allow = host.allow;
-    if allow.comm.iter().any(|c| *c == p.comm) {
+    if allow.comm.contains(&p.comm) {
         return Some(format!("pid {pid} ({}) is in [enforce.allow] comm", p.comm));
     }
     if let Some(exe) = &p.exe
@@ -300,6 +300,34 @@ pub fn cgroup_of(proc_root: &Path, pid: u32) -> Option<String> {
     read_proc(proc_root, pid).map(|p| p.cgroup)
 }
 
+/// The path (`/a/b`) of the cgroup with this id, searched breadth first
+/// at most 5 levels and 20,000 directories deep.
+pub fn cgroup_path_by_id(root: &Path, id: u64) -> Option<String> {
+    let mut level = vec![root.to_path_buf()];
+    let mut seen = 0;
+    for _ in 0..6 {
+        let mut next = Vec::new();
+        for dir in level {
+            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+                return Some(relative(root, &dir));
+            }
+            seen += 1;
+            if seen > 20_000 {
+                return None;
+            }
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                next.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        level = next;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,39 +413,14 @@ mod tests {
             let got = protected_cgroup(path, &h, true).unwrap_or_else(|| panic!("{path} allowed"));
             assert!(got.contains(why), "{path}: {got}");
         }
-        assert_eq!(protected_cgroup("/system.slice/app.service", &h, true), None);
+        assert_eq!(
+            protected_cgroup("/system.slice/app.service", &h, true),
+            None
+        );
         assert_eq!(protected_cgroup("/keeper", &h, true), None);
         // A process in the root cgroup or a slice is judged as a process.
         assert_eq!(protected_cgroup("/", &h, false), None);
         assert_eq!(protected_cgroup("/user.slice", &h, false), None);
         assert!(protected_cgroup("/init.scope", &h, false).is_some());
     }
-}
-
-/// The path (`/a/b`) of the cgroup with this id, searched breadth first
-/// at most 5 levels and 20,000 directories deep.
-pub fn cgroup_path_by_id(root: &Path, id: u64) -> Option<String> {
-    let mut level = vec![root.to_path_buf()];
-    let mut seen = 0;
-    for _ in 0..6 {
-        let mut next = Vec::new();
-        for dir in level {
-            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-                return Some(relative(root, &dir));
-            }
-            seen += 1;
-            if seen > 20_000 {
-                return None;
-            }
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                next.extend(
-                    rd.flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-        level = next;
-    }
-    None
 }

@@ -466,12 +466,7 @@ fn budgeted(addr: SocketAddr, secs: f64, rate: Option<f64>, deny_errno: i32) {
         }
         count += 1;
     }
-    let list = |v: &[u64]| {
-        v.iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     let errnos = errnos
         .iter()
         .map(|(k, v)| format!("\"{k}\":{v}"))
