@@ -662,6 +662,45 @@ fn daemon_runs_with_only_the_units_capabilities() {
     );
     storm.finish(Duration::from_secs(30));
 
+    // Enforcement too: a manual budget attaches the connect hooks and the
+    // kernel denies beyond it, with these capabilities alone.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dest = server.local_addr().expect("addr").to_string();
+    let client = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["budgeted", "--addr", &dest, "--secs", "3", "--rate", "200"])
+            .args(["--deny-errno", &libc::EHOSTUNREACH.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let b = svc.json(&[
+        "throttle",
+        "--pid",
+        &client.pid().to_string(),
+        "--dest",
+        &dest,
+        "--rate",
+        "10/s",
+        "--for",
+        "1m",
+        "--errno",
+        "EHOSTUNREACH",
+    ]);
+    assert_eq!(b["mode"], "enforce", "{b}");
+    let out: serde_json::Value =
+        serde_json::from_str(client.finish(Duration::from_secs(30)).trim()).expect("client JSON");
+    let denied: u64 = out["denied"]
+        .as_array()
+        .expect("denied")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    println!(
+        "with only the unit's capabilities, a 10/s budget denied {denied} of a 200/s client's connects"
+    );
+    assert!(denied > 100, "the budget denied nothing: {out}");
+    drop(server);
+
     // SIGTERM, as systemctl stop sends: STOPPING=1, exit 0, socket gone.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };

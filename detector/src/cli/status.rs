@@ -107,6 +107,7 @@ pub fn render(s: &StatusView) -> String {
     if let Some(line) = counts_line("kernel anomalies", &s.kernel_anomalies) {
         out.push(line);
     }
+    out.push(enforce_line(&s.enforce));
     out.extend(tables_block(&s.tables));
     out.push(format!(
         "socket {}, database {}, metrics {}",
@@ -119,6 +120,45 @@ pub fn render(s: &StatusView) -> String {
         text.push('\n');
     }
     text
+}
+
+/// "enforce: mode enforce, 2/64 budgets (hooks attached); allowed 50, denied 900".
+fn enforce_line(e: &crate::enforce::EnforceSummary) -> String {
+    let mode = if e.mode.is_empty() {
+        "observe"
+    } else {
+        &e.mode
+    };
+    let mut line = format!(
+        "enforce: mode {mode}, {}/{} budgets ({})",
+        e.budgets,
+        e.max_budgets,
+        if e.attached {
+            "hooks attached"
+        } else {
+            "nothing attached"
+        }
+    );
+    let counts = [
+        ("allowed", e.allowed),
+        ("slowed", e.slowed),
+        ("denied", e.denied),
+        ("would deny", e.would_deny),
+        ("storms not enforced", e.not_enforced),
+        ("errors", e.errors),
+    ];
+    let shown: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !shown.is_empty() {
+        line += &format!("; {}", shown.join(", "));
+    }
+    if let Some(err) = &e.last_error {
+        line += &format!("; last error: {err}");
+    }
+    line
 }
 
 /// "label: a 3, b 1" for the non-zero counts, None when there are none.
@@ -220,6 +260,15 @@ mod tests {
             .into_iter()
             .collect(),
             kernel_anomalies: [("map_full".to_string(), 7)].into_iter().collect(),
+            enforce: crate::enforce::EnforceSummary {
+                mode: "dry-run".into(),
+                budgets: 2,
+                max_budgets: 64,
+                attached: true,
+                allowed: 50,
+                would_deny: 900,
+                ..Default::default()
+            },
             tables: vec![
                 TableView {
                     name: "flows".into(),
@@ -244,6 +293,7 @@ mod tests {
             "store FAILING: database or disk is full (queued 12, dropped writes 3)",
             "errors survived: map_update 2, store 4",
             "kernel anomalies: map_full 7",
+            "enforce: mode dry-run, 2/64 budgets (hooks attached); allowed 50, would deny 900",
             "tables (2; entries/capacity, ! = over 90% full):",
             "  flows 120/10000, !SUSPECTS 4096/4096 (12 evicted)",
         ] {
