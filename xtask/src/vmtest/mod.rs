@@ -142,7 +142,7 @@ fn build(env: &Env) -> anyhow::Result<Built> {
         .find(|v| v["target"]["name"] == "stormguard")
         .map(exe)
         .context("cargo built no stormguard binary")?;
-    let names = ["sensors", "kernel_bounds", "scenarios", "daemon"];
+    let names = ["sensors", "kernel_bounds", "scenarios", "daemon", "enforce"];
     let mut args = vec!["test", "-p", "stormguard-tests", "--no-run"];
     for n in names {
         args.extend(["--test", n]);
