@@ -117,6 +117,11 @@ pub struct Counters {
     pub denied: u64,
     /// Seen after the budget's expiry, let through.
     pub expired: u64,
+    /// Payload packets of governed sockets decided at egress, and their
+    /// bytes (IP length): the daemon sizes each budget's qdisc class in
+    /// bytes per second from the mean packet.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// `ENFORCE_CONFIG[0]`.
@@ -128,7 +133,69 @@ pub struct EnforceConfig {
     /// The daemon's own thread group id: never throttled, whatever the maps say.
     pub self_tgid: u32,
     pub _pad: u32,
+    /// The daemon's network namespace cookie: only sockets of this
+    /// namespace leave through devices the daemon shapes.
+    pub netns_cookie: u64,
 }
 
 /// The depth of cgroup ancestors the hooks walk for cgroup budgets.
 pub const CGROUP_DEPTH: i32 = 12;
+
+/// Sockets a budget governs, by socket cookie (`SOCK_BUDGET`): noted by
+/// the connect and sendmsg hooks, or by the daemon for sockets already
+/// open when the budget began. LRU: a note outlives nothing it needs to.
+pub const MAX_SOCKETS: u32 = 65_536;
+
+/// [`SockNote::flags`].
+pub mod sock {
+    /// The connect was counted: the connection's first request is free.
+    pub const CONNECT_COUNTED: u32 = 1;
+    /// The socket is in the daemon's network namespace, so its packets
+    /// leave through devices the daemon can put a qdisc on.
+    pub const LOCAL_NETNS: u32 = 2;
+}
+
+/// Value of `SOCK_BUDGET`: the budget whose key governs the socket, and
+/// how many payload packets it sent since.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockNote {
+    pub key: BudgetKey,
+    pub sent: u32,
+    pub flags: u32,
+}
+
+/// The most debt a bucket runs up for sends: past a second of waiting a
+/// send is counted slowed without adding to the debt, so the count
+/// recovers as soon as the storm calms.
+pub const MAX_DELAY_NS: u64 = 1_000_000_000;
+
+/// Slowing: a governed socket's payload packets are steered (by
+/// `skb->priority`) into its budget's class of an htb qdisc the daemon
+/// puts on the egress device; the class's rate is the budget's, so the
+/// packets leave later instead of failing. The qdisc's default is no
+/// class: everything else, and everything once the programs detach,
+/// takes htb's direct path (fail-open).
+pub mod shape {
+    /// The htb qdisc's handle major ("SG"): it marks the qdisc as
+    /// stormguard's, so it never touches a qdisc someone else made.
+    pub const QDISC_MAJOR: u32 = 0x5347;
+    /// Devices the egress hook reports (`SLOW_DEVICES`).
+    pub const MAX_DEVICES: u32 = 64;
+    /// `SLOW_DEVICES` values: the hook saw a governed packet leave here...
+    pub const WANTED: u32 = 0;
+    /// ...and the daemon has put the qdisc and every budget's class on it.
+    pub const READY: u32 = 1;
+
+    /// The class minor of a budget slot. The low 4 bits stay 0 so that on
+    /// a device without the qdisc (pfifo_fast reads them as a band) the
+    /// packet keeps the best-effort band.
+    pub const fn class_minor(slot: u32) -> u32 {
+        (slot + 1) << 4
+    }
+
+    /// `skb->priority` that htb maps to the class of `slot`.
+    pub const fn priority(slot: u32) -> u32 {
+        (QDISC_MAJOR << 16) | class_minor(slot)
+    }
+}

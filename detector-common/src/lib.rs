@@ -456,4 +456,6 @@ mod pod {
     unsafe impl aya::Pod for super::enforce::Counters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::enforce::EnforceConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::SockNote {}
 }

@@ -207,6 +207,10 @@ async fn serve(
             .and_then(|m| kernel::find_cgroup2(&m)),
         Some(enforce::persist::path_beside(&config.store.path)),
     ))));
+    // A qdisc a killed daemon left goes before anything else is applied.
+    for note in enforcer.lock().undo_qdiscs() {
+        tracing::warn!("slowing: {note}");
+    }
     for note in enforcer.lock().restore() {
         tracing::info!("budgets: {note}");
     }

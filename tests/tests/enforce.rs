@@ -346,8 +346,8 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
     assert_eq!(b["origin"], "manual");
     assert_eq!(
         enforce_hooks(daemon_pid),
-        2,
-        "connect4 and connect6 attached while a budget exists"
+        5,
+        "connect4/6, sendmsg4/6 and egress attached while a budget exists"
     );
     signal(daemon_pid, libc::SIGSTOP);
     let counts = Counts::of(c, scaled(Duration::from_secs(20)));

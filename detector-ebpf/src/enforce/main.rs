@@ -8,7 +8,10 @@
 
 mod budget;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_skb, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext},
+};
 use detector_common::{AF_INET, AF_INET6};
 
 const ALLOW: i32 = 1;
@@ -23,6 +26,23 @@ pub fn sg_enforce_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn sg_enforce_connect6(ctx: SockAddrContext) -> i32 {
     budget::connect(&ctx, AF_INET6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sg_enforce_sendmsg4(ctx: SockAddrContext) -> i32 {
+    budget::sendmsg(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sg_enforce_sendmsg6(ctx: SockAddrContext) -> i32 {
+    budget::sendmsg(&ctx, AF_INET6)
+}
+
+/// Every packet leaving a socket: governed sockets' requests beyond their
+/// budget leave later. Always passes the packet (1).
+#[cgroup_skb]
+pub fn sg_enforce_egress(ctx: SkBuffContext) -> i32 {
+    budget::egress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -8,17 +8,29 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLinkId},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+    },
 };
-use detector_common::enforce::{Budget, BudgetKey, Counters, EnforceConfig, MAX_BUDGETS};
+use detector_common::enforce::{
+    Budget, BudgetKey, Counters, EnforceConfig, MAX_BUDGETS, SockNote, shape,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stormguard-enforce"));
 
-/// The hooks, in attach order.
-const HOOKS: [(&str, &str); 2] = [
+/// The sock_addr hooks, in attach order: connects are decided there, and
+/// the sockets they (and unconnected UDP sends) open are noted.
+const HOOKS: [(&str, &str); 4] = [
     ("sg_enforce_connect4", "cgroup/connect4"),
     ("sg_enforce_connect6", "cgroup/connect6"),
+    ("sg_enforce_sendmsg4", "cgroup/sendmsg4"),
+    ("sg_enforce_sendmsg6", "cgroup/sendmsg6"),
 ];
+
+/// The egress hook: counts a governed socket's requests and steers them
+/// into their budget's qdisc class.
+const EGRESS: (&str, &str) = ("sg_enforce_egress", "cgroup_skb/egress");
 
 /// A kernel step of enforcement failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +66,7 @@ pub struct Programs {
     ebpf: Ebpf,
     cgroup_root: PathBuf,
     links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    egress: Option<CgroupSkbLinkId>,
 }
 
 impl Programs {
@@ -76,15 +89,28 @@ impl Programs {
                 cause,
             })?;
         }
+        let (program, hook) = EGRESS;
+        let err = |cause| KernelError::Program {
+            program,
+            hook,
+            cause,
+        };
+        let p: &mut CgroupSkb = ebpf
+            .program_mut(program)
+            .ok_or(aya::programs::ProgramError::NotLoaded)
+            .and_then(|p| p.try_into())
+            .map_err(err)?;
+        p.load().map_err(err)?;
         Ok(Programs {
             ebpf,
             cgroup_root: cgroup_root.to_path_buf(),
             links: Vec::new(),
+            egress: None,
         })
     }
 
     pub fn attached(&self) -> bool {
-        !self.links.is_empty()
+        !self.links.is_empty() || self.egress.is_some()
     }
 
     /// Attaches the connect hooks at the cgroup root; all or none.
@@ -120,12 +146,51 @@ impl Programs {
                 }
             }
         }
-        Ok(())
+        let (program, hook) = EGRESS;
+        let dir = std::fs::File::open(&self.cgroup_root).map_err(|cause| KernelError::Cgroup {
+            path: self.cgroup_root.clone(),
+            cause,
+        });
+        let attached = dir.and_then(|dir| {
+            let err = |cause| KernelError::Program {
+                program,
+                hook,
+                cause,
+            };
+            let p: &mut CgroupSkb = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::NotLoaded)
+                .and_then(|p| p.try_into())
+                .map_err(err)?;
+            p.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                .map_err(err)
+        });
+        match attached {
+            Ok(link) => {
+                self.egress = Some(link);
+                Ok(())
+            }
+            Err(e) => {
+                self.detach();
+                Err(e)
+            }
+        }
     }
 
     /// Detaches every hook; errors are logged (the link goes with the
     /// object anyway).
     pub fn detach(&mut self) {
+        if let Some(link) = self.egress.take() {
+            let detached = self
+                .ebpf
+                .program_mut(EGRESS.0)
+                .and_then(|p| <&mut CgroupSkb>::try_from(p).ok())
+                .map(|p| p.detach(link));
+            if let Some(Err(e)) = detached {
+                tracing::warn!(program = EGRESS.0, error = %e, "detaching an enforcement hook");
+            }
+        }
         for (program, link) in self.links.drain(..) {
             let detached = self
                 .ebpf
@@ -162,6 +227,67 @@ impl Programs {
         }
     }
 
+    /// Notes a socket already open when its budget began (found by
+    /// cookie from user space) as governed by the budget at `key`.
+    pub fn note_socket(&mut self, cookie: u64, note: &SockNote) -> Result<(), KernelError> {
+        let m = self
+            .ebpf
+            .map_mut("SOCK_BUDGET")
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "SOCK_BUDGET".into(),
+            })
+            .map_err(map_err("SOCK_BUDGET"))?;
+        let mut h: HashMap<&mut MapData, u64, SockNote> =
+            HashMap::try_from(m).map_err(map_err("SOCK_BUDGET"))?;
+        h.insert(cookie, note, 0).map_err(map_err("SOCK_BUDGET"))
+    }
+
+    fn devices(&mut self) -> Result<HashMap<&mut MapData, u32, u32>, KernelError> {
+        let m = self
+            .ebpf
+            .map_mut("SLOW_DEVICES")
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "SLOW_DEVICES".into(),
+            })
+            .map_err(map_err("SLOW_DEVICES"))?;
+        HashMap::try_from(m).map_err(map_err("SLOW_DEVICES"))
+    }
+
+    /// Egress devices governed packets left through that have no qdisc yet.
+    pub fn wanted_devices(&mut self) -> Result<Vec<u32>, KernelError> {
+        let devices = self.devices()?;
+        let mut out = Vec::new();
+        for item in devices.iter() {
+            let (ifindex, state) = item.map_err(map_err("SLOW_DEVICES"))?;
+            if state == shape::WANTED {
+                out.push(ifindex);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tells the egress hook that `ifindex` has the qdisc and every
+    /// budget's class: its packets may be steered now.
+    pub fn device_ready(&mut self, ifindex: u32) -> Result<(), KernelError> {
+        self.devices()?
+            .insert(ifindex, shape::READY, 0)
+            .map_err(map_err("SLOW_DEVICES"))
+    }
+
+    /// Forgets every device (their qdiscs are gone): nothing is steered
+    /// until the daemon has put a qdisc back.
+    pub fn forget_devices(&mut self) -> Result<(), KernelError> {
+        let mut devices = self.devices()?;
+        let keys: Vec<u32> = devices.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            match devices.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("SLOW_DEVICES")(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Which key shapes exist and who is never throttled.
     pub fn configure(&mut self, config: &EnforceConfig) -> Result<(), KernelError> {
         let m = self
@@ -196,6 +322,8 @@ impl Programs {
             slowed: acc.slowed + c.slowed,
             denied: acc.denied + c.denied,
             expired: acc.expired + c.expired,
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
         }))
     }
 
@@ -215,6 +343,31 @@ impl Programs {
             .map_err(KernelError::Cpus)?;
         a.set(slot, zero, 0).map_err(map_err("COUNTERS"))
     }
+}
+
+/// The network namespace cookie of this process (`SO_NETNS_COOKIE`,
+/// Linux 5.14): the egress hook steers only sockets of this namespace,
+/// whose devices the daemon can shape.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a live socket; a u64 of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 impl Drop for Programs {

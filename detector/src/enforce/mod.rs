@@ -6,22 +6,26 @@
 //! - [`target`]: pid / cgroup / unit → kernel id, refusing protected ones;
 //! - [`table`]: the budgets, pure; [`persist`]: manual ones across restarts;
 //! - [`kernel`]: the enforcement object, attached only while a budget exists;
+//! - [`sockets`]: sockets open before their budget, found by cookie;
+//! - [`qdisc`]: the htb qdisc slowed packets wait in, journaled;
 //! - [`tally`]: successes seen, the deposits of retry budgets.
 pub mod config;
 pub mod kernel;
 pub mod persist;
+pub mod qdisc;
 pub mod request;
+pub mod sockets;
 pub mod table;
 pub mod tally;
 pub mod target;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
-use detector_common::enforce::{Counters, EnforceConfig as KernelConfig, scope};
+use detector_common::enforce::{Counters, EnforceConfig as KernelConfig, SockNote, scope, sock};
 use serde::Serialize;
 
 pub use request::{
@@ -31,13 +35,11 @@ pub use request::{
 use self::{
     config::{EnforceConfig, Mode},
     kernel::Programs,
+    qdisc::{ClassRate, Shaper},
     table::{Draft, Entry, Limit, Origin, Table},
     target::Host,
 };
-use crate::{
-    detect::{State, Subject, VerdictChange},
-    ingest::Proto,
-};
+use crate::detect::{State, Subject, VerdictChange};
 
 /// Wall clock, Unix ms.
 fn now_ms() -> i64 {
@@ -65,6 +67,9 @@ pub struct EnforceSummary {
     /// Kernel or file errors while enforcing, survived.
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Devices carrying stormguard's htb qdisc now (slowing).
+    #[serde(default)]
+    pub shaped_devices: Vec<String>,
 }
 
 /// Every budget, its kernel object and its file.
@@ -85,6 +90,19 @@ pub struct Enforcer {
     not_enforced: u64,
     /// Storms refused an automatic budget (protected): not asked again.
     refused: HashSet<Subject>,
+    /// The qdiscs slowed packets wait in.
+    shaper: Shaper,
+    /// This namespace's cookie (0: unknown, nothing is steered).
+    netns_cookie: u64,
+    /// Successes deposited at the last tick, by budget id: a retry
+    /// budget's class rate follows them.
+    recent_successes: HashMap<u64, u64>,
+    /// Slowed + denied of each storm budget at the last tick: a storm
+    /// whose attempts are still held back is not over.
+    held: HashMap<u64, u64>,
+    /// Storm budgets whose storm the engine called resolved: lifted at
+    /// the first tick that holds nothing back.
+    resolving: HashSet<u64>,
 }
 
 impl Enforcer {
@@ -92,6 +110,14 @@ impl Enforcer {
     /// manual budgets are kept across restarts.
     pub fn new(cfg: EnforceConfig, cgroup_root: Option<PathBuf>, state: Option<PathBuf>) -> Self {
         let default_errno = request::errno_by_name(&cfg.errno).unwrap_or(libc::ECONNREFUSED as u32);
+        let netns_cookie = kernel::own_netns_cookie().unwrap_or_else(|e| {
+            tracing::warn!(
+                "SO_NETNS_COOKIE: {e} (Linux 5.14 or later has it): keep-alive and UDP \
+                 storms are counted but not slowed"
+            );
+            0
+        });
+        let journal = state.as_ref().map(|p| p.with_file_name("qdiscs.json"));
         Enforcer {
             table: Table::new(cfg.max_budgets),
             cfg,
@@ -106,6 +132,25 @@ impl Enforcer {
             retired: Counters::default(),
             not_enforced: 0,
             refused: HashSet::new(),
+            shaper: Shaper::new(journal),
+            netns_cookie,
+            recent_successes: HashMap::new(),
+            held: HashMap::new(),
+            resolving: HashSet::new(),
+        }
+    }
+
+    /// At start: removes qdiscs a killed daemon left (from its journal).
+    pub fn undo_qdiscs(&mut self) -> Vec<String> {
+        self.shaper.undo_journal()
+    }
+
+    fn kernel_config(&self) -> KernelConfig {
+        KernelConfig {
+            present: self.table.present(),
+            self_tgid: self.self_pid,
+            _pad: 0,
+            netns_cookie: self.netns_cookie,
         }
     }
 
@@ -138,16 +183,174 @@ impl Enforcer {
             let root = self.cgroup_root.clone().unwrap_or_default();
             self.progs = Some(Programs::load(&root)?);
         }
-        let present = self.table.present();
+        let config = self.kernel_config();
         let progs = self.progs.as_mut().expect("loaded above");
         progs.reset_counters(entry.slot)?;
         progs.put(&entry.key(), &entry.budget())?;
-        progs.configure(&KernelConfig {
-            present,
-            self_tgid: self.self_pid,
-            _pad: 0,
-        })?;
-        progs.attach()
+        progs.configure(&config)?;
+        progs.attach()?;
+        self.note_open_sockets(entry);
+        self.shape();
+        Ok(())
+    }
+
+    /// The processes a budget's target covers now (a cgroup's, bounded).
+    fn pids_of(&self, e: &Entry) -> Vec<u32> {
+        if e.target.scope == scope::PROCESS {
+            return vec![e.target.id as u32];
+        }
+        let Some(root) = self.cgroup_root.as_deref() else {
+            return Vec::new();
+        };
+        let Some(rel) = target::cgroup_path_by_id(root, e.target.id) else {
+            return Vec::new();
+        };
+        let mut dirs = vec![root.join(rel.trim_start_matches('/'))];
+        let mut pids = Vec::new();
+        while let Some(dir) = dirs.pop() {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+            }
+            if pids.len() >= 1024 || dirs.len() >= 1024 {
+                break;
+            }
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                dirs.extend(
+                    rd.flatten()
+                        .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|d| d.path()),
+                );
+            }
+        }
+        pids.truncate(1024);
+        pids
+    }
+
+    /// Sockets open before the budget began (a keep-alive connection, a
+    /// connected UDP socket) are governed too: the hooks only see new
+    /// ones, so they are found here by cookie (sock_diag lists only this
+    /// namespace's sockets, which is what can be slowed).
+    fn note_open_sockets(&mut self, e: &Entry) {
+        let key = e.key();
+        let mut noted = 0;
+        for pid in self.pids_of(e) {
+            let socks = match sockets::sockets_of(&self.proc_root, pid) {
+                Ok(s) => s,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    self.error(&format!("listing the sockets of pid {pid}"), &err);
+                    continue;
+                }
+            };
+            for s in socks {
+                // Connected ones only: TCP_ESTABLISHED (connected UDP too).
+                if s.state != 1 {
+                    continue;
+                }
+                let dest_matches = e.dest.is_none_or(|d| {
+                    d.addr == s.dst.ip() && d.port.is_none_or(|p| p == s.dst.port())
+                });
+                if !dest_matches {
+                    continue;
+                }
+                let note = SockNote {
+                    key,
+                    sent: 0,
+                    flags: sock::LOCAL_NETNS,
+                };
+                if let Some(p) = self.progs.as_mut() {
+                    match p.note_socket(s.cookie, &note) {
+                        Ok(()) => noted += 1,
+                        Err(err) => self.error("noting an open socket", &err),
+                    }
+                }
+            }
+        }
+        if noted > 0 {
+            tracing::info!(
+                id = e.id,
+                sockets = noted,
+                "open sockets governed by the budget"
+            );
+        }
+    }
+
+    /// The htb class each enforcing budget needs: its rate (a retry
+    /// budget's floor plus what its recent successes earn) in bytes, from
+    /// the mean size of the packets its sockets sent (100 B before any)
+    /// plus an Ethernet header.
+    fn class_rates(&self) -> Vec<(u32, ClassRate)> {
+        self.table
+            .iter()
+            .filter(|e| !e.limit.dry_run)
+            .map(|e| {
+                let c = self
+                    .progs
+                    .as_ref()
+                    .and_then(|p| p.counters(e.slot).ok())
+                    .unwrap_or_default();
+                let packet = c.bytes.checked_div(c.packets).unwrap_or(100) + 14;
+                let earned = e.limit.retry_ratio.map_or(0.0, |r| {
+                    (1.0 + r) * self.recent_successes.get(&e.id).copied().unwrap_or(0) as f64
+                });
+                let per_s = e.limit.rate_per_s + earned;
+                (
+                    e.slot,
+                    ClassRate {
+                        bytes_per_s: (per_s * packet as f64).ceil() as u64,
+                        burst_bytes: e.limit.burst.max(1) as u64 * packet,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Slowing's qdiscs follow the budgets: devices the egress hook
+    /// reported get the qdisc and the classes, then are marked ready;
+    /// classes follow the rates; with no budget left, the qdiscs go.
+    fn shape(&mut self) {
+        if self.table.is_empty() {
+            if !self.shaper.devices().is_empty() {
+                for note in self.shaper.teardown() {
+                    tracing::warn!("slowing: {note}");
+                }
+            }
+            if let Some(p) = self.progs.as_mut()
+                && let Err(e) = p.forget_devices()
+            {
+                self.error("forgetting slowed devices", &e);
+            }
+            return;
+        }
+        let Some(progs) = self.progs.as_mut() else {
+            return;
+        };
+        let wanted = match progs.wanted_devices() {
+            Ok(w) => w,
+            Err(e) => {
+                self.error("reading slowed devices", &e);
+                return;
+            }
+        };
+        let rates = self.class_rates();
+        if let Err(e) = self.shaper.set_classes(&rates) {
+            self.error("slowing: updating a class", &e);
+        }
+        for ifindex in wanted {
+            if self.shaper.is_refused(ifindex) {
+                continue;
+            }
+            match self.shaper.ensure(ifindex, &rates) {
+                Ok(()) => {
+                    if let Some(p) = self.progs.as_mut()
+                        && let Err(e) = p.device_ready(ifindex)
+                    {
+                        self.error("marking a device ready", &e);
+                    }
+                }
+                Err(e) => self.error("slowing", &e),
+            }
+        }
     }
 
     /// Adds a budget: resolved, checked, written to the kernel — or
@@ -171,21 +374,20 @@ impl Enforcer {
 
     /// The kernel's present bits after a change, and detach when empty.
     fn sync_kernel(&mut self) {
-        let present = self.table.present();
+        let config = self.kernel_config();
         let empty = self.table.is_empty();
         let Some(progs) = self.progs.as_mut() else {
             return;
         };
-        let result = progs.configure(&KernelConfig {
-            present,
-            self_tgid: self.self_pid,
-            _pad: 0,
-        });
+        let result = progs.configure(&config);
         if empty {
             progs.detach();
         }
         if let Err(e) = result {
             self.error("updating the enforcement config", &e);
+        }
+        if empty {
+            self.shape();
         }
     }
 
@@ -204,6 +406,9 @@ impl Enforcer {
 
     fn remove(&mut self, id: u64) -> Option<Entry> {
         let e = self.table.remove(id)?;
+        self.held.remove(&id);
+        self.resolving.remove(&id);
+        self.recent_successes.remove(&id);
         self.retire(&e);
         if let Some(progs) = self.progs.as_mut()
             && let Err(err) = progs.remove(&e.key())
@@ -387,10 +592,8 @@ impl Enforcer {
     /// destination, or the cgroup of a roll-up towards it.
     fn storm_target(&self, subject: &Subject) -> Option<(TargetSpec, DestSpec)> {
         let dest = subject.dest();
-        if dest.proto != Proto::Tcp {
-            // UDP storms are slowed, not denied: not in this version.
-            return None;
-        }
+        // UDP storms get a budget too: their connects are never denied,
+        // their sends are slowed.
         let d = DestSpec {
             addr: dest.addr,
             port: Some(dest.port),
@@ -433,9 +636,9 @@ impl Enforcer {
             } else if c.from == State::Storm
                 && let Some(id) = existing
             {
-                tracing::info!(id, "storm resolved; its budget is lifted");
-                self.remove(id);
-                self.sync_kernel();
+                // Lifted at the next tick unless attempts are still held
+                // back: slowed to below the storm rate is not resolved.
+                self.resolving.insert(id);
             }
         }
     }
@@ -490,6 +693,50 @@ impl Enforcer {
     /// lapse, so a storm that goes on is never let through for a moment —
     /// and budgets past their expiry end.
     pub fn tick(&mut self, now_ns: u64, storming: impl Fn(&Subject) -> bool) {
+        // Which storm budgets still hold attempts back (slowed or denied
+        // since the last tick): their storm goes on, whatever the engine
+        // sees of the attempts that got through.
+        let mut holding = HashSet::new();
+        for e in self.table.iter() {
+            let Origin::Auto { .. } = e.origin else {
+                continue;
+            };
+            let c = self
+                .progs
+                .as_ref()
+                .and_then(|p| p.counters(e.slot).ok())
+                .unwrap_or_default();
+            let now_held = c.slowed + c.denied;
+            if self
+                .held
+                .insert(e.id, now_held)
+                .is_some_and(|was| now_held > was)
+            {
+                holding.insert(e.id);
+            }
+        }
+        let lift: Vec<u64> = self
+            .resolving
+            .iter()
+            .copied()
+            .filter(|id| !holding.contains(id))
+            .filter(|id| {
+                self.table.get(*id).is_none_or(|e| match &e.origin {
+                    Origin::Auto { subject, .. } => !storming(subject),
+                    Origin::Manual => true,
+                })
+            })
+            .collect();
+        for id in lift {
+            tracing::info!(
+                id,
+                "storm resolved and nothing held back; its budget is lifted"
+            );
+            self.remove(id);
+        }
+        if !self.resolving.is_empty() || !holding.is_empty() {
+            self.sync_kernel();
+        }
         let ttl_ns = self.cfg.ttl_secs * 1_000_000_000;
         // Renew within a quarter of the TTL (at most 5 s) of the end.
         let lead = (ttl_ns / 4).min(5_000_000_000);
@@ -503,7 +750,7 @@ impl Enforcer {
             let Some(Origin::Auto { subject, .. }) = self.table.get(id).map(|e| &e.origin) else {
                 continue;
             };
-            if !storming(subject) {
+            if !storming(subject) && !holding.contains(&id) {
                 continue;
             }
             let ttl = self.cfg.ttl_secs;
@@ -529,6 +776,7 @@ impl Enforcer {
             self.sync_kernel();
             self.save();
         }
+        self.shape();
     }
 
     /// Processes and cgroups whose successes retry budgets need.
@@ -567,6 +815,7 @@ impl Enforcer {
                 })
                 .map(|(_, n)| n)
                 .sum();
+            self.recent_successes.insert(e.id, n);
             if n > 0 {
                 e.deposit(n);
                 updates.push((e.key(), e.budget()));
@@ -594,6 +843,7 @@ impl Enforcer {
             not_enforced: self.not_enforced,
             errors: self.errors,
             last_error: self.last_error.clone(),
+            shaped_devices: self.shaper.devices(),
         };
         for e in self.table.iter() {
             if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
@@ -613,6 +863,9 @@ impl Enforcer {
     pub fn shutdown(&mut self) {
         if let Some(mut p) = self.progs.take() {
             p.detach();
+        }
+        for note in self.shaper.teardown() {
+            tracing::warn!("slowing: {note}");
         }
     }
 

@@ -19,6 +19,12 @@ pub fn path_beside(db: &Path) -> PathBuf {
 pub fn save<'a>(path: &Path, entries: impl Iterator<Item = &'a Entry>) -> std::io::Result<()> {
     let list: Vec<&Entry> = entries.collect();
     let text = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
+    write_private(path, &text)
+}
+
+/// Writes `bytes` to `path` (0600), replacing it only once written in
+/// full and synced: a crash leaves the old file or the new one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -26,7 +32,7 @@ pub fn save<'a>(path: &Path, entries: impl Iterator<Item = &'a Entry>) -> std::i
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(&text)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
