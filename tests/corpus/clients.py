@@ -24,6 +24,21 @@ import sys
 import time
 
 
+class PerSecond:
+    """Attempts per second since t0, for tests that judge a rate over a
+    window (a budget's)."""
+
+    def __init__(self, t0):
+        self.t0 = t0
+        self.counts = []
+
+    def tick(self):
+        i = int(time.monotonic() - self.t0)
+        while len(self.counts) <= i:
+            self.counts.append(0)
+        self.counts[i] += 1
+
+
 def report(ops, ok, fail, t0, **extra):
     out = {"ops": ops, "ok": ok, "fail": fail, "secs": round(time.monotonic() - t0, 6)}
     out.update(extra)
@@ -41,6 +56,7 @@ def requests_client(a):
 
     urllib3.disable_warnings()
     failed = [0]
+    per_s = PerSecond(time.monotonic())
 
     class CountingRetry(Retry):
         """Counts failed attempts: urllib3 calls increment once per attempt
@@ -48,6 +64,7 @@ def requests_client(a):
 
         def increment(self, *args, **kwargs):
             failed[0] += 1
+            per_s.tick()
             return super().increment(*args, **kwargs)
 
     retry = CountingRetry(
@@ -63,7 +80,7 @@ def requests_client(a):
     adapter = HTTPAdapter(max_retries=retry)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
-    t0 = time.monotonic()
+    t0 = per_s.t0
     end = t0 + a.secs
     ok = calls = 0
     statuses = {}
@@ -74,9 +91,11 @@ def requests_client(a):
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             if r.status_code < 400:
                 ok += 1
+                per_s.tick()
         except requests.exceptions.ConnectionError:
             statuses["conn-error"] = statuses.get("conn-error", 0) + 1
-    report(failed[0] + ok, ok, failed[0], t0, calls=calls, final=statuses)
+    report(failed[0] + ok, ok, failed[0], t0, calls=calls, final=statuses,
+           per_s=per_s.counts)
 
 
 def redis_client(a):
@@ -116,8 +135,10 @@ def resolve(a):
     due = t0
     ops = ok = 0
     errors = {}
+    per_s = PerSecond(t0)
     while ops < a.max and time.monotonic() < end:
         ops += 1
+        per_s.tick()
         try:
             socket.getaddrinfo(a.name, 80, socket.AF_INET, socket.SOCK_STREAM)
             ok += 1
@@ -126,7 +147,7 @@ def resolve(a):
         if gap:
             due += gap
             time.sleep(max(0.0, due - time.monotonic()))
-    report(ops, ok, ops - ok, t0, errors=errors)
+    report(ops, ok, ops - ok, t0, errors=errors, per_s=per_s.counts)
 
 
 def udp_one(a):

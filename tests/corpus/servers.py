@@ -94,9 +94,10 @@ def udp_echo(args):
         s.sendto(b"ok " + data, peer)
 
 
-def dns_answer(query):
+def dns_answer(query, rcode=0):
     """NOERROR for any question; an A record (192.0.2.1, TEST-NET-1: never
-    contacted) when the question is for A, no records otherwise."""
+    contacted) when the question is for A, no records otherwise. With a
+    non-zero rcode (2: SERVFAIL), that rcode and no records."""
     if len(query) < 12:
         return None
     (qid, flags, qdcount) = struct.unpack("!HHH", query[:6])
@@ -111,10 +112,10 @@ def dns_answer(query):
     qtype = struct.unpack("!H", query[i + 1:i + 3])[0]
     question = query[12:end]
     answers = b""
-    if qtype == 1:
+    if qtype == 1 and rcode == 0:
         answers = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("192.0.2.1")
     rd = flags & 0x0100
-    header = struct.pack("!HHHHHH", qid, 0x8080 | rd, 1, 1 if answers else 0, 0, 0)
+    header = struct.pack("!HHHHHH", qid, 0x8080 | rd | (rcode & 0xF), 1, 1 if answers else 0, 0, 0)
     return header + question + answers
 
 
@@ -124,7 +125,7 @@ def dns(args):
     ready(s.getsockname()[1])
     while True:
         data, peer = s.recvfrom(4096)
-        reply = dns_answer(data)
+        reply = dns_answer(data, args.rcode)
         if reply:
             s.sendto(reply, peer)
 
@@ -135,8 +136,10 @@ def main():
     h = sub.add_parser("http")
     h.add_argument("--status", type=int, default=200)
     h.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
-    for name in ("sink", "udp-echo", "dns"):
+    for name in ("sink", "udp-echo"):
         sub.add_parser(name)
+    d = sub.add_parser("dns")
+    d.add_argument("--rcode", type=int, default=0)
     for sp in sub.choices.values():
         sp.add_argument("--bind", default="127.0.0.1")
         sp.add_argument("--port", type=int, default=0)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stormguard_tests::{Cgroup, ChildGuard, Daemon, closed_port, scaled};
+use stormguard_tests::{Cgroup, ChildGuard, Daemon, NetNs, closed_port, lines, run, scaled};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 /// The errno the tests configure for denials, distinct from the real
@@ -514,4 +514,394 @@ fn kill_9_ends_denial_at_once() {
         "{}",
         counts.0
     );
+}
+
+// ---------------------------------------------------------------------------
+// Slowing: keep-alive and UDP storms get latency, not errors
+// ---------------------------------------------------------------------------
+
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus");
+
+fn script(name: &str) -> String {
+    format!("{CORPUS}/{name}")
+}
+
+/// A network namespace joined to the host by a veth pair made for the
+/// test: servers listen inside, clients stay in the host namespace, so
+/// their packets leave through the host end — a device of the daemon's
+/// namespace, which it may give a qdisc — and nothing else is touched.
+struct Link {
+    ns: NetNs,
+    host_dev: String,
+    peer_ip: String,
+}
+
+impl Link {
+    fn create(tag: &str, net: u8) -> Link {
+        let ns = NetNs::create(tag);
+        let n = std::process::id() % 100_000;
+        let host_dev = format!("sgv{net}h{n}");
+        let peer_dev = format!("sgv{net}p{n}");
+        let (host_ip, peer_ip) = (format!("10.231.{net}.1"), format!("10.231.{net}.2"));
+        run(
+            "ip",
+            &[
+                "link", "add", &host_dev, "type", "veth", "peer", "name", &peer_dev,
+            ],
+        );
+        let link = Link {
+            ns,
+            host_dev,
+            peer_ip,
+        };
+        run("ip", &["link", "set", &peer_dev, "netns", &link.ns.name]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{host_ip}/30"),
+                "dev",
+                &link.host_dev,
+            ],
+        );
+        run("ip", &["link", "set", &link.host_dev, "up"]);
+        let n = &link.ns.name;
+        let peer = format!("{}/30", link.peer_ip);
+        run("ip", &["-n", n, "addr", "add", &peer, "dev", &peer_dev]);
+        run("ip", &["-n", n, "link", "set", &peer_dev, "up"]);
+        link
+    }
+
+    /// The host end's root qdisc, as `tc` prints it.
+    fn root_qdisc(&self) -> String {
+        run("tc", &["qdisc", "show", "dev", &self.host_dev, "root"])
+    }
+
+    /// `python3 servers.py ARGS` inside the namespace, and the port it bound.
+    fn server(&self, args: &[&str]) -> (ChildGuard, u16) {
+        let mut child = ChildGuard::spawn(
+            self.ns
+                .command("python3")
+                .arg(script("servers.py"))
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let out = lines(child.0.stdout.take().expect("stdout"));
+        let line = out
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("servers.py {args:?} did not start: {e}"));
+        let port: Value = serde_json::from_str(&line).expect("port line");
+        (child, port["port"].as_u64().expect("port") as u16)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .status();
+    }
+}
+
+/// `python3 clients.py resolve NAME` in `cg`, in the host namespace but
+/// with a private mount namespace whose /etc/resolv.conf names only
+/// `nameserver`: glibc's resolver (getaddrinfo) as any program calls it.
+fn resolver_client(cg: &Cgroup, dir: &std::path::Path, nameserver: &str, secs: u32) -> ChildGuard {
+    std::fs::create_dir_all(dir).expect("dir");
+    let resolv = dir.join("resolv.conf");
+    // One query per lookup (A only, one attempt), answered or failed.
+    std::fs::write(
+        &resolv,
+        format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
+    )
+    .expect("resolv.conf");
+    let secs = secs.to_string();
+    ChildGuard::spawn(
+        cg.exec_in(
+            "unshare",
+            &[
+                "-m",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/resolv.conf && exec python3 \"$@\"",
+                resolv.to_str().expect("UTF-8 path"),
+                &script("clients.py"),
+                "resolve",
+                "storm.example.",
+                "--secs",
+                &secs,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped()),
+    )
+}
+
+/// A clients.py report line.
+fn report(child: ChildGuard, timeout: Duration) -> Value {
+    let out = child.finish(timeout);
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("client said {out:?}: {e}"))
+}
+
+/// Attempts per second over [from_s, to_s) of a report's `per_s`.
+fn rate_in(report: &Value, from_s: f64, to_s: f64) -> f64 {
+    let per_s: Vec<u64> = report["per_s"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no per_s in {report}"))
+        .iter()
+        .map(|v| v.as_u64().expect("count"))
+        .collect();
+    let (a, b) = (from_s.ceil() as usize, to_s.floor() as usize);
+    let n: u64 = per_s.iter().skip(a).take(b.saturating_sub(a)).sum();
+    n as f64 / (b - a) as f64
+}
+
+/// What the daemon logged so far, for failure messages.
+fn said(d: &Daemon) -> String {
+    d.stderr
+        .as_ref()
+        .map(|r| r.try_iter().collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// Under `enforce`, a keep-alive storm answered 503 (Python requests with
+/// urllib3's Retry, no backoff) and a DNS storm through glibc's resolver
+/// answered SERVFAIL each get the default retry budget (no successes:
+/// 10/s) and are slowed to it — ±50% over 10 s — with the same replies as
+/// before and no new error: their requests wait in an htb class on the
+/// egress device. The keep-alive storm keeps its one budget for 30 s.
+/// When the storms end, the budgets and the qdisc go, and the device has
+/// its default qdisc back.
+#[test]
+fn keep_alive_and_dns_storms_are_slowed_not_failed() {
+    let _alone = alone();
+    let Some(mut d) = Daemon::start(
+        "slow",
+        &tmp("slow"),
+        "[enforce]\nmode = \"enforce\"\nttl_secs = 60\n",
+    ) else {
+        return;
+    };
+    let link = Link::create("slow", 1);
+    let before_qdisc = link.root_qdisc();
+    assert!(before_qdisc.contains(" 0: root"), "{before_qdisc}");
+    let (_web, port) = link.server(&["http", "--status", "503", "--bind", &link.peer_ip]);
+    let (_dns, _) = link.server(&[
+        "dns",
+        "--rcode",
+        "2",
+        "--bind",
+        &link.peer_ip,
+        "--port",
+        "53",
+    ]);
+    let cg = Cgroup::create("enforce-slow");
+    let url = format!("http://{}:{port}/", link.peer_ip);
+    let t0 = Instant::now();
+    let web = ChildGuard::spawn(
+        cg.exec_in(
+            "python3",
+            &[
+                &script("clients.py"),
+                "requests",
+                &url,
+                "--retries",
+                "20",
+                "--secs",
+                "36",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null()),
+    );
+    let dns = resolver_client(&cg, &tmp("slow-resolv"), &link.peer_ip, 24);
+    let (web_pid, dns_pid) = (web.pid(), dns.pid());
+
+    let wb = wait_budget(
+        &d,
+        &format!("pid {web_pid} "),
+        scaled(Duration::from_secs(15)),
+    );
+    let t_web = t0.elapsed().as_secs_f64();
+    let web_cpu_before = cpu_ticks(web_pid) as f64 / clock_ticks() / t_web;
+    let db = wait_budget(
+        &d,
+        &format!("pid {dns_pid} "),
+        scaled(Duration::from_secs(15)),
+    );
+    let t_dns = t0.elapsed().as_secs_f64();
+    let dns_cpu_before = cpu_ticks(dns_pid) as f64 / clock_ticks() / t_dns;
+    println!("budgets after {t_web:.1} s (keep-alive) and {t_dns:.1} s (DNS): {wb}\n{db}");
+    assert_eq!(wb["kind"], "retry");
+    assert_eq!(wb["rate_per_s"], 10.0);
+
+    // The qdisc is on the host end while the budgets exist.
+    std::thread::sleep(Duration::from_secs(3));
+    let shaped = link.root_qdisc();
+    assert!(shaped.contains("htb 5347: root"), "{shaped}\n{}", said(&d));
+    let status = d.json(&["status"]);
+    assert!(
+        status["enforce"]["shaped_devices"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == link.host_dev.as_str())),
+        "{}",
+        status["enforce"]
+    );
+
+    // CPU while slowed.
+    let (w0, dn0, c0) = (cpu_ticks(web_pid), cpu_ticks(dns_pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(5));
+    let secs = c0.elapsed().as_secs_f64() * clock_ticks();
+    println!(
+        "CPU of the storming processes, before → under budget: keep-alive {:.0}% → {:.0}%, DNS {:.0}% → {:.0}%",
+        web_cpu_before * 100.0,
+        (cpu_ticks(web_pid) - w0) as f64 / secs * 100.0,
+        dns_cpu_before * 100.0,
+        (cpu_ticks(dns_pid) - dn0) as f64 / secs * 100.0,
+    );
+
+    let dns_report = report(dns, scaled(Duration::from_secs(60)));
+    // A storm that goes on keeps its one budget for 30 s.
+    while t0.elapsed().as_secs_f64() < t_web + 30.0 {
+        std::thread::sleep(Duration::from_millis(500));
+        d.assert_alive("during the keep-alive storm");
+    }
+    let still = budget_by_id(&d, wb["id"].as_str().expect("id")).unwrap_or_else(|| {
+        panic!(
+            "the keep-alive storm's budget went: {:?}\n{}",
+            throttles(&d),
+            said(&d)
+        )
+    });
+    println!("keep-alive budget at +30 s: {still}");
+    assert!(still["slowed"].as_u64().unwrap_or(0) > 100, "{still}");
+    assert_eq!(still["denied"], 0, "nothing is denied: {still}");
+    let web_report = report(web, scaled(Duration::from_secs(60)));
+
+    // Held to 10/s ± 50% over 10 s, from 2 s after the budget.
+    let web_rate = rate_in(&web_report, t_web + 2.0, t_web + 12.0);
+    let dns_rate = rate_in(&dns_report, t_dns + 2.0, t_dns + 12.0);
+    let first = |r: &Value| rate_in(r, 0.0, 1.0);
+    println!(
+        "keep-alive: {:.0}/s in its first second, {web_rate:.1}/s under budget; DNS: {:.0}/s, then {dns_rate:.1}/s",
+        first(&web_report),
+        first(&dns_report)
+    );
+    println!("keep-alive client: {web_report}\nDNS client: {dns_report}");
+    assert!(
+        (5.0..=15.0).contains(&web_rate),
+        "keep-alive at {web_rate:.1}/s under a 10/s budget"
+    );
+    assert!(
+        (5.0..=15.0).contains(&dns_rate),
+        "DNS at {dns_rate:.1}/s under a 10/s budget"
+    );
+    // Their usual replies, and no new error: only 503s, only SERVFAIL's
+    // "temporary failure".
+    let finals = web_report["final"].as_object().expect("final");
+    assert!(
+        finals.keys().all(|k| k == "503"),
+        "keep-alive saw {finals:?}"
+    );
+    let errors = dns_report["errors"].as_object().expect("errors");
+    assert_eq!(errors.len(), 1, "one kind of DNS error: {errors:?}");
+    assert!(
+        errors.keys().all(|k| k.contains("Temporary failure")),
+        "{errors:?}"
+    );
+    assert_eq!(dns_report["ok"], 0);
+
+    // The storms are over: budgets lifted, qdisc removed, default back.
+    let ended = Instant::now();
+    let end = ended + scaled(Duration::from_secs(40));
+    while !(throttles(&d).is_empty() && link.root_qdisc() == before_qdisc) {
+        assert!(
+            Instant::now() < end,
+            "after the storms: {:?}, qdisc {}",
+            throttles(&d),
+            link.root_qdisc()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "budgets and qdisc gone {:?} after the keep-alive client ended",
+        ended.elapsed()
+    );
+}
+
+/// A manual `--rate` on a healthy DNS loop slows it with every answer
+/// correct. `kill -9` of the daemon: the loop is back to full speed at
+/// once (the hook's link closed) though the qdisc outlives the daemon;
+/// the next start removes that qdisc from its journal.
+#[test]
+fn a_manual_rate_slows_a_healthy_dns_loop_and_kill_9_leaves_nothing_behind() {
+    let _alone = alone();
+    let Some(mut d) = Daemon::start("slow-manual", &tmp("slow-manual"), "") else {
+        return;
+    };
+    let link = Link::create("slowm", 2);
+    let before_qdisc = link.root_qdisc();
+    let (_dns, _) = link.server(&["dns", "--bind", &link.peer_ip, "--port", "53"]);
+    let cg = Cgroup::create("enforce-slow-manual");
+    let t0 = Instant::now();
+    let dns = resolver_client(&cg, &tmp("slow-manual-resolv"), &link.peer_ip, 16);
+    let pid = dns.pid();
+    std::thread::sleep(Duration::from_secs(2));
+    let b = d.json(&[
+        "throttle",
+        "--pid",
+        &pid.to_string(),
+        "--dest",
+        &format!("{}:53", link.peer_ip),
+        "--rate",
+        "20/s",
+        "--for",
+        "9s",
+    ]);
+    let t_b = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(6));
+    let shaped = link.root_qdisc();
+    assert!(shaped.contains("htb 5347: root"), "{shaped}");
+    let daemon = d.child.take().expect("daemon");
+    signal(daemon.pid(), libc::SIGKILL);
+    let t_kill = t0.elapsed().as_secs_f64();
+    drop(daemon);
+    std::thread::sleep(Duration::from_secs(2));
+    let left = link.root_qdisc();
+    let r = report(dns, scaled(Duration::from_secs(40)));
+    println!("healthy DNS loop: {r}");
+    let (before, under, after) = (
+        rate_in(&r, 0.0, 2.0),
+        rate_in(&r, t_b + 1.0, t_kill),
+        rate_in(&r, t_kill + 0.5, t_kill + 3.5),
+    );
+    println!(
+        "{before:.0}/s before, {under:.1}/s under --rate 20/s, {after:.0}/s after kill -9; qdisc left: {left}"
+    );
+    assert_eq!(r["ok"], r["ops"], "every answer correct: {r}");
+    assert!((10.0..=30.0).contains(&under), "{under:.1}/s under 20/s");
+    assert!(
+        after > 3.0 * under,
+        "still slowed after kill -9: {after:.0}/s"
+    );
+    assert!(
+        left.contains("htb 5347: root"),
+        "the qdisc outlives the daemon: {left}"
+    );
+
+    // The budget expired while the daemon was down; the next start undoes
+    // the qdisc from the journal.
+    assert!(d.spawn("slow-manual restart"));
+    let now = link.root_qdisc();
+    assert_eq!(now, before_qdisc, "the next start removes the qdisc");
+    assert!(throttles(&d).is_empty(), "{:?}", throttles(&d));
+    assert!(b["id"].is_string());
 }

@@ -18,6 +18,12 @@
 //! and the floor attach is read from the tools themselves at start, so the
 //! bpftrace equivalent follows the sensors and a stale floor is flagged.
 //!
+//! After the matrix, the enforcement section (`sgbench enforce`, one
+//! process pinned to the same CPU) times what the enforcement programs add
+//! to a refused connect and to UDP sends, with no programs, a budget for
+//! another pid only, a budget for this pid with tokens and one exhausted,
+//! the four states interleaved over rounds; `--enforce` alone runs only it.
+//!
 //! Prints the tables and whether the targets are met; asserts nothing
 //! (timing is too noisy to gate on).
 use std::{
@@ -65,6 +71,30 @@ pub struct BenchArgs {
     /// Also write every sample (ns/op per round and cell) as JSON here.
     #[arg(long)]
     pub raw: Option<PathBuf>,
+    /// The enforcement section: ns each enforcement decision adds to a
+    /// refused connect, a connected UDP send and an unconnected sendto
+    /// (budget for another pid only, budget with tokens, budget exhausted,
+    /// against no programs; target ≤ 300 ns), in 4 × --rounds short
+    /// rounds. `run` (the default) runs it after the matrix (~15 s at 5
+    /// rounds); `only`, or `--enforce` with no value, runs just this
+    /// section (--rounds, --ops-scale, --max-secs and --cpu apply); `skip`
+    /// leaves it out.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = EnforceSection::Run,
+        num_args = 0..=1,
+        default_missing_value = "only"
+    )]
+    pub enforce: EnforceSection,
+}
+
+/// `--enforce`: whether the enforcement section runs, and alone or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnforceSection {
+    Run,
+    Only,
+    Skip,
 }
 
 /// A workload of `sgbench run` and its op count at scale 1.
@@ -336,6 +366,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let workloads = select_workloads(&args.workloads)?;
     let configs = select_configs(&args.configs)?;
+    let matrix = args.enforce != EnforceSection::Only;
     let root = workspace_root()?;
     if !args.no_build {
         build(&root)?;
@@ -344,9 +375,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("release");
-    let needs_bt = configs
-        .iter()
-        .any(|c| matches!(c, Config::Bt | Config::BtOd));
+    let needs_bt = matrix
+        && configs
+            .iter()
+            .any(|c| matches!(c, Config::Bt | Config::BtOd));
     let paths = Paths {
         stormguard: existing(target.join("stormguard"))?,
         sgbench: existing(target.join("sgbench"))?,
@@ -358,6 +390,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let env_before = environment();
     eprintln!("bench: before: {env_before}");
+    if !matrix {
+        let section = enforce_report(&paths.sgbench, &args, cpu)?;
+        print!("{section}");
+        println!("machine: before: {env_before}; after: {}", environment());
+        return Ok(());
+    }
 
     let mut plan = Plan {
         rounds: args.rounds,
@@ -396,7 +434,64 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{}",
         engine_report(&existing(target.join("enginebench"))?, cpu)?
     );
+    if args.enforce == EnforceSection::Run {
+        print!("{}", enforce_report(&paths.sgbench, &args, cpu)?);
+    }
     Ok(())
+}
+
+/// `sgbench enforce` rounds per bench round: its rounds are short (every
+/// workload under the four states back to back, ~40 ms per cell), so
+/// that load from other tenants lands on all states alike.
+const ENFORCE_ROUNDS_PER_ROUND: u32 = 4;
+
+/// Seconds one `sgbench enforce` round takes at scale 1 (12 cells,
+/// warm-ups and attaching included).
+const ENFORCE_SECS_PER_ROUND: f64 = 0.6;
+
+/// The enforcement section: `sgbench enforce` pinned to the workload CPU,
+/// its progress on stderr, its table relayed.
+fn enforce_report(sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
+    let rounds = args.rounds * ENFORCE_ROUNDS_PER_ROUND;
+    // Every cell is capped at 1.1 × max_secs (warm-up included); 30 s for
+    // loading and attaching.
+    let cap = rounds as f64 * 12.0 * args.max_secs * 1.1;
+    let limit = Duration::from_secs_f64(cap + 30.0);
+    eprintln!(
+        "bench: enforcement section, {rounds} rounds × 3 workloads × 4 states, about {:.0} s",
+        (rounds as f64 * ENFORCE_SECS_PER_ROUND * args.ops_scale)
+            .min(cap)
+            .ceil()
+    );
+    let mut child = Command::new(sgbench)
+        .arg("enforce")
+        .arg("--cpu")
+        .arg(cpu.to_string())
+        .arg("--rounds")
+        .arg(rounds.to_string())
+        .arg("--ops-scale")
+        .arg(args.ops_scale.to_string())
+        .arg("--max-secs")
+        .arg(args.max_secs.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", sgbench.display()))?;
+    // The table is a few KB: it fits in the pipe, so reading after the
+    // exit cannot block.
+    let Some(status) = wait_timeout(&mut child, limit)? else {
+        kill_and_reap(&mut child);
+        bail!("sgbench enforce did not finish in {limit:?}; killed");
+    };
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    if !status.success() {
+        bail!("sgbench enforce failed ({status})");
+    }
+    Ok(out)
 }
 
 /// Detection-engine throughput (observations per second on one core) and

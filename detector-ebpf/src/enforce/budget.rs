@@ -355,9 +355,11 @@ pub fn sendmsg(ctx: &SockAddrContext, family: u16) -> i32 {
     ALLOW
 }
 
-/// Egress of a governed socket: each request is counted within or
-/// beyond its budget and, under `enforce`, steered into the budget's htb
-/// class, whose rate makes it leave later — never dropped. Pure ACKs, and
+/// Egress of a governed socket: under `enforce`, every request is steered
+/// into its budget's htb class, whose rate and burst are the budget's, so
+/// htb's bucket paces it — requests beyond the budget leave later, never
+/// dropped. This program's own bucket mirrors htb's to count each request
+/// allowed (it will not wait) or slowed (it will). Pure ACKs, and
 /// a new connection's first request (its connect was the attempt), pass
 /// untouched. Always passes the packet.
 pub fn egress(ctx: &SkBuffContext) -> i32 {
@@ -393,13 +395,13 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     };
     // SAFETY: as in `connect`.
     let wait = take_or_wait(&budget, unsafe { &mut *bucket }, now);
+    counters.packets += 1;
+    counters.bytes += ctx.len() as u64;
     if wait == 0 {
         counters.allowed += 1;
     } else {
         counters.slowed += 1;
     }
-    counters.packets += 1;
-    counters.bytes += ctx.len() as u64;
     if budget.mode == mode::ENFORCE && note.flags & sock::LOCAL_NETNS != 0 {
         steer(ctx, budget.slot);
     }
@@ -414,14 +416,14 @@ fn steer(ctx: &SkBuffContext, slot: u32) {
     // SAFETY: a plain read of a context field.
     let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ifindex) };
     // SAFETY: the value is only read.
-    match unsafe { SLOW_DEVICES.get(&ifindex) } {
+    match unsafe { SLOW_DEVICES.get(ifindex) } {
         Some(&shape::READY) => {
             // SAFETY: a context field cgroup_skb programs may write.
             unsafe { (*ctx.skb.skb).priority = shape::priority(slot) };
         }
         Some(_) => {}
         None => {
-            let _ = SLOW_DEVICES.insert(&ifindex, &shape::WANTED, 1);
+            let _ = SLOW_DEVICES.insert(ifindex, shape::WANTED, 1);
         }
     }
 }

@@ -155,6 +155,9 @@ fn enforce_line(e: &crate::enforce::EnforceSummary) -> String {
     if !shown.is_empty() {
         line += &format!("; {}", shown.join(", "));
     }
+    if !e.shaped_devices.is_empty() {
+        line += &format!("; htb qdisc on {}", e.shaped_devices.join(", "));
+    }
     if let Some(err) = &e.last_error {
         line += &format!("; last error: {err}");
     }

@@ -57,6 +57,16 @@ pub enum KernelError {
     },
 }
 
+/// A delete of a key that is not there: aya 0.14 reports the kernel's
+/// ENOENT as a syscall error, not as `KeyNotFound`.
+fn is_absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
     move |cause| KernelError::Map { map, cause }
 }
@@ -222,7 +232,8 @@ impl Programs {
 
     pub fn remove(&mut self, key: &BudgetKey) -> Result<(), KernelError> {
         match self.budgets()?.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(map_err("BUDGETS")(e)),
         }
     }
@@ -281,7 +292,8 @@ impl Programs {
         let keys: Vec<u32> = devices.keys().filter_map(Result::ok).collect();
         for k in keys {
             match devices.remove(&k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if is_absent(&e) => {}
                 Err(e) => return Err(map_err("SLOW_DEVICES")(e)),
             }
         }

@@ -41,6 +41,21 @@ use self::{
 };
 use crate::detect::{State, Subject, VerdictChange};
 
+/// htb's class runs this much faster than the egress program's own
+/// bucket, which counts each request allowed or slowed: the program takes
+/// tokens as requests arrive and gets deposits in lumps, htb as they
+/// leave, so with equal rates a paced storm's requests can look allowed
+/// to the program while htb holds each back. A class a fifth faster keeps
+/// the program's bucket the stricter one, so a storm held back is counted
+/// slowed (and its budget kept), at the cost of a storm getting up to a
+/// fifth more than its budget through.
+const CLASS_MARGIN: f64 = 1.2;
+
+/// A storm budget that held nothing back for this long may be lifted
+/// (ticks come more often than once a second; a slowed storm's held-back
+/// attempts come a few times a second).
+const HOLD_WINDOW_NS: u64 = 2_000_000_000;
+
 /// Wall clock, Unix ms.
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -97,9 +112,9 @@ pub struct Enforcer {
     /// Successes deposited at the last tick, by budget id: a retry
     /// budget's class rate follows them.
     recent_successes: HashMap<u64, u64>,
-    /// Slowed + denied of each storm budget at the last tick: a storm
-    /// whose attempts are still held back is not over.
-    held: HashMap<u64, u64>,
+    /// Slowed + denied of each storm budget, and when it last grew: a
+    /// storm whose attempts are still held back is not over.
+    held: HashMap<u64, (u64, u64)>,
     /// Storm budgets whose storm the engine called resolved: lifted at
     /// the first tick that holds nothing back.
     resolving: HashSet<u64>,
@@ -275,10 +290,11 @@ impl Enforcer {
         }
     }
 
-    /// The htb class each enforcing budget needs: its rate (a retry
-    /// budget's floor plus what its recent successes earn) in bytes, from
-    /// the mean size of the packets its sockets sent (100 B before any)
-    /// plus an Ethernet header.
+    /// The htb class each enforcing budget needs: the budget's rate (a
+    /// retry budget's floor plus what its recent successes earn, so a
+    /// healthy caller's class always has room) times [`CLASS_MARGIN`], and
+    /// its burst, in bytes, from the mean size of the packets its sockets
+    /// sent (100 B before any) plus an Ethernet header.
     fn class_rates(&self) -> Vec<(u32, ClassRate)> {
         self.table
             .iter()
@@ -293,7 +309,7 @@ impl Enforcer {
                 let earned = e.limit.retry_ratio.map_or(0.0, |r| {
                     (1.0 + r) * self.recent_successes.get(&e.id).copied().unwrap_or(0) as f64
                 });
-                let per_s = e.limit.rate_per_s + earned;
+                let per_s = (e.limit.rate_per_s + earned) * CLASS_MARGIN;
                 (
                     e.slot,
                     ClassRate {
@@ -707,11 +723,14 @@ impl Enforcer {
                 .and_then(|p| p.counters(e.slot).ok())
                 .unwrap_or_default();
             let now_held = c.slowed + c.denied;
-            if self
-                .held
-                .insert(e.id, now_held)
-                .is_some_and(|was| now_held > was)
-            {
+            // First seen: the budget has just begun, which counts as
+            // holding back.
+            let (last, grew_ns) = self.held.entry(e.id).or_insert((now_held, now_ns));
+            if now_held > *last {
+                *last = now_held;
+                *grew_ns = now_ns;
+            }
+            if now_ns.saturating_sub(*grew_ns) < HOLD_WINDOW_NS {
                 holding.insert(e.id);
             }
         }
@@ -728,8 +747,11 @@ impl Enforcer {
             })
             .collect();
         for id in lift {
+            let (held, grew_ns) = self.held.get(&id).copied().unwrap_or_default();
             tracing::info!(
                 id,
+                held,
+                quiet_ms = now_ns.saturating_sub(grew_ns) / 1_000_000,
                 "storm resolved and nothing held back; its budget is lifted"
             );
             self.remove(id);

@@ -223,7 +223,7 @@ impl Shaper {
                 }
                 let classid = format!("{QDISC_MAJOR:x}:{:x}", class_minor(slot));
                 let bits = format!("{}bit", rate.bytes_per_s.max(1) * 8);
-                let burst = format!("{}b", rate.burst_bytes.max(1600));
+                let burst = format!("{}b", rate.burst_bytes.max(64));
                 let r = self.tc(&[
                     "class",
                     "replace",

@@ -20,6 +20,15 @@ pub struct Key {
     pub port: u16,
 }
 
+/// A deposit needs a reply that was read: one not read (the probes were
+/// not looking) proves nothing, and a storm of 503s whose heads were
+/// missed must not earn its budget back. A reply read but of a protocol
+/// not parsed counts, or healthy callers of such protocols would never
+/// earn a deposit.
+fn reply_says_ok(reply: &crate::ingest::reply::Reply) -> bool {
+    !matches!(reply, crate::ingest::reply::Reply::NotRead) && reply.failure().is_none()
+}
+
 #[derive(Debug, Default)]
 pub struct Tally {
     pids: HashSet<u32>,
@@ -50,14 +59,14 @@ impl Tally {
                 received,
                 reply,
                 ..
-            } if *received > 0 && reply.failure().is_none() => (*pid, *cgroup, dest),
+            } if *received > 0 && reply_says_ok(reply) => (*pid, *cgroup, dest),
             Observation::UdpRecv {
                 pid,
                 cgroup,
                 dest,
                 reply,
                 ..
-            } if reply.failure().is_none() => (*pid, *cgroup, dest),
+            } if reply_says_ok(reply) => (*pid, *cgroup, dest),
             _ => return,
         };
         if !self.pids.contains(&pid) && !self.cgroups.contains(&cgroup) {

@@ -4,7 +4,9 @@
 //! JSON line with its ns/op; the bench runs it once per cell (fresh process,
 //! so no state carries over between configurations). `sgbench floor` holds
 //! the floor programs (one counter increment per hit, on stormguard's hooks)
-//! attached until it is told to stop.
+//! attached until it is told to stop. `sgbench enforce` times what the
+//! enforcement programs add to a connect and a send, in four states
+//! interleaved in one process, and prints a table.
 //!
 //! Every loop is bounded twice: by an op count and by a wall-clock limit, so
 //! a hook that makes an op pathologically slow cannot stall the bench.
@@ -65,6 +67,30 @@ enum Cmd {
         /// floor can never outlive it.
         #[arg(long)]
         until_stdin_eof: bool,
+    },
+    /// Time the enforcement programs' decisions: a refused loopback
+    /// connect, a send on a connected UDP socket and an unconnected UDP
+    /// sendto, each with no enforcement programs, then attached with a
+    /// budget for another pid only, a budget for this pid with plenty of
+    /// tokens, and one exhausted; states interleaved over rounds (order
+    /// rotated), all in this process. Prints a table on stdout, progress
+    /// on stderr. Attaches at the cgroup v2 root (as root); only this
+    /// process is ever throttled, and everything detaches when it exits.
+    Enforce {
+        /// Pin the process to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// Rounds; each runs every workload under every state once (~0.6 s
+        /// at scale 1 here).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
+        rounds: u32,
+        /// Multiplies each workload's op count (defaults aim at ~40 ms per
+        /// cell without programs).
+        #[arg(long, default_value_t = 1.0)]
+        ops_scale: f64,
+        /// Wall-clock limit per cell in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        max_secs: f64,
     },
 }
 
@@ -132,6 +158,25 @@ fn main() -> anyhow::Result<()> {
             duration,
             until_stdin_eof,
         } => floor(on_demand, Duration::from_secs(duration), until_stdin_eof),
+        Cmd::Enforce {
+            cpu,
+            rounds,
+            ops_scale,
+            max_secs,
+        } => {
+            if !(max_secs > 0.0 && max_secs.is_finite()) {
+                bail!("--max-secs must be a positive number of seconds");
+            }
+            if !(ops_scale > 0.0 && ops_scale.is_finite()) {
+                bail!("--ops-scale must be a positive number");
+            }
+            if let Some(cpu) = cpu {
+                pin(cpu)?;
+            }
+            let table = enforce::run(rounds, ops_scale, Duration::from_secs_f64(max_secs), cpu)?;
+            print!("{table}");
+            Ok(())
+        }
     }
 }
 
@@ -355,6 +400,23 @@ fn unix_echo(ops: u64, max: Duration) -> anyhow::Result<Sample> {
     warm_and_time(ops, max, 256, || round_trip(&mut client, &mut buf))
 }
 
+/// One 64 B `send()` on a UDP socket connected to a bound sink that never
+/// reads: no sendmsg hook runs (the socket is connected), only egress.
+fn udp_send_connected(ops: u64, max: Duration) -> anyhow::Result<Sample> {
+    let sink = UdpSocket::bind(loopback_any()).context("binding the sink")?;
+    let sock = UdpSocket::bind(loopback_any()).context("binding the sender")?;
+    sock.connect(sink.local_addr()?)
+        .context("connecting the sender")?;
+    let buf = [b'c'; MSG];
+    warm_and_time(ops, max, 256, || {
+        let n = sock.send(&buf).context("send")?;
+        if n != MSG {
+            bail!("sent {n} bytes, expected {MSG}");
+        }
+        Ok(())
+    })
+}
+
 fn udp_send(ops: u64, max: Duration) -> anyhow::Result<Sample> {
     // Bound so the datagrams are delivered (and dropped when its buffer is
     // full) rather than answered with ICMP port-unreachable.
@@ -400,4 +462,432 @@ fn floor(on_demand: bool, duration: Duration, until_stdin_eof: bool) -> anyhow::
     drop(probes);
     eprintln!("sgbench: floor detached");
     Ok(())
+}
+
+/// `sgbench enforce`: what the enforcement programs add per decision.
+mod enforce {
+    use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+    use anyhow::{Context as _, bail};
+    use detector_common::enforce::{
+        Budget, BudgetKey, Counters, EnforceConfig, MAX_RATE_PER_S, TOKEN, kind, mode, present,
+        scope,
+    };
+    use stormguard::enforce::kernel::Programs;
+
+    use super::{Sample, refused_connect, udp_send, udp_send_connected};
+
+    /// Slot of this process's budget, and of the other pid's.
+    const OURS: u32 = 0;
+    const OTHERS: u32 = 1;
+    /// A tgid no process has (pid_max is at most 2^22).
+    const OTHER_TGID: u64 = u32::MAX as u64 - 1;
+    /// The target: ns one decision may add to a connect or a send.
+    const TARGET_NS: f64 = 300.0;
+
+    /// What is attached and which budgets exist while a cell runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum State {
+        None,
+        Other,
+        Tokens,
+        Exhausted,
+    }
+
+    const STATES: [State; 4] = [State::None, State::Other, State::Tokens, State::Exhausted];
+
+    impl State {
+        fn name(self) -> &'static str {
+            match self {
+                State::None => "none",
+                State::Other => "other",
+                State::Tokens => "tokens",
+                State::Exhausted => "exhausted",
+            }
+        }
+
+        fn legend(self) -> &'static str {
+            match self {
+                State::None => "no enforcement programs attached",
+                State::Other => {
+                    "attached (connect4/6, sendmsg4/6, egress at the cgroup root); a budget for another pid only: ours are looked up and not found"
+                }
+                State::Tokens => {
+                    "+ a budget for this pid, 10^6/s (the maximum), burst 10^9: every decision takes a token"
+                }
+                State::Exhausted => {
+                    "+ instead a budget for this pid of 1/s, burst 1: connects denied (ECONNREFUSED, before any SYN), sends counted slowed"
+                }
+            }
+        }
+    }
+
+    /// A workload and its op count at scale 1: ~40 ms without programs
+    /// here (refused connect 4.9 µs, connected send 0.72 µs, sendto
+    /// 0.84 µs); `--max-secs` caps slower machines.
+    struct Workload {
+        name: &'static str,
+        ops: u64,
+        run: fn(u64, Duration) -> anyhow::Result<Sample>,
+        what: &'static str,
+    }
+
+    const WORKLOADS: [Workload; 3] = [
+        Workload {
+            name: "refused-connect",
+            ops: 8_000,
+            run: refused_connect,
+            what: "socket + connect refused by RST + close; connect4 decides, egress sees the SYN",
+        },
+        Workload {
+            name: "udp-send-connected",
+            ops: 56_000,
+            run: udp_send_connected,
+            what: "64 B send() on a connected UDP socket; connect4 noted it, egress decides per datagram",
+        },
+        Workload {
+            name: "udp-sendto",
+            ops: 48_000,
+            run: udp_send,
+            what: "64 B sendto() on an unconnected UDP socket; sendmsg4 notes it, egress decides per datagram",
+        },
+    ];
+
+    fn key(id: u64) -> BudgetKey {
+        BudgetKey {
+            id,
+            scope: scope::PROCESS,
+            _pad: 0,
+            dport: 0,
+            family: 0,
+            _pad2: 0,
+            daddr: [0; 16],
+        }
+    }
+
+    fn monotonic_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes only the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// The programs and the budgets of the bench.
+    struct Bench {
+        progs: Programs,
+        tgid: u64,
+        generation: u32,
+        /// Our budget is in the map (removing an absent key is an error).
+        ours_present: bool,
+    }
+
+    impl Bench {
+        /// A rate budget in enforce mode, expiring in an hour; a new
+        /// generation each time so the kernel starts its bucket full.
+        fn budget(&mut self, slot: u32, per_s: u64, burst: u64) -> Budget {
+            self.generation += 1;
+            Budget {
+                slot,
+                errno: libc::ECONNREFUSED as u32,
+                rate_milli: per_s * TOKEN as u64,
+                burst_milli: burst * TOKEN as u64,
+                credit_milli: 0,
+                expires_ns: monotonic_ns() + 3_600_000_000_000,
+                generation: self.generation,
+                kind: kind::RATE,
+                mode: mode::ENFORCE,
+                _pad: 0,
+            }
+        }
+
+        fn set(&mut self, state: State) -> anyhow::Result<()> {
+            if state == State::None {
+                self.progs.detach();
+                return Ok(());
+            }
+            // self_tgid is the one pid never throttled: not ours here (0 is
+            // nobody; the kernel skips tgid ≤ 1 anyway).
+            self.progs.configure(&EnforceConfig {
+                present: present::PROCESS_ANY,
+                self_tgid: 0,
+                ..Default::default()
+            })?;
+            let other = self.budget(OTHERS, 100, 100);
+            self.progs.put(&key(OTHER_TGID), &other)?;
+            let ours = key(self.tgid);
+            match state {
+                State::None | State::Other => {
+                    if self.ours_present {
+                        self.progs.remove(&ours)?;
+                        self.ours_present = false;
+                    }
+                }
+                State::Tokens => {
+                    let b = self.budget(OURS, MAX_RATE_PER_S, 1_000_000_000);
+                    self.progs.put(&ours, &b)?;
+                    self.ours_present = true;
+                }
+                State::Exhausted => {
+                    let b = self.budget(OURS, 1, 1);
+                    self.progs.put(&ours, &b)?;
+                    self.ours_present = true;
+                }
+            }
+            self.progs.attach()?;
+            Ok(())
+        }
+    }
+
+    /// One (workload, state) over the rounds.
+    #[derive(Default)]
+    struct Cell {
+        ns_per_op: Vec<f64>,
+        /// Every op run, warm-up included, and our budget's decisions.
+        all_ops: u64,
+        decided: Counters,
+    }
+
+    fn add(a: &mut Counters, b: &Counters) {
+        a.allowed += b.allowed;
+        a.slowed += b.slowed;
+        a.denied += b.denied;
+        a.expired += b.expired;
+    }
+
+    pub fn run(
+        rounds: u32,
+        ops_scale: f64,
+        max: Duration,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("sgbench enforce attaches eBPF programs: run it as root");
+        }
+        let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+        let root = stormguard::kernel::find_cgroup2(&mounts)
+            .context("no cgroup2 filesystem is mounted")?;
+        let mut bench = Bench {
+            progs: Programs::load(&root).context("loading the enforcement programs")?,
+            tgid: u64::from(std::process::id()),
+            generation: 0,
+            ours_present: false,
+        };
+        let ops = |w: &Workload| ((w.ops as f64 * ops_scale).round() as u64).max(1);
+        let mut cells: BTreeMap<(usize, State), Cell> = BTreeMap::new();
+        let started = std::time::Instant::now();
+        let (ns, nw) = (STATES.len(), WORKLOADS.len());
+        let mut current = None;
+        // Workloads outside, states inside: the four states of a workload
+        // run back to back (~0.15 s here), so a burst of load from another
+        // tenant lands on all of them, and the per-round differences
+        // cancel it.
+        for round in 0..rounds as usize {
+            let mut line = format!("enforce round {}/{rounds}:", round + 1);
+            for j in 0..nw {
+                let wi = (j + round) % nw;
+                let w = &WORKLOADS[wi];
+                let _ = write!(line, " {}", w.name);
+                for i in 0..ns {
+                    let state = STATES[(i + round + j) % ns];
+                    if current != Some(state) {
+                        bench
+                            .set(state)
+                            .with_context(|| format!("setting up state {}", state.name()))?;
+                        current = Some(state);
+                    }
+                    bench.progs.reset_counters(OURS)?;
+                    let s = (w.run)(ops(w), max)
+                        .with_context(|| format!("{} in state {}", w.name, state.name()))?;
+                    let decided = bench.progs.counters(OURS)?;
+                    let ns_per_op = s.elapsed.as_nanos() as f64 / s.ops as f64;
+                    let _ = write!(line, " {}={}", state.name(), fmt_ns(ns_per_op));
+                    let cell = cells.entry((wi, state)).or_default();
+                    cell.ns_per_op.push(ns_per_op);
+                    cell.all_ops += s.ops + s.warmup_ops;
+                    add(&mut cell.decided, &decided);
+                }
+            }
+            eprintln!("{line}");
+        }
+        bench.progs.detach();
+        Ok(report(&cells, rounds, cpu, started.elapsed()))
+    }
+
+    fn median(v: &[f64]) -> f64 {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        }
+    }
+
+    fn fmt_ns(ns: f64) -> String {
+        if ns.abs() < 1000.0 {
+            format!("{ns:.1}")
+        } else {
+            format!("{ns:.0}")
+        }
+    }
+
+    fn fmt_delta(ns: f64) -> String {
+        if ns >= 0.0 {
+            format!("+{}", fmt_ns(ns))
+        } else {
+            fmt_ns(ns)
+        }
+    }
+
+    /// Our budget's decisions per op ("denied 1.00"; rare ones as counts,
+    /// e.g. the burst's one token per cell: "allowed 5 in all"), or "—".
+    fn decisions(cell: &Cell) -> String {
+        let per = |n: u64| n as f64 / cell.all_ops.max(1) as f64;
+        let d = &cell.decided;
+        let parts: Vec<String> = [
+            ("allowed", d.allowed),
+            ("slowed", d.slowed),
+            ("denied", d.denied),
+            ("expired", d.expired),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| {
+            if per(*n) >= 0.005 {
+                format!("{k} {:.2}", per(*n))
+            } else {
+                format!("{k} {n} in all")
+            }
+        })
+        .collect();
+        if parts.is_empty() {
+            "—".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    fn report(
+        cells: &BTreeMap<(usize, State), Cell>,
+        rounds: u32,
+        cpu: Option<usize>,
+        elapsed: Duration,
+    ) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "\nEnforcement decisions: ns/op over {rounds} rounds in one process, {}, {:.0} s; each round runs every workload under the four states back to back (order rotated)",
+            match cpu {
+                Some(c) => format!("pinned to CPU {c}"),
+                None => "unpinned".into(),
+            },
+            elapsed.as_secs_f64(),
+        );
+        let _ = writeln!(o, "states:");
+        for s in STATES {
+            let _ = writeln!(o, "  {:<9} {}", s.name(), s.legend());
+        }
+        let _ = writeln!(o, "workloads:");
+        for w in &WORKLOADS {
+            let _ = writeln!(o, "  {:<18} {}", w.name, w.what);
+        }
+        let _ = writeln!(
+            o,
+            "median and min–max of ns/op over rounds; delta = median over rounds of (state − none, same round), ± twice the median absolute deviation of those differences; decisions = what our budget counted, per op"
+        );
+        let _ = writeln!(
+            o,
+            "{:<18} {:<9} {:>8} {:>17} {:>8} {:>7}  decisions",
+            "workload", "state", "median", "min–max", "delta", "±"
+        );
+        let mut verdicts = Vec::new();
+        let mut met = true;
+        let mut unseen = Vec::new();
+        for (wi, w) in WORKLOADS.iter().enumerate() {
+            let Some(none) = cells.get(&(wi, State::None)) else {
+                continue;
+            };
+            let mut row_verdicts = Vec::new();
+            for (i, s) in STATES.iter().enumerate() {
+                let Some(cell) = cells.get(&(wi, *s)) else {
+                    continue;
+                };
+                let (lo, hi) = cell
+                    .ns_per_op
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                        (lo.min(x), hi.max(x))
+                    });
+                // Every state ran once per round, so the samples pair up.
+                let diffs: Vec<f64> = cell
+                    .ns_per_op
+                    .iter()
+                    .zip(&none.ns_per_op)
+                    .map(|(x, n)| x - n)
+                    .collect();
+                let delta = median(&diffs);
+                let dev: Vec<f64> = diffs.iter().map(|d| (d - delta).abs()).collect();
+                let spread = 2.0 * median(&dev);
+                let base = *s == State::None;
+                let _ = writeln!(
+                    o,
+                    "{:<18} {:<9} {:>8} {:>17} {:>8} {:>7}  {}",
+                    if i == 0 { w.name } else { "" },
+                    s.name(),
+                    fmt_ns(median(&cell.ns_per_op)),
+                    format!("{}–{}", fmt_ns(lo), fmt_ns(hi)),
+                    if base { "—".into() } else { fmt_delta(delta) },
+                    if base { String::new() } else { fmt_ns(spread) },
+                    decisions(cell)
+                );
+                if matches!(s, State::Tokens | State::Exhausted)
+                    && cell.decided.allowed + cell.decided.slowed + cell.decided.denied == 0
+                {
+                    unseen.push(format!("{} {}", w.name, s.name()));
+                }
+                if !base {
+                    let ok = delta <= TARGET_NS;
+                    met &= ok;
+                    row_verdicts.push(format!(
+                        "{} {}{}",
+                        s.name(),
+                        fmt_delta(delta),
+                        match (ok, delta - spread <= TARGET_NS) {
+                            (true, _) => "",
+                            (false, true) => " (NOT MET, within ±)",
+                            (false, false) => " (NOT MET)",
+                        }
+                    ));
+                }
+            }
+            verdicts.push(format!("{}: {}", w.name, row_verdicts.join(", ")));
+        }
+        let _ = writeln!(
+            o,
+            "Target ≤ {TARGET_NS:.0} ns added per decision (delta; printed, never asserted): {}",
+            if met { "MET" } else { "NOT MET" }
+        );
+        for v in verdicts {
+            let _ = writeln!(o, "  {v}");
+        }
+        let _ = writeln!(
+            o,
+            "  (refused-connect exhausted: the hook fails the connect before any SYN is sent, so it is cheaper than a connect refused by RST; its delta is that saving, not the decision's cost)"
+        );
+        if !unseen.is_empty() {
+            let _ = writeln!(
+                o,
+                "WARNING: our budget counted no decisions in {}: the hooks did not see this process's sockets, so those rows do not measure decisions",
+                unseen.join(", ")
+            );
+        }
+        o
+    }
 }
