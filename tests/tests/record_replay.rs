@@ -45,12 +45,25 @@ fn replaying_a_recording_prints_the_live_verdicts() {
     storm.finish(Duration::from_secs(30));
     let status = record.0.wait().unwrap();
     assert!(status.success(), "record exited with {status}");
-    let live: Vec<String> = stdout.try_iter().collect();
+    // Every line up to EOF: the reader thread may still be forwarding
+    // them when `wait` returns (bounded, in case the pipe stays open).
+    let mut live: Vec<String> = Vec::new();
+    while let Ok(l) = stdout.recv_timeout(Duration::from_secs(10)) {
+        live.push(l);
+    }
     let storm_line = live
         .iter()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON change"))
         .find(|v| v["subject"]["pid"] == pid && v["to"] == "storm")
-        .unwrap_or_else(|| panic!("no storm for pid {pid} in {live:#?}"));
+        .unwrap_or_else(|| {
+            let said: Vec<String> = stderr.try_iter().collect();
+            let recorded = std::fs::read_to_string(&file).unwrap_or_default();
+            let mine = recorded.lines().filter(|l| l.contains(&format!("\"pid\":{pid}"))).count();
+            panic!(
+                "no storm for pid {pid} in {live:#?}; record said {said:?}; {} lines recorded, {mine} of pid {pid}",
+                recorded.lines().count()
+            )
+        });
     println!(
         "record: storm printed within {:?}: {}",
         started.elapsed(),

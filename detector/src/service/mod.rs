@@ -98,28 +98,18 @@ pub async fn drive(
         start + Duration::from_nanos(TICK_NS),
         Duration::from_nanos(TICK_NS),
     );
+    // Ticks missed while a batch ran are not made up in a burst: the
+    // next tick covers them (it is biased ahead of the ring below).
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reporter = tokio::time::interval_at(start + interval, interval);
     let deadline = opts.duration.map(|s| start + Duration::from_secs(s));
     let mut last_report = kernel::monotonic_ns();
     let mut watchdog = Watchdog::from_env();
     loop {
+        // Biased, the ring last: a full ring stays ready, and the timers
+        // and signals (made ready by the yield below) must win over it.
         tokio::select! {
-            guard = ring.readable_mut() => {
-                match guard {
-                    Ok(mut guard) => {
-                        let n = drain(guard.get_inner_mut(), &mut pipe);
-                        // A full batch means more is waiting: stay ready,
-                        // but let the ticker and signals have their turn.
-                        if n < DRAIN_MAX {
-                            guard.clear_ready();
-                        }
-                    }
-                    Err(e) => {
-                        pipe.health.error(kind::RING, "polling the ring buffer", &e);
-                        tokio::time::sleep(Duration::from_nanos(TICK_NS)).await;
-                    }
-                }
-            }
+            biased;
             _ = ticker.tick() => {
                 // Records already in the ring belong before this tick.
                 drain(ring.get_mut(), &mut pipe);
@@ -140,6 +130,30 @@ pub async fn drive(
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { tokio::time::sleep_until(deadline.unwrap_or(start)).await }, if deadline.is_some() => break,
+            guard = ring.readable_mut() => {
+                match guard {
+                    Ok(mut guard) => {
+                        let n = drain(guard.get_inner_mut(), &mut pipe);
+                        // A full batch means more is waiting: stay ready,
+                        // but let the ticker and signals have their turn.
+                        // That needs a yield: while the ring stays ready
+                        // this future never returns Pending, so the
+                        // runtime never polls its timer and signal drivers
+                        // and the ticker never fires (a storm from the
+                        // first moment went undetected to its end).
+                        if n < DRAIN_MAX {
+                            guard.clear_ready();
+                        } else {
+                            drop(guard);
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Err(e) => {
+                        pipe.health.error(kind::RING, "polling the ring buffer", &e);
+                        tokio::time::sleep(Duration::from_nanos(TICK_NS)).await;
+                    }
+                }
+            }
         }
     }
     if let Err(e) = sensors.detach_on_demand() {

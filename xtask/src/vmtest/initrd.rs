@@ -183,10 +183,13 @@ impl<W: Write> Cpio<W> {
     }
 }
 
-/// What the tests run in the guest besides their own binaries: ip (netns),
-/// nft, python3, curl, sh, setpriv, modprobe (the kernel's, for nf_tables),
-/// bpftool (for a look at what is loaded).
-const ROOTFS_PACKAGES: &str = "iproute2,nftables,python3,curl,kmod,util-linux,procps,bpftool";
+/// What the tests run in the guest besides their own binaries: ip (netns,
+/// veth) and tc (enforcement's htb qdisc), nft, python3 with requests (the
+/// enforcement tests' real clients), curl, sh, setpriv, unshare and mount,
+/// modprobe (the kernel's, for nf_tables, veth, sch_htb), bpftool (for a
+/// look at what is loaded).
+const ROOTFS_PACKAGES: &str =
+    "iproute2,nftables,python3,python3-requests,curl,kmod,util-linux,mount,procps,bpftool";
 
 /// Paths dpkg leaves out of the rootfs (documentation and translations).
 const ROOTFS_EXCLUDES: [&str; 4] = [

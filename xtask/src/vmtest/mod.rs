@@ -386,6 +386,19 @@ pub fn run_all(env: &Env, args: &Args) -> anyhow::Result<()> {
         });
     }
 
+    // The real-client scripts the enforcement tests run (python3 servers
+    // and clients), at their host paths like the binaries.
+    let corpus = super::bench::workspace_root()?.join("tests/corpus");
+    for e in fs::read_dir(&corpus).with_context(|| format!("reading {}", corpus.display()))? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "py") {
+            bins.push(initrd::Placed {
+                guest: path.clone(),
+                host: path,
+            });
+        }
+    }
+
     // Each kernel: fetched (or found in the cache).
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut fetched = Vec::new();
