@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stormguard_tests::{Cgroup, ChildGuard, Daemon, NetNs, closed_port, lines, run, scaled};
+use stormguard_tests::{Cgroup, ChildGuard, Daemon, Link, closed_port, scaled, script};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 /// The errno the tests configure for denials, distinct from the real
@@ -519,91 +519,6 @@ fn kill_9_ends_denial_at_once() {
 // ---------------------------------------------------------------------------
 // Slowing: keep-alive and UDP storms get latency, not errors
 // ---------------------------------------------------------------------------
-
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus");
-
-fn script(name: &str) -> String {
-    format!("{CORPUS}/{name}")
-}
-
-/// A network namespace joined to the host by a veth pair made for the
-/// test: servers listen inside, clients stay in the host namespace, so
-/// their packets leave through the host end — a device of the daemon's
-/// namespace, which it may give a qdisc — and nothing else is touched.
-struct Link {
-    ns: NetNs,
-    host_dev: String,
-    peer_ip: String,
-}
-
-impl Link {
-    fn create(tag: &str, net: u8) -> Link {
-        let ns = NetNs::create(tag);
-        let n = std::process::id() % 100_000;
-        let host_dev = format!("sgv{net}h{n}");
-        let peer_dev = format!("sgv{net}p{n}");
-        let (host_ip, peer_ip) = (format!("10.231.{net}.1"), format!("10.231.{net}.2"));
-        run(
-            "ip",
-            &[
-                "link", "add", &host_dev, "type", "veth", "peer", "name", &peer_dev,
-            ],
-        );
-        let link = Link {
-            ns,
-            host_dev,
-            peer_ip,
-        };
-        run("ip", &["link", "set", &peer_dev, "netns", &link.ns.name]);
-        run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{host_ip}/30"),
-                "dev",
-                &link.host_dev,
-            ],
-        );
-        run("ip", &["link", "set", &link.host_dev, "up"]);
-        let n = &link.ns.name;
-        let peer = format!("{}/30", link.peer_ip);
-        run("ip", &["-n", n, "addr", "add", &peer, "dev", &peer_dev]);
-        run("ip", &["-n", n, "link", "set", &peer_dev, "up"]);
-        link
-    }
-
-    /// The host end's root qdisc, as `tc` prints it.
-    fn root_qdisc(&self) -> String {
-        run("tc", &["qdisc", "show", "dev", &self.host_dev, "root"])
-    }
-
-    /// `python3 servers.py ARGS` inside the namespace, and the port it bound.
-    fn server(&self, args: &[&str]) -> (ChildGuard, u16) {
-        let mut child = ChildGuard::spawn(
-            self.ns
-                .command("python3")
-                .arg(script("servers.py"))
-                .args(args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null()),
-        );
-        let out = lines(child.0.stdout.take().expect("stdout"));
-        let line = out
-            .recv_timeout(Duration::from_secs(15))
-            .unwrap_or_else(|e| panic!("servers.py {args:?} did not start: {e}"));
-        let port: Value = serde_json::from_str(&line).expect("port line");
-        (child, port["port"].as_u64().expect("port") as u16)
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.host_dev])
-            .status();
-    }
-}
 
 /// `python3 clients.py resolve NAME` in `cg`, in the host namespace but
 /// with a private mount namespace whose /etc/resolv.conf names only

@@ -16,7 +16,7 @@ use std::{
 
 use stormguard::{cli::doctor::EXIT_ENVIRONMENT, config::Config, kernel::caps::REQUIRED};
 use stormguard_tests::{
-    ChildGuard, closed_port, ebpf_required, lines, skip_or_fail, stormguard_bin,
+    ChildGuard, Link, closed_port, ebpf_required, lines, skip_or_fail, stormguard_bin,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
@@ -562,6 +562,19 @@ fn example_config_is_every_field_at_its_default() {
     );
 }
 
+/// A request/response loop on a connected UDP socket: ARGS host port
+/// secs; prints the replies per second as a JSON list.
+const UDP_LOOP: &str = "import socket,sys,time,json
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2)
+s.connect((sys.argv[1],int(sys.argv[2])))
+t0=time.monotonic(); per=[]
+while time.monotonic()-t0<float(sys.argv[3]):
+    s.send(b'x'*32); s.recv(100)
+    i=int(time.monotonic()-t0)
+    while len(per)<=i: per.append(0)
+    per[i]+=1
+print(json.dumps(per))";
+
 #[test]
 fn daemon_runs_with_only_the_units_capabilities() {
     const WHAT: &str = "service";
@@ -700,6 +713,63 @@ fn daemon_runs_with_only_the_units_capabilities() {
     );
     assert!(denied > 100, "the budget denied nothing: {out}");
     drop(server);
+
+    // Slowing too: a request/response UDP loop over a veth made for the
+    // test gets a manual budget; the daemon puts its htb qdisc on the
+    // host end (`tc`, CAP_NET_ADMIN, AF_NETLINK) and the loop slows.
+    let link = Link::create("svc", 3);
+    let (_echo, echo_port) = link.server(&["udp-echo", "--bind", &link.peer_ip]);
+    let udp = ChildGuard::spawn(
+        Command::new("python3")
+            .args(["-c", UDP_LOOP, &link.peer_ip, &echo_port.to_string(), "5"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let b = svc.json(&[
+        "throttle",
+        "--pid",
+        &udp.pid().to_string(),
+        "--dest",
+        &format!("{}:{echo_port}", link.peer_ip),
+        "--rate",
+        "20/s",
+        "--for",
+        "1m",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let shaped = link.root_qdisc();
+    let enforce = svc.json(&["status"])["enforce"].clone();
+    let view = svc.json(&["throttles"]);
+    println!("status enforce: {enforce}\nthrottles: {view}");
+    let per_s: Vec<u64> =
+        serde_json::from_str(udp.finish(Duration::from_secs(30)).trim()).expect("loop JSON");
+    println!(
+        "with only the unit's capabilities, a UDP loop under --rate 20/s: {per_s:?}/s; {shaped}"
+    );
+    assert!(
+        shaped.contains("htb 5347: root"),
+        "no qdisc: {shaped}\n{}",
+        svc.log.join("\n")
+    );
+    assert!(per_s[0] > 200, "the loop was not a storm: {per_s:?}");
+    assert!(per_s[3] <= 40, "not slowed: {per_s:?}");
+    let udp_budget = view
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["id"] == b["id"]))
+        .expect("the UDP budget listed");
+    assert!(
+        udp_budget["slowed"].as_u64().is_some_and(|n| n > 0),
+        "{udp_budget}"
+    );
+    // The qdisc goes with the last budget.
+    svc.json(&["release", "--all"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        link.root_qdisc().contains(" 0: root"),
+        "qdisc left after release: {}",
+        link.root_qdisc()
+    );
 
     // SIGTERM, as systemctl stop sends: STOPPING=1, exit 0, socket gone.
     // SAFETY: signalling our own child.

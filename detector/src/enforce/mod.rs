@@ -252,6 +252,19 @@ impl Enforcer {
             let socks = match sockets::sockets_of(&self.proc_root, pid) {
                 Ok(s) => s,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                // /proc/PID/fd of another user's or a more privileged
+                // process needs CAP_SYS_PTRACE, which the unit leaves
+                // out: the sockets made in the process's cgroup towards
+                // the budget's destination stand in for its own.
+                Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+                    match self.sockets_by_cgroup(pid) {
+                        Ok(s) => s,
+                        Err(err) => {
+                            self.error(&format!("listing the sockets of pid {pid}"), &err);
+                            continue;
+                        }
+                    }
+                }
                 Err(err) => {
                     self.error(&format!("listing the sockets of pid {pid}"), &err);
                     continue;
@@ -288,6 +301,19 @@ impl Enforcer {
                 "open sockets governed by the budget"
             );
         }
+    }
+
+    /// The sockets made in `pid`'s cgroup (sock_diag's cgroup id).
+    fn sockets_by_cgroup(&self, pid: u32) -> std::io::Result<Vec<sockets::SockInfo>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = self.cgroup_root.as_deref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup v2 hierarchy")
+        })?;
+        let rel = target::cgroup_of(&self.proc_root, pid).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup for the pid")
+        })?;
+        let id = std::fs::metadata(root.join(rel.trim_start_matches('/')))?.ino();
+        sockets::sockets_where(|s| s.cgroup == id && s.state == 1)
     }
 
     /// The htb class each enforcing budget needs: the budget's rate (a

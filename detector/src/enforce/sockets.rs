@@ -40,6 +40,9 @@ pub struct SockInfo {
     /// The kernel's socket state (`TCP_ESTABLISHED` = 1, `TCP_LISTEN` =
     /// 10, `TCP_CLOSE` = 7 for an unconnected UDP socket, ...).
     pub state: u8,
+    /// The cgroup v2 id the socket was created in (`INET_DIAG_CGROUP_ID`,
+    /// Linux 5.9); 0 when the kernel does not say.
+    pub cgroup: u64,
 }
 
 /// The TCP and UDP sockets (IPv4 and IPv6) of `pid`. `proc_root` is
@@ -57,15 +60,23 @@ pub struct SockInfo {
 /// logged and the UDP sockets are left out rather than failing the call.
 pub fn sockets_of(proc_root: &Path, pid: u32) -> io::Result<Vec<SockInfo>> {
     let inodes = socket_inodes(proc_root, pid)?;
-    let mut out = Vec::new();
     if inodes.is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
+    sockets_where(|info| inodes.contains(&info.inode))
+}
+
+/// Every TCP and UDP socket (IPv4 and IPv6) of this network namespace
+/// that `keep` keeps. For when /proc/PID/fd may not be read (another
+/// user's or a more privileged process, without CAP_SYS_PTRACE): callers
+/// select by cgroup and peer instead.
+pub fn sockets_where(keep: impl Fn(&SockInfo) -> bool) -> io::Result<Vec<SockInfo>> {
+    let mut out = Vec::new();
     let mut diag = Diag::open()?;
     for (family, proto) in DUMPS {
         let name = dump_name(family, proto);
         let res = diag.dump(family, proto, |info| {
-            if inodes.contains(&info.inode) {
+            if keep(&info) {
                 out.push(info);
             }
         });
@@ -91,9 +102,15 @@ fn socket_inodes(proc_root: &Path, pid: u32) -> io::Result<HashSet<u64>> {
     let mut inodes = HashSet::new();
     for entry in entries {
         let entry = entry.map_err(|e| context(e, &dir.display().to_string()))?;
-        // An fd closed since the listing: not an error.
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
+        let target = match std::fs::read_link(entry.path()) {
+            Ok(t) => t,
+            // Listing may be allowed where reading the links is not (no
+            // ptrace access): that must not pass for "no sockets".
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(context(e, &dir.display().to_string()));
+            }
+            // An fd closed since the listing: not an error.
+            Err(_) => continue,
         };
         if let Some(inode) = socket_inode(&target) {
             inodes.insert(inode);
@@ -276,7 +293,29 @@ fn parse_msg(payload: &[u8], proto: u8) -> io::Result<Option<SockInfo>> {
         family: u16::from(msg.idiag_family),
         dst,
         state: msg.idiag_state,
+        cgroup: cgroup_attr(&payload[size_of::<InetDiagMsg>()..]).unwrap_or(0),
     }))
+}
+
+/// `INET_DIAG_CGROUP_ID` from linux/inet_diag.h.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+/// The cgroup id among the attributes after an `inet_diag_msg`.
+fn cgroup_attr(mut attrs: &[u8]) -> Option<u64> {
+    // struct rtattr { u16 rta_len; u16 rta_type; }, then the value,
+    // each padded to 4 bytes.
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let ty = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if ty == INET_DIAG_CGROUP_ID && len >= 12 {
+            return Some(u64::from_ne_bytes(attrs[4..12].try_into().ok()?));
+        }
+        attrs = &attrs[nlmsg_align(len).min(attrs.len())..];
+    }
+    None
 }
 
 /// Where a batch of netlink messages left the dump.
@@ -699,6 +738,31 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
         let e = sockets_of(Path::new("/nonexistent-proc"), 1).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+
+    #[test]
+    fn sockets_carry_the_cgroup_they_were_made_in() {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect("127.0.0.1:9").unwrap();
+        let inode = inode_of(sock.as_raw_fd());
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = crate::kernel::find_cgroup2(&mounts).expect("cgroup2");
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("cgroup v2 line");
+        use std::os::unix::fs::MetadataExt as _;
+        let id = std::fs::metadata(root.join(rel.trim_start_matches('/')))
+            .unwrap()
+            .ino();
+        let got = sockets_where(|s| s.inode == inode).unwrap();
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert_eq!(got[0].cgroup, id, "INET_DIAG_CGROUP_ID");
+        assert!(
+            cgroup_attr(&[8, 0, 21, 0, 1, 0, 0, 0]).is_none(),
+            "short value"
+        );
     }
 
     #[test]
