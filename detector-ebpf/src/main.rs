@@ -6,6 +6,7 @@
 
 mod maps;
 mod probes;
+mod sockaddr;
 mod tables;
 mod util;
 

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use detector_common::{
-    AF_INET, IPPROTO_TCP, IPPROTO_UDP,
+    IPPROTO_TCP, IPPROTO_UDP,
     enforce::{
         Bucket, Budget, BudgetKey, CGROUP_DEPTH, Counters, EnforceConfig, MAX_BUDGETS,
         MAX_DELAY_NS, MAX_SOCKETS, SockNote, TOKEN, kind, mode, present, scope, shape, sock,
@@ -64,30 +64,12 @@ pub static SLOW_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(shape::MA
 fn destination(ctx: &SockAddrContext, family: u16) -> BudgetKey {
     // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
     let sa = unsafe { &*ctx.sock_addr };
-    let mut words = [0u32; 4];
-    // SAFETY: plain loads of context fields, one per field (the verifier
-    // accepts only constant offsets from the context pointer).
-    unsafe {
-        if family == AF_INET {
-            words[0] = read_volatile(&sa.user_ip4);
-        } else {
-            words[0] = read_volatile(&sa.user_ip6[0]);
-            words[1] = read_volatile(&sa.user_ip6[1]);
-            words[2] = read_volatile(&sa.user_ip6[2]);
-            words[3] = read_volatile(&sa.user_ip6[3]);
-        }
-    }
-    let mut daddr = [0u8; 16];
-    daddr[0..4].copy_from_slice(&words[0].to_ne_bytes());
-    daddr[4..8].copy_from_slice(&words[1].to_ne_bytes());
-    daddr[8..12].copy_from_slice(&words[2].to_ne_bytes());
-    daddr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    let (daddr, dport) = crate::sockaddr::user_dest(sa, family);
     BudgetKey {
         id: 0,
         scope: 0,
         _pad: 0,
-        // SAFETY: as above.
-        dport: u16::from_be(unsafe { read_volatile(&sa.user_port) } as u16),
+        dport,
         family,
         _pad2: 0,
         daddr,
@@ -265,6 +247,23 @@ fn counters_of(budget: &Budget) -> Option<&'static mut Counters> {
     Some(unsafe { &mut *c })
 }
 
+/// A budget's counters and bucket, and the time, if it still applies:
+/// None (allow) past its expiry, counted as such, or on a map miss.
+#[inline(always)]
+fn live(budget: &Budget) -> Option<(&'static mut Counters, &'static mut Bucket, u64)> {
+    let counters = counters_of(budget)?;
+    // SAFETY: no arguments; always safe to call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now >= budget.expires_ns {
+        counters.expired += 1;
+        return None;
+    }
+    let bucket = BUCKETS.get_ptr_mut(budget.slot)?;
+    // SAFETY: a valid element of an array map; a racing CPU can only make
+    // the count off by a token.
+    Some((counters, unsafe { &mut *bucket }, now))
+}
+
 /// The budget and the caller, for the sock_addr hooks: None when nothing
 /// governs this caller's connect or send to `dest`.
 #[inline(always)]
@@ -314,21 +313,10 @@ pub fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
         note_socket(ctx, &key, 0);
         return ALLOW;
     }
-    let Some(counters) = counters_of(&budget) else {
+    let Some((counters, bucket, now)) = live(&budget) else {
         return ALLOW;
     };
-    // SAFETY: no arguments; always safe to call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now >= budget.expires_ns {
-        counters.expired += 1;
-        return ALLOW;
-    }
-    let Some(bucket) = BUCKETS.get_ptr_mut(budget.slot) else {
-        return ALLOW;
-    };
-    // SAFETY: a valid element of an array map; a racing CPU can only make
-    // the count off by a token.
-    if take(&budget, unsafe { &mut *bucket }, now) {
+    if take(&budget, bucket, now) {
         counters.allowed += 1;
         note_socket(ctx, &key, sock::CONNECT_COUNTED);
         return ALLOW;
@@ -381,20 +369,10 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if note.sent == 1 && note.flags & sock::CONNECT_COUNTED != 0 {
         return ALLOW;
     }
-    let Some(counters) = counters_of(&budget) else {
+    let Some((counters, bucket, now)) = live(&budget) else {
         return ALLOW;
     };
-    // SAFETY: no arguments; always safe to call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now >= budget.expires_ns {
-        counters.expired += 1;
-        return ALLOW;
-    }
-    let Some(bucket) = BUCKETS.get_ptr_mut(budget.slot) else {
-        return ALLOW;
-    };
-    // SAFETY: as in `connect`.
-    let wait = take_or_wait(&budget, unsafe { &mut *bucket }, now);
+    let wait = take_or_wait(&budget, bucket, now);
     counters.packets += 1;
     counters.bytes += ctx.len() as u64;
     if wait == 0 {

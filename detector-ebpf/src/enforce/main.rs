@@ -7,6 +7,8 @@
 #![no_main]
 
 mod budget;
+#[path = "../sockaddr.rs"]
+mod sockaddr;
 
 use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr},

@@ -7,7 +7,7 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie,
     programs::SockAddrContext,
 };
-use detector_common::{AF_INET, Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest, kind, table};
+use detector_common::{Event, IPPROTO_TCP, IPPROTO_UDP, MsgDest, UdpDest, kind, table};
 
 use crate::{
     maps::{MSG_DEST, PRE_SYN, UDP_DEST},
@@ -18,30 +18,11 @@ use crate::{
 /// The destination the caller asked for, in the shared layout.
 #[inline(always)]
 fn destination(ctx: &SockAddrContext, sa: &bpf_sock_addr, family: u16) -> UdpDest {
-    // The verifier only accepts context loads at a constant offset from the
-    // unmodified context pointer: one volatile read per field, no loops.
-    let mut words = [0u32; 4];
-    // SAFETY: plain loads of fields of the kernel-provided context.
-    unsafe {
-        if family == AF_INET {
-            words[0] = read_volatile(&sa.user_ip4);
-        } else {
-            words[0] = read_volatile(&sa.user_ip6[0]);
-            words[1] = read_volatile(&sa.user_ip6[1]);
-            words[2] = read_volatile(&sa.user_ip6[2]);
-            words[3] = read_volatile(&sa.user_ip6[3]);
-        }
-    }
-    let mut daddr = [0u8; 16];
-    daddr[0..4].copy_from_slice(&words[0].to_ne_bytes());
-    daddr[4..8].copy_from_slice(&words[1].to_ne_bytes());
-    daddr[8..12].copy_from_slice(&words[2].to_ne_bytes());
-    daddr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    let (daddr, dport) = crate::sockaddr::user_dest(sa, family);
     UdpDest {
         // SAFETY: the helper takes the program context, which ctx is.
         netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        // SAFETY: as above.
-        dport: u16::from_be(unsafe { read_volatile(&sa.user_port) } as u16),
+        dport,
         family,
         _pad: 0,
         daddr,

@@ -67,6 +67,25 @@ fn is_absent(e: &aya::maps::MapError) -> bool {
     }
 }
 
+/// A program of the object by name, as its type.
+fn program_of<'a, P>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+    hook: &'static str,
+) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(program)
+        .ok_or(aya::programs::ProgramError::NotLoaded)
+        .and_then(|p| p.try_into())
+        .map_err(|cause| KernelError::Program {
+            program,
+            hook,
+            cause,
+        })
+}
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
     move |cause| KernelError::Map { map, cause }
 }
@@ -84,15 +103,7 @@ impl Programs {
     pub fn load(cgroup_root: &Path) -> Result<Self, KernelError> {
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
         for (program, hook) in HOOKS {
-            let p: &mut CgroupSockAddr = ebpf
-                .program_mut(program)
-                .ok_or(aya::programs::ProgramError::NotLoaded)
-                .and_then(|p| p.try_into())
-                .map_err(|cause| KernelError::Program {
-                    program,
-                    hook,
-                    cause,
-                })?;
+            let p: &mut CgroupSockAddr = program_of(&mut ebpf, program, hook)?;
             p.load().map_err(|cause| KernelError::Program {
                 program,
                 hook,
@@ -105,11 +116,7 @@ impl Programs {
             hook,
             cause,
         };
-        let p: &mut CgroupSkb = ebpf
-            .program_mut(program)
-            .ok_or(aya::programs::ProgramError::NotLoaded)
-            .and_then(|p| p.try_into())
-            .map_err(err)?;
+        let p: &mut CgroupSkb = program_of(&mut ebpf, program, hook)?;
         p.load().map_err(err)?;
         Ok(Programs {
             ebpf,
@@ -134,16 +141,7 @@ impl Programs {
                     path: self.cgroup_root.clone(),
                     cause,
                 })?;
-            let p: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(program)
-                .ok_or(aya::programs::ProgramError::NotLoaded)
-                .and_then(|p| p.try_into())
-                .map_err(|cause| KernelError::Program {
-                    program,
-                    hook,
-                    cause,
-                })?;
+            let p: &mut CgroupSockAddr = program_of(&mut self.ebpf, program, hook)?;
             match p.attach(dir, CgroupAttachMode::Single) {
                 Ok(link) => self.links.push((program, link)),
                 Err(cause) => {
@@ -167,12 +165,7 @@ impl Programs {
                 hook,
                 cause,
             };
-            let p: &mut CgroupSkb = self
-                .ebpf
-                .program_mut(program)
-                .ok_or(aya::programs::ProgramError::NotLoaded)
-                .and_then(|p| p.try_into())
-                .map_err(err)?;
+            let p: &mut CgroupSkb = program_of(&mut self.ebpf, program, hook)?;
             p.attach(dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                 .map_err(err)
         });
@@ -213,14 +206,23 @@ impl Programs {
         }
     }
 
+    /// A map of the object by name (the names are this file's own).
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, KernelError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(aya::maps::MapError::InvalidName { name: name.into() })
+            .map_err(map_err(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, KernelError> {
+        self.ebpf
+            .map(name)
+            .ok_or(aya::maps::MapError::InvalidName { name: name.into() })
+            .map_err(map_err(name))
+    }
+
     fn budgets(&mut self) -> Result<HashMap<&mut MapData, BudgetKey, Budget>, KernelError> {
-        let m = self
-            .ebpf
-            .map_mut("BUDGETS")
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: "BUDGETS".into(),
-            })
-            .map_err(map_err("BUDGETS"))?;
+        let m = self.map_mut("BUDGETS")?;
         HashMap::try_from(m).map_err(map_err("BUDGETS"))
     }
 
@@ -241,26 +243,14 @@ impl Programs {
     /// Notes a socket already open when its budget began (found by
     /// cookie from user space) as governed by the budget at `key`.
     pub fn note_socket(&mut self, cookie: u64, note: &SockNote) -> Result<(), KernelError> {
-        let m = self
-            .ebpf
-            .map_mut("SOCK_BUDGET")
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: "SOCK_BUDGET".into(),
-            })
-            .map_err(map_err("SOCK_BUDGET"))?;
+        let m = self.map_mut("SOCK_BUDGET")?;
         let mut h: HashMap<&mut MapData, u64, SockNote> =
             HashMap::try_from(m).map_err(map_err("SOCK_BUDGET"))?;
         h.insert(cookie, note, 0).map_err(map_err("SOCK_BUDGET"))
     }
 
     fn devices(&mut self) -> Result<HashMap<&mut MapData, u32, u32>, KernelError> {
-        let m = self
-            .ebpf
-            .map_mut("SLOW_DEVICES")
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: "SLOW_DEVICES".into(),
-            })
-            .map_err(map_err("SLOW_DEVICES"))?;
+        let m = self.map_mut("SLOW_DEVICES")?;
         HashMap::try_from(m).map_err(map_err("SLOW_DEVICES"))
     }
 
@@ -302,13 +292,7 @@ impl Programs {
 
     /// Which key shapes exist and who is never throttled.
     pub fn configure(&mut self, config: &EnforceConfig) -> Result<(), KernelError> {
-        let m = self
-            .ebpf
-            .map_mut("ENFORCE_CONFIG")
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: "ENFORCE_CONFIG".into(),
-            })
-            .map_err(map_err("ENFORCE_CONFIG"))?;
+        let m = self.map_mut("ENFORCE_CONFIG")?;
         let mut a: Array<&mut MapData, EnforceConfig> =
             Array::try_from(m).map_err(map_err("ENFORCE_CONFIG"))?;
         a.set(0, config, 0).map_err(map_err("ENFORCE_CONFIG"))
@@ -319,13 +303,7 @@ impl Programs {
         if slot >= MAX_BUDGETS {
             return Ok(Counters::default());
         }
-        let m = self
-            .ebpf
-            .map("COUNTERS")
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: "COUNTERS".into(),
-            })
-            .map_err(map_err("COUNTERS"))?;
+        let m = self.map("COUNTERS")?;
         let a: PerCpuArray<&MapData, Counters> =
             PerCpuArray::try_from(m).map_err(map_err("COUNTERS"))?;
         let per_cpu = a.get(&slot, 0).map_err(map_err("COUNTERS"))?;
@@ -342,13 +320,7 @@ impl Programs {
     /// Zeroes a slot's counters on every CPU, for a budget taking it over.
     pub fn reset_counters(&mut self, slot: u32) -> Result<(), KernelError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cpus(e))?;
-        let m = self
-            .ebpf
-            .map_mut("COUNTERS")
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: "COUNTERS".into(),
-            })
-            .map_err(map_err("COUNTERS"))?;
+        let m = self.map_mut("COUNTERS")?;
         let mut a: PerCpuArray<&mut MapData, Counters> =
             PerCpuArray::try_from(m).map_err(map_err("COUNTERS"))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
