@@ -203,7 +203,8 @@ impl Metrics {
         let enforce_decisions = Arc::new(KindFamily::new(
             "enforce_decisions",
             "Decisions of every budget since start, by kind: allowed, slowed, denied, \
-             would_deny (dry-run budgets), not_enforced (storms that got no budget).",
+             would_deny and would_slow (dry-run budgets), not_enforced (storms that got no \
+             budget).",
         ));
         registry.register_collector(Box::new(Arc::clone(&enforce_decisions)));
         let enforce_budgets = Gauge::<u64, AtomicU64>::default();
@@ -274,6 +275,7 @@ impl Metrics {
             ("slowed".to_string(), s.slowed),
             ("denied".to_string(), s.denied),
             ("would_deny".to_string(), s.would_deny),
+            ("would_slow".to_string(), s.would_slow),
             ("not_enforced".to_string(), s.not_enforced),
         ]));
         self.enforce_budgets.set(s.budgets as u64);

@@ -408,8 +408,9 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
     let _ = sleeper.0.wait();
 }
 
-/// `dry-run`: a storm's budget counts what it would deny and denies
-/// nothing; status and metrics show it.
+/// `dry-run`: a connect storm's budget counts what it would deny and
+/// denies nothing; a DNS storm's counts what it would slow, slows nothing
+/// and puts no qdisc anywhere; status and metrics show it.
 #[test]
 fn dry_run_counts_and_limits_nothing() {
     let _alone = alone();
@@ -421,11 +422,32 @@ fn dry_run_counts_and_limits_nothing() {
         return;
     };
     let cg = Cgroup::create("enforce-dry");
+    // A DNS storm (SERVFAIL) beside the connect storm: it would be slowed.
+    let link = Link::create("dry", 4);
+    let (_dns, _) = link.server(&[
+        "dns",
+        "--rcode",
+        "2",
+        "--bind",
+        &link.peer_ip,
+        "--port",
+        "53",
+    ]);
+    let dns = resolver_client(&cg, &tmp("dry-resolv"), &link.peer_ip, 8);
     let addr = closed_port(false).to_string();
     let storm = client(&cg, &addr, 8.0, None);
     let pid = pid_of(&storm);
     let b = wait_budget(&d, &format!("pid {pid} "), scaled(Duration::from_secs(15)));
     assert_eq!(b["mode"], "dry-run");
+    let db = wait_budget(
+        &d,
+        &format!("pid {} ", dns.pid()),
+        scaled(Duration::from_secs(15)),
+    );
+    assert_eq!(db["mode"], "dry-run");
+    let dns_report = report(dns, scaled(Duration::from_secs(30)));
+    let qdisc = link.root_qdisc();
+    assert!(qdisc.contains(" 0: root"), "a qdisc in dry-run: {qdisc}");
     let counts = Counts::of(storm, scaled(Duration::from_secs(30)));
     assert_eq!(counts.total("denied"), 0, "dry-run denied: {}", counts.0);
     assert_eq!(counts.total("other"), 0, "{}", counts.0);
@@ -440,6 +462,19 @@ fn dry_run_counts_and_limits_nothing() {
     );
     assert!(would > 100, "{}", status["enforce"]);
     assert_eq!(status["enforce"]["denied"], 0);
+    // The DNS storm went on at full speed after its budget, counted.
+    let would_slow = status["enforce"]["would_slow"].as_u64().unwrap_or(0);
+    let per_s = dns_report["per_s"].as_array().map_or(0, Vec::len);
+    let late = rate_in(
+        &dns_report,
+        (per_s as f64 - 3.0).max(1.0),
+        per_s as f64 - 1.0,
+    );
+    println!("dry-run: the DNS storm ran {late:.0}/s late in its run; would slow {would_slow}");
+    assert!(late > 100.0, "dry-run slowed the DNS storm: {dns_report}");
+    assert!(would_slow > 100, "{}", status["enforce"]);
+    assert_eq!(status["enforce"]["slowed"], 0, "{}", status["enforce"]);
+
     let metrics = ureq_get(d.metrics.expect("metrics"));
     let line = metrics
         .lines()

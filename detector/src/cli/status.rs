@@ -144,6 +144,7 @@ fn enforce_line(e: &crate::enforce::EnforceSummary) -> String {
         ("slowed", e.slowed),
         ("denied", e.denied),
         ("would deny", e.would_deny),
+        ("would slow", e.would_slow),
         ("storms not enforced", e.not_enforced),
         ("errors", e.errors),
     ];

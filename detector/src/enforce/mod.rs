@@ -56,6 +56,35 @@ const CLASS_MARGIN: f64 = 1.2;
 /// attempts come a few times a second).
 const HOLD_WINDOW_NS: u64 = 2_000_000_000;
 
+/// Successes per second of a retry budget's caller, over whole seconds:
+/// its class rate follows them (deposits come every tick, in lumps).
+#[derive(Debug, Clone, Copy)]
+struct SuccessRate {
+    count: u64,
+    since_ns: u64,
+    per_s: f64,
+}
+
+impl SuccessRate {
+    fn new(now_ns: u64) -> Self {
+        SuccessRate {
+            count: 0,
+            since_ns: now_ns,
+            per_s: 0.0,
+        }
+    }
+
+    fn add(&mut self, n: u64, now_ns: u64) {
+        self.count += n;
+        let elapsed = now_ns.saturating_sub(self.since_ns);
+        if elapsed >= 1_000_000_000 {
+            self.per_s = self.count as f64 * 1e9 / elapsed as f64;
+            self.count = 0;
+            self.since_ns = now_ns;
+        }
+    }
+}
+
 /// Wall clock, Unix ms.
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -77,6 +106,9 @@ pub struct EnforceSummary {
     pub denied: u64,
     /// What dry-run budgets would have denied.
     pub would_deny: u64,
+    /// What dry-run budgets would have slowed.
+    #[serde(default)]
+    pub would_slow: u64,
     /// Storms that got no budget: protected, UDP, or the table full.
     pub not_enforced: u64,
     /// Kernel or file errors while enforcing, survived.
@@ -100,7 +132,7 @@ pub struct Enforcer {
     errors: u64,
     last_error: Option<String>,
     /// Decisions of budgets already released, so totals never go back
-    /// (`expired` holds dry-run denials).
+    /// (`expired` holds dry-run denials, `packets` dry-run slowings).
     retired: Counters,
     not_enforced: u64,
     /// Storms refused an automatic budget (protected): not asked again.
@@ -109,9 +141,9 @@ pub struct Enforcer {
     shaper: Shaper,
     /// This namespace's cookie (0: unknown, nothing is steered).
     netns_cookie: u64,
-    /// Successes deposited at the last tick, by budget id: a retry
-    /// budget's class rate follows them.
-    recent_successes: HashMap<u64, u64>,
+    /// Successes per second, by budget id: a retry budget's class rate
+    /// follows them.
+    success_rate: HashMap<u64, SuccessRate>,
     /// Slowed + denied of each storm budget, and when it last grew: a
     /// storm whose attempts are still held back is not over.
     held: HashMap<u64, (u64, u64)>,
@@ -149,7 +181,7 @@ impl Enforcer {
             refused: HashSet::new(),
             shaper: Shaper::new(journal),
             netns_cookie,
-            recent_successes: HashMap::new(),
+            success_rate: HashMap::new(),
             held: HashMap::new(),
             resolving: HashSet::new(),
         }
@@ -333,7 +365,7 @@ impl Enforcer {
                     .unwrap_or_default();
                 let packet = c.bytes.checked_div(c.packets).unwrap_or(100) + 14;
                 let earned = e.limit.retry_ratio.map_or(0.0, |r| {
-                    (1.0 + r) * self.recent_successes.get(&e.id).copied().unwrap_or(0) as f64
+                    (1.0 + r) * self.success_rate.get(&e.id).map_or(0.0, |s| s.per_s)
                 });
                 let per_s = (e.limit.rate_per_s + earned) * CLASS_MARGIN;
                 (
@@ -437,10 +469,11 @@ impl Enforcer {
     fn retire(&mut self, e: &Entry) {
         if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
             self.retired.allowed += c.allowed;
-            self.retired.slowed += c.slowed;
             if e.limit.dry_run {
                 self.retired.expired += c.denied;
+                self.retired.packets += c.slowed;
             } else {
+                self.retired.slowed += c.slowed;
                 self.retired.denied += c.denied;
             }
         }
@@ -450,7 +483,7 @@ impl Enforcer {
         let e = self.table.remove(id)?;
         self.held.remove(&id);
         self.resolving.remove(&id);
-        self.recent_successes.remove(&id);
+        self.success_rate.remove(&id);
         self.retire(&e);
         if let Some(progs) = self.progs.as_mut()
             && let Err(err) = progs.remove(&e.key())
@@ -843,6 +876,7 @@ impl Enforcer {
 
     /// Deposits successes into the retry budgets they belong to.
     pub fn credit(&mut self, successes: &[(tally::Key, u64)]) {
+        let now_ns = crate::kernel::monotonic_ns();
         let mut updates = Vec::new();
         for e in self
             .table
@@ -863,7 +897,10 @@ impl Enforcer {
                 })
                 .map(|(_, n)| n)
                 .sum();
-            self.recent_successes.insert(e.id, n);
+            self.success_rate
+                .entry(e.id)
+                .or_insert_with(|| SuccessRate::new(now_ns))
+                .add(n, now_ns);
             if n > 0 {
                 e.deposit(n);
                 updates.push((e.key(), e.budget()));
@@ -888,6 +925,7 @@ impl Enforcer {
             slowed: self.retired.slowed,
             denied: self.retired.denied,
             would_deny: self.retired.expired,
+            would_slow: self.retired.packets,
             not_enforced: self.not_enforced,
             errors: self.errors,
             last_error: self.last_error.clone(),
@@ -896,10 +934,11 @@ impl Enforcer {
         for e in self.table.iter() {
             if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
                 s.allowed += c.allowed;
-                s.slowed += c.slowed;
                 if e.limit.dry_run {
                     s.would_deny += c.denied;
+                    s.would_slow += c.slowed;
                 } else {
+                    s.slowed += c.slowed;
                     s.denied += c.denied;
                 }
             }
