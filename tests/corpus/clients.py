@@ -84,16 +84,19 @@ def requests_client(a):
     end = t0 + a.secs
     ok = calls = 0
     statuses = {}
-    while calls < a.calls and failed[0] + ok < a.max and time.monotonic() < end:
-        calls += 1
-        try:
-            r = s.get(a.url, timeout=2, verify=not a.insecure)
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            if r.status_code < 400:
-                ok += 1
-                per_s.tick()
-        except requests.exceptions.ConnectionError:
-            statuses["conn-error"] = statuses.get("conn-error", 0) + 1
+    try:
+        while calls < a.calls and failed[0] + ok < a.max and time.monotonic() < end:
+            calls += 1
+            try:
+                r = s.get(a.url, timeout=2, verify=not a.insecure)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code < 400:
+                    ok += 1
+                    per_s.tick()
+            except requests.exceptions.ConnectionError:
+                statuses["conn-error"] = statuses.get("conn-error", 0) + 1
+    except KeyboardInterrupt:
+        pass  # SIGINT ends the run early, with its report
     report(failed[0] + ok, ok, failed[0], t0, calls=calls, final=statuses,
            per_s=per_s.counts)
 
@@ -136,17 +139,22 @@ def resolve(a):
     ops = ok = 0
     errors = {}
     per_s = PerSecond(t0)
-    while ops < a.max and time.monotonic() < end:
-        ops += 1
-        per_s.tick()
-        try:
-            socket.getaddrinfo(a.name, 80, socket.AF_INET, socket.SOCK_STREAM)
-            ok += 1
-        except socket.gaierror as e:
-            errors[str(e)] = errors.get(str(e), 0) + 1
-        if gap:
-            due += gap
-            time.sleep(max(0.0, due - time.monotonic()))
+    try:
+        while ops < a.max and time.monotonic() < end:
+            # Counted once answered: SIGINT ends the run early, with its
+            # report, and the lookup it cuts short is not counted.
+            try:
+                socket.getaddrinfo(a.name, 80, socket.AF_INET, socket.SOCK_STREAM)
+                ok += 1
+            except socket.gaierror as e:
+                errors[str(e)] = errors.get(str(e), 0) + 1
+            ops += 1
+            per_s.tick()
+            if gap:
+                due += gap
+                time.sleep(max(0.0, due - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
     report(ops, ok, ops - ok, t0, errors=errors, per_s=per_s.counts)
 
 
