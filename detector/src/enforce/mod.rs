@@ -224,12 +224,20 @@ impl Enforcer {
         })
     }
 
-    /// Loads and attaches the programs if needed, then writes `entry`.
-    fn apply(&mut self, entry: &Entry) -> Result<(), kernel::KernelError> {
+    /// Loads (verifies) the programs at the first budget. It can take a
+    /// while on a slow machine, so callers do it before stamping a new
+    /// budget's times: `--for 2s` is two seconds of enforcement.
+    fn ensure_loaded(&mut self) -> Result<(), kernel::KernelError> {
         if self.progs.is_none() {
             let root = self.cgroup_root.clone().unwrap_or_default();
             self.progs = Some(Programs::load(&root)?);
         }
+        Ok(())
+    }
+
+    /// Loads and attaches the programs if needed, then writes `entry`.
+    fn apply(&mut self, entry: &Entry) -> Result<(), kernel::KernelError> {
+        self.ensure_loaded()?;
         let config = self.kernel_config();
         let progs = self.progs.as_mut().expect("loaded above");
         progs.reset_counters(entry.slot)?;
@@ -572,6 +580,8 @@ impl Enforcer {
             None => self.default_errno,
         };
         let target = target::resolve(&req.target, &self.host()?)?;
+        self.ensure_loaded()
+            .map_err(|e| EnforceError::Kernel(e.to_string()))?;
         let (now, mono) = (now_ms(), crate::kernel::monotonic_ns());
         let entry = self.add(Draft {
             target,
@@ -735,6 +745,10 @@ impl Enforcer {
                 return;
             }
         };
+        if let Err(e) = self.ensure_loaded() {
+            self.error("loading the enforcement programs", &e);
+            return;
+        }
         let (now, mono) = (now_ms(), crate::kernel::monotonic_ns());
         let ttl = self.cfg.ttl_secs;
         let draft = Draft {
