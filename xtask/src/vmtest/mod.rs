@@ -59,6 +59,10 @@ pub struct Args {
     /// killed when it passes.
     #[arg(long, default_value_t = 20)]
     pub timeout_mins: u64,
+    /// Run only these test binaries (sensors, kernel_bounds, scenarios,
+    /// daemon, enforce; repeat); default: all.
+    #[arg(long = "only", value_name = "BINARY")]
+    pub only: Vec<String>,
 }
 
 impl Default for Args {
@@ -68,6 +72,7 @@ impl Default for Args {
             time_scale: None,
             accel: Accel::Auto,
             timeout_mins: 20,
+            only: Vec::new(),
         }
     }
 }
@@ -365,7 +370,15 @@ pub fn run_all(env: &Env, args: &Args) -> anyhow::Result<()> {
     // The guest's userland and the binaries: the same for every kernel.
     let rootfs = initrd::rootfs(&cache)?;
     let built = build(env)?;
-    let steps = plan_steps(&built)?;
+    let mut steps = plan_steps(&built)?;
+    if !args.only.is_empty() {
+        for o in &args.only {
+            if !steps.iter().any(|s| s.name == o.as_str()) {
+                bail!("--only {o}: no such test binary in the guest");
+            }
+        }
+        steps.retain(|s| args.only.iter().any(|o| o == s.name));
+    }
     // target/<profile>/stormguard → target
     let target_dir = built
         .stormguard
