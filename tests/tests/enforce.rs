@@ -373,14 +373,16 @@ fn manual_budgets_expire_in_the_kernel_and_survive_a_restart() {
     signal(daemon_pid, libc::SIGSTOP);
     let counts = Counts::of(c, scaled(Duration::from_secs(20)));
     signal(daemon_pid, libc::SIGCONT);
-    // From the first denial (the hooks attached) to just before expiry.
+    // While the kernel denied (from the bucket after the first denial to
+    // the last one): what got through is the budget's rate.
     let ms = counts.0["bucket_ms"].as_u64().expect("bucket_ms") as f64 / 1e3;
-    let first_denied = counts
-        .series("denied")
-        .iter()
-        .position(|n| *n > 0)
-        .map_or(set_at, |i| i as f64 * ms);
-    let (from, to) = (first_denied + 0.3, (set_at + 1.9).max(first_denied + 0.8));
+    let denials = counts.series("denied");
+    let first = denials.iter().position(|n| *n > 0).expect("some denials");
+    let last = denials.iter().rposition(|n| *n > 0).expect("some denials");
+    let (from, to) = (
+        (first + 1) as f64 * ms,
+        (last as f64 * ms).max((first + 2) as f64 * ms),
+    );
     let ok = counts.window("ok", from, to) as f64;
     let denied = counts.window("denied", from, to);
     let rate = ok / (to - from);
@@ -865,21 +867,37 @@ fn a_manual_rate_slows_a_healthy_dns_loop_and_kill_9_leaves_nothing_behind() {
     let before_qdisc = link.root_qdisc();
     let (_dns, _) = link.server(&["dns", "--bind", &link.peer_ip, "--port", "53"]);
     let cg = Cgroup::create("enforce-slow-manual");
-    let t0 = Instant::now();
     // Runs until SIGINT (then prints its report), at most 5 minutes.
-    // The first budget loads and verifies the programs, which stalls a
-    // slow machine (qemu) for seconds: an idle process's budget takes that
-    // before the loop starts, so the loop is measured under its own.
-    let mut idle = ChildGuard::spawn(&mut cg.exec_in("sleep", &["120"]));
+    // Before the loop: an idle process's budget loads the programs (which
+    // stalls a slow machine for seconds) and its one datagram brings the
+    // qdisc (putting a root qdisc on a live device drops what is sent
+    // during the swap; see the README). The loop then meets only its own
+    // budget.
+    let mut idle = ChildGuard::spawn(&mut cg.exec_in(
+        "python3",
+        &[
+            "-c",
+            "import socket,sys,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+             s.connect((sys.argv[1],53))\ntime.sleep(float(sys.argv[2]))\ns.send(b'x'*40)\n\
+             time.sleep(120)",
+            &link.peer_ip,
+            &scaled(Duration::from_secs(2)).as_secs_f64().to_string(),
+        ],
+    ));
     d.json(&[
         "throttle",
         "--pid",
         &idle.pid().to_string(),
+        "--dest",
+        &format!("{}:53", link.peer_ip),
         "--rate",
         "5/s",
         "--for",
         "10m",
     ]);
+    wait_shaped(&link, Instant::now(), &d);
+    // The loop's own clock starts here (its per-second counts do).
+    let t0 = Instant::now();
     let dns = resolver_client(&cg, &tmp("slow-manual-resolv"), &link.peer_ip, 300);
     let pid = dns.pid();
     std::thread::sleep(Duration::from_secs(2));

@@ -51,10 +51,11 @@ use crate::detect::{State, Subject, VerdictChange};
 /// fifth more than its budget through.
 const CLASS_MARGIN: f64 = 1.2;
 
-/// A storm budget that held nothing back for this long may be lifted
-/// (ticks come more often than once a second; a slowed storm's held-back
-/// attempts come a few times a second).
-const HOLD_WINDOW_NS: u64 = 2_000_000_000;
+/// A storm budget that held nothing back for this long may be lifted.
+/// Longer than glibc's resolver timeout (5 s): a query lost while the
+/// qdisc goes in stalls a DNS storm that long, and that stall is not the
+/// storm's end.
+const HOLD_WINDOW_NS: u64 = 6_000_000_000;
 
 /// Successes per second of a retry budget's caller, over whole seconds:
 /// its class rate follows them (deposits come every tick, in lumps).
