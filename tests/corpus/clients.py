@@ -30,6 +30,9 @@ class PerSecond:
 
     def __init__(self, t0):
         self.t0 = t0
+        # The same moment on the wall clock, so a test can place its own
+        # events (a budget's creation) on this run's seconds.
+        self.t0_ms = int((time.time() - (time.monotonic() - t0)) * 1000)
         self.counts = []
 
     def tick(self):
@@ -98,7 +101,7 @@ def requests_client(a):
     except KeyboardInterrupt:
         pass  # SIGINT ends the run early, with its report
     report(failed[0] + ok, ok, failed[0], t0, calls=calls, final=statuses,
-           per_s=per_s.counts)
+           per_s=per_s.counts, t0_ms=per_s.t0_ms)
 
 
 def redis_client(a):
@@ -155,7 +158,7 @@ def resolve(a):
                 time.sleep(max(0.0, due - time.monotonic()))
     except KeyboardInterrupt:
         pass
-    report(ops, ok, ops - ok, t0, errors=errors, per_s=per_s.counts)
+    report(ops, ok, ops - ok, t0, errors=errors, per_s=per_s.counts, t0_ms=per_s.t0_ms)
 
 
 def udp_one(a):

@@ -503,7 +503,8 @@ fn dry_run_counts_and_limits_nothing() {
     assert_eq!(status["enforce"]["denied"], 0);
     // The DNS storm went on at full speed after its budget, counted.
     let would_slow = status["enforce"]["would_slow"].as_u64().unwrap_or(0);
-    let late = rate_in(&dns_report, t_db + 2.0, t_db + 5.0);
+    let db_s = run_s(&dns_report, db["created_ms"].as_i64().expect("created_ms"));
+    let late = rate_in(&dns_report, db_s + 2.0, db_s + 5.0);
     println!("dry-run: the DNS storm ran {late:.0}/s under its budget; would slow {would_slow}");
     // Its budget is 10/s (12/s slowed); unslowed it runs far faster.
     assert!(late > 50.0, "dry-run slowed the DNS storm: {dns_report}");
@@ -634,6 +635,14 @@ fn report(child: ChildGuard, timeout: Duration) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("client said {out:?}: {e}"))
 }
 
+/// Where wall-clock instant `ms` falls in a report's run, in seconds.
+fn run_s(report: &Value, ms: i64) -> f64 {
+    (ms - report["t0_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no t0_ms in {report}"))) as f64
+        / 1e3
+}
+
 /// Attempts per second over [from_s, to_s) of a report's `per_s`.
 fn rate_in(report: &Value, from_s: f64, to_s: f64) -> f64 {
     let per_s: Vec<u64> = report["per_s"]
@@ -759,6 +768,7 @@ fn keep_alive_and_dns_storms_are_slowed_not_failed() {
     // The qdisc is on the host end while the budgets exist; slowing
     // starts once it is.
     let t_q = wait_shaped(&link, t0, &d);
+    let q_ms = wall_ms();
     let (web_from, dns_from) = (t_web.max(t_q) + 2.0, t_dns.max(t_q) + 2.0);
     std::thread::sleep(Duration::from_secs(1));
     let status = d.json(&["status"]);
@@ -803,6 +813,11 @@ fn keep_alive_and_dns_storms_are_slowed_not_failed() {
     let dns_report = report(dns, scaled(Duration::from_secs(60)));
 
     // Held to 10/s ± 50% over 10 s, from 2 s after the budget and qdisc.
+    // On each client's own clock: 2 s after its budget and the qdisc.
+    let from = |r: &Value, b: &Value| {
+        run_s(r, b["created_ms"].as_i64().expect("created_ms").max(q_ms)) + 2.0
+    };
+    let (web_from, dns_from) = (from(&web_report, &wb), from(&dns_report, &db));
     let web_rate = rate_in(&web_report, web_from, web_from + 10.0);
     let dns_rate = rate_in(&dns_report, dns_from, dns_from + 10.0);
     let first = |r: &Value| rate_in(r, 0.0, 1.0);
@@ -912,8 +927,9 @@ fn a_manual_rate_slows_a_healthy_dns_loop_and_kill_9_leaves_nothing_behind() {
         "--for",
         "60s",
     ]);
-    // Slowing starts once the qdisc is there.
+    // Slowing starts once the qdisc is there (it already is).
     let t_q = wait_shaped(&link, t0, &d);
+    let b_ms = b["created_ms"].as_i64().expect("created_ms");
     while t0.elapsed().as_secs_f64() < t_q + 5.0 {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -926,7 +942,7 @@ fn a_manual_rate_slows_a_healthy_dns_loop_and_kill_9_leaves_nothing_behind() {
     );
     let daemon = d.child.take().expect("daemon");
     signal(daemon.pid(), libc::SIGKILL);
-    let t_kill = t0.elapsed().as_secs_f64();
+    let kill_ms = wall_ms();
     drop(daemon);
     std::thread::sleep(Duration::from_secs(2));
     let left = link.root_qdisc();
@@ -936,8 +952,8 @@ fn a_manual_rate_slows_a_healthy_dns_loop_and_kill_9_leaves_nothing_behind() {
     println!("healthy DNS loop: {r}");
     let (before, under, after) = (
         rate_in(&r, 0.0, 2.0),
-        rate_in(&r, t_q + 1.0, t_kill),
-        rate_in(&r, t_kill + 0.5, t_kill + 3.5),
+        rate_in(&r, run_s(&r, b_ms) + 1.0, run_s(&r, kill_ms)),
+        rate_in(&r, run_s(&r, kill_ms) + 0.5, run_s(&r, kill_ms) + 3.5),
     );
     println!(
         "{before:.0}/s before, {under:.1}/s under --rate 20/s, {after:.0}/s after kill -9; qdisc left: {left}\nbefore the kill: {seen}"
