@@ -703,6 +703,21 @@ impl Link {
         run("tc", &["qdisc", "show", "dev", &self.host_dev, "root"])
     }
 
+    /// A DNS server on the peer's port 53 answering every question with
+    /// `rcode` (0: an answer; 2: SERVFAIL).
+    pub fn dns_server(&self, rcode: u8) -> (ChildGuard, u16) {
+        let rcode = rcode.to_string();
+        self.server(&[
+            "dns",
+            "--rcode",
+            &rcode,
+            "--bind",
+            &self.peer_ip,
+            "--port",
+            "53",
+        ])
+    }
+
     /// `python3 servers.py ARGS` inside the namespace, and the port it bound.
     pub fn server(&self, args: &[&str]) -> (ChildGuard, u16) {
         let mut child = ChildGuard::spawn(

@@ -455,15 +455,7 @@ fn dry_run_counts_and_limits_nothing() {
     let cg = Cgroup::create("enforce-dry");
     // A DNS storm (SERVFAIL) beside the connect storm: it would be slowed.
     let link = Link::create("dry", 4);
-    let (_dns, _) = link.server(&[
-        "dns",
-        "--rcode",
-        "2",
-        "--bind",
-        &link.peer_ip,
-        "--port",
-        "53",
-    ]);
+    let (_dns, _) = link.dns_server(2);
     let t0 = Instant::now();
     let t0_ms = wall_ms();
     let dns = resolver_client(&cg, &tmp("dry-resolv"), &link.peer_ip, 300);
@@ -712,15 +704,7 @@ fn keep_alive_and_dns_storms_are_slowed_not_failed() {
     let before_qdisc = link.root_qdisc();
     assert!(before_qdisc.contains(" 0: root"), "{before_qdisc}");
     let (_web, port) = link.server(&["http", "--status", "503", "--bind", &link.peer_ip]);
-    let (_dns, _) = link.server(&[
-        "dns",
-        "--rcode",
-        "2",
-        "--bind",
-        &link.peer_ip,
-        "--port",
-        "53",
-    ]);
+    let (_dns, _) = link.dns_server(2);
     let cg = Cgroup::create("enforce-slow");
     let url = format!("http://{}:{port}/", link.peer_ip);
     // The clients run until told (SIGINT, then they print their report),
@@ -880,7 +864,7 @@ fn a_manual_rate_slows_a_healthy_dns_loop_and_kill_9_leaves_nothing_behind() {
     };
     let link = Link::create("slowm", 2);
     let before_qdisc = link.root_qdisc();
-    let (_dns, _) = link.server(&["dns", "--bind", &link.peer_ip, "--port", "53"]);
+    let (_dns, _) = link.dns_server(0);
     let cg = Cgroup::create("enforce-slow-manual");
     // Runs until SIGINT (then prints its report), at most 5 minutes.
     // Before the loop: an idle process's budget loads the programs (which
