@@ -194,10 +194,12 @@ async fn serve(
     ));
     let metrics_listener = match config.metrics.listen.as_str() {
         "off" => None,
-        addr => Some(
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot serve metrics on {addr} (metrics.listen)"))?,
-        ),
+        addr => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr} (metrics.listen)"))?;
+            widen_backlog(&l);
+            Some(l)
+        }
     };
 
     let enforcer = Arc::new(enforce::Handle(Mutex::new(enforce::Enforcer::new(
@@ -670,5 +672,23 @@ impl Daemon {
         if let Ok(mut f) = self.shared.flows.lock() {
             *f = flows;
         }
+    }
+}
+
+/// std listens with a backlog of 128: a burst of connections (a hostile
+/// user's thousand, while the loop and the clients share the CPUs) then
+/// overflows it before the accept loop, which closes what is over the cap
+/// at once, catches up, and connections wait out a SYN retransmit (1 s).
+/// Listening again on a bound socket only changes its backlog.
+fn widen_backlog(l: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a listening socket this function borrows; listen(2) on it
+    // only resizes the queue (capped by net.core.somaxconn).
+    let rc = unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "keeping the metrics listener's default backlog"
+        );
     }
 }
