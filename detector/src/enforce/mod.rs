@@ -367,11 +367,7 @@ impl Enforcer {
             .iter()
             .filter(|e| !e.limit.dry_run)
             .map(|e| {
-                let c = self
-                    .progs
-                    .as_ref()
-                    .and_then(|p| p.counters(e.slot).ok())
-                    .unwrap_or_default();
+                let c = self.counters(e.slot);
                 let packet = c.bytes.checked_div(c.packets).unwrap_or(100) + 14;
                 let earned = e.limit.retry_ratio.map_or(0.0, |r| {
                     (1.0 + r) * self.success_rate.get(&e.id).map_or(0.0, |s| s.per_s)
@@ -474,17 +470,25 @@ impl Enforcer {
         }
     }
 
+    /// A slot's decisions so far; none before the programs are loaded or
+    /// when the map cannot be read.
+    fn counters(&self, slot: u32) -> Counters {
+        self.progs
+            .as_ref()
+            .and_then(|p| p.counters(slot).ok())
+            .unwrap_or_default()
+    }
+
     /// Adds the decisions of a budget going away to the totals.
     fn retire(&mut self, e: &Entry) {
-        if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
-            self.retired.allowed += c.allowed;
-            if e.limit.dry_run {
-                self.retired.expired += c.denied;
-                self.retired.packets += c.slowed;
-            } else {
-                self.retired.slowed += c.slowed;
-                self.retired.denied += c.denied;
-            }
+        let c = self.counters(e.slot);
+        self.retired.allowed += c.allowed;
+        if e.limit.dry_run {
+            self.retired.expired += c.denied;
+            self.retired.packets += c.slowed;
+        } else {
+            self.retired.slowed += c.slowed;
+            self.retired.denied += c.denied;
         }
     }
 
@@ -633,11 +637,7 @@ impl Enforcer {
     }
 
     fn view(&self, e: &Entry) -> BudgetView {
-        let c = self
-            .progs
-            .as_ref()
-            .and_then(|p| p.counters(e.slot).ok())
-            .unwrap_or_default();
+        let c = self.counters(e.slot);
         let now = now_ms();
         BudgetView {
             id: format!("thr-{}", e.id),
@@ -791,11 +791,7 @@ impl Enforcer {
             let Origin::Auto { .. } = e.origin else {
                 continue;
             };
-            let c = self
-                .progs
-                .as_ref()
-                .and_then(|p| p.counters(e.slot).ok())
-                .unwrap_or_default();
+            let c = self.counters(e.slot);
             let now_held = c.slowed + c.denied;
             // First seen: the budget has just begun, which counts as
             // holding back.
@@ -947,15 +943,14 @@ impl Enforcer {
             shaped_devices: self.shaper.devices(),
         };
         for e in self.table.iter() {
-            if let Some(c) = self.progs.as_ref().and_then(|p| p.counters(e.slot).ok()) {
-                s.allowed += c.allowed;
-                if e.limit.dry_run {
-                    s.would_deny += c.denied;
-                    s.would_slow += c.slowed;
-                } else {
-                    s.slowed += c.slowed;
-                    s.denied += c.denied;
-                }
+            let c = self.counters(e.slot);
+            s.allowed += c.allowed;
+            if e.limit.dry_run {
+                s.would_deny += c.denied;
+                s.would_slow += c.slowed;
+            } else {
+                s.slowed += c.slowed;
+                s.denied += c.denied;
             }
         }
         s
