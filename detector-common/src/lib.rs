@@ -347,7 +347,13 @@ pub mod stat {
     pub const fn deletes(table: u32) -> u32 {
         TABLES + 2 * table + 1
     }
-    pub const COUNT: u32 = TABLES + 2 * super::table::COUNT;
+    /// A suspect's user stack walk failed (`bpf_get_stackid`: a full
+    /// or colliding `STACKS`, an unreadable frame): that call is counted
+    /// without a stack.
+    pub const STACK_WALK_FAILED: u32 = TABLES + 2 * super::table::COUNT;
+    /// A stack copy was lost (its ring full, or the stack unreadable).
+    pub const STACK_COPY_LOST: u32 = STACK_WALK_FAILED + 1;
+    pub const COUNT: u32 = STACK_COPY_LOST + 1;
 }
 
 /// Kinds of kernel-side anomaly: each is counted in its `STATS` slot (the
@@ -385,7 +391,9 @@ pub mod table {
     pub const TLS_FP: u32 = 8;
     pub const TLS_READS: u32 = 9;
     pub const THREAD_SOCK: u32 = 10;
-    pub const COUNT: u32 = 11;
+    pub const STACK_COUNTS: u32 = 11;
+    pub const STACK_COPIED: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// Map names, by table number (as in the object file).
     pub const NAMES: [&str; COUNT as usize] = [
         "INFLIGHT",
@@ -399,6 +407,8 @@ pub mod table {
         "TLS_FP",
         "TLS_READS",
         "THREAD_SOCK",
+        "STACK_COUNTS",
+        "STACK_COPIED",
     ];
 }
 
@@ -427,6 +437,7 @@ pub mod capacity {
 }
 
 pub mod enforce;
+pub mod stack;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -458,4 +469,8 @@ mod pod {
     unsafe impl aya::Pod for super::enforce::EnforceConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::enforce::SockNote {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::stack::CountKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::stack::Copy {}
 }

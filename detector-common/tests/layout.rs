@@ -101,9 +101,34 @@ fn stats_slots_do_not_overlap() {
         slots.push(stat::inserts(t));
         slots.push(stat::deletes(t));
     }
+    slots.push(stat::STACK_WALK_FAILED);
+    slots.push(stat::STACK_COPY_LOST);
     let n = slots.len();
     slots.sort_unstable();
     slots.dedup();
     assert_eq!(slots.len(), n);
     assert_eq!(slots.last().copied(), Some(stat::COUNT - 1));
+}
+
+#[test]
+fn stack_layouts_have_no_implicit_padding() {
+    use detector_common::stack::{COPY_BYTES, Copy, CountKey, Note};
+    assert_eq!(size_of::<Note>(), 8);
+    assert_eq!(offset_of!(Note, stack), 4);
+    assert_eq!(size_of::<CountKey>(), 40);
+    assert_eq!(offset_of!(CountKey, netns), 0);
+    assert_eq!(offset_of!(CountKey, tgid), 8);
+    assert_eq!(offset_of!(CountKey, stack), 12);
+    assert_eq!(offset_of!(CountKey, dport), 16);
+    assert_eq!(offset_of!(CountKey, family), 18);
+    assert_eq!(offset_of!(CountKey, proto), 20);
+    assert_eq!(offset_of!(CountKey, _pad), 22);
+    assert_eq!(offset_of!(CountKey, daddr), 24);
+    assert_eq!(size_of::<Copy>(), 40 + COPY_BYTES);
+    assert_eq!(align_of::<Copy>(), 8, "ring buffer items must align ≤ 8");
+    assert_eq!(offset_of!(Copy, tgid), 24);
+    assert_eq!(offset_of!(Copy, tid), 28);
+    assert_eq!(offset_of!(Copy, stack), 32);
+    assert_eq!(offset_of!(Copy, len), 36);
+    assert_eq!(offset_of!(Copy, bytes), 40);
 }

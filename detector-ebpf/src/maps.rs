@@ -3,9 +3,13 @@
 //! crashed consumer can only evict, never wedge the probes.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, StackTrace},
 };
-use detector_common::{Conn, Event, Fingerprint, MsgDest, TupleKey, UdpDest, capacity, stat};
+use detector_common::{
+    Conn, Event, Fingerprint, MsgDest, TupleKey, UdpDest, capacity,
+    stack::{self, CountKey, Note},
+    stat,
+};
 
 /// Per-attempt records to user space.
 #[map]
@@ -110,3 +114,25 @@ pub static THREAD_SOCK: LruHashMap<u32, u64> =
 /// task's cgroup.
 #[map]
 pub static ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Frame-pointer user stacks of suspects' connects and sends, by id.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(stack::capacity::STACKS, 0);
+
+/// The stack `sys_enter` took for the call in progress on this CPU.
+#[map]
+pub static STACK_NOTE: PerCpuArray<Note> = PerCpuArray::with_max_entries(1, 0);
+
+/// Calls per (process, destination, stack); user space takes them.
+#[map]
+pub static STACK_COUNTS: LruHashMap<CountKey, u64> =
+    LruHashMap::with_max_entries(stack::capacity::COUNTS, 0);
+
+/// When each process's stack was last copied (one copy a second at most).
+#[map]
+pub static STACK_COPIED: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(stack::capacity::COPIED, 0);
+
+/// Copies of the top of suspects' user stacks, for unwinding.
+#[map]
+pub static STACK_COPIES: RingBuf = RingBuf::with_byte_size(stack::capacity::COPIES_BYTES, 0);

@@ -100,6 +100,8 @@ insert_loggers! {
     table::TLS_FP => log_tls_fp, "TLS_FP";
     table::TLS_READS => log_tls_reads, "TLS_READS";
     table::THREAD_SOCK => log_thread_sock, "THREAD_SOCK";
+    table::STACK_COUNTS => log_stack_counts, "STACK_COUNTS";
+    table::STACK_COPIED => log_stack_copied, "STACK_COPIED";
 }
 
 #[inline(never)]

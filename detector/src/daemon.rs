@@ -479,6 +479,7 @@ impl Daemon {
 
     fn on_interval(&mut self, pipe: &mut Pipeline, sensors: &mut Sensors, iv: Interval) {
         let now = now_ms();
+        self.tracker.annotate_stacks(&pipe.stacks);
         if let Err(e) = self
             .tracker
             .every_second(&pipe.engine, &mut self.store, now)

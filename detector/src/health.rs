@@ -22,6 +22,8 @@ pub mod kind {
     pub const STORE: &str = "store";
     /// Anything else the loop's callbacks reported.
     pub const INTERNAL: &str = "internal";
+    /// Call stacks: a capability they need is missing.
+    pub const STACKS: &str = "stacks";
 }
 
 /// How often one kind may be logged.

@@ -131,6 +131,11 @@ pub struct Incident {
     #[serde(default)]
     pub top_members: Vec<Member>,
     pub syscalls_per_s: Option<f64>,
+    /// The call stacks its connects and sends came from, most calls first
+    /// (see `stacks`); empty until the first is resolved, and kept when
+    /// the processes are gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stacks: Vec<crate::stacks::StackShare>,
 }
 
 impl Incident {
@@ -224,6 +229,9 @@ pub struct SinkError(pub Box<dyn std::error::Error + Send + Sync>);
 /// detected, shown and counted in metrics, but gets no incident row
 /// (counted in [`IncidentTracker::not_opened`]) until one closes.
 pub const OPEN_MAX: usize = 1_024;
+
+/// Call stacks an incident lists.
+pub const STACKS_SHOWN: usize = 5;
 
 /// Opens, updates, merges and closes incidents from verdict changes.
 pub struct IncidentTracker {
@@ -611,6 +619,22 @@ impl IncidentTracker {
         inc.top_members = top_members(inc, engine, owner.dest());
     }
 
+    /// Gives each open incident the top call stacks of its processes'
+    /// calls towards its destination (kept as they were when none is
+    /// known now: the processes may have exited).
+    pub fn annotate_stacks(&mut self, book: &crate::stacks::StackBook) {
+        for (subject, inc) in self.open.iter_mut() {
+            let pids: Vec<u32> = match subject {
+                Subject::Flow { pid, .. } => vec![*pid],
+                _ => inc.members.clone(),
+            };
+            let top = book.top(&pids, &subject.dest(), STACKS_SHOWN);
+            if !top.is_empty() {
+                inc.stacks = top;
+            }
+        }
+    }
+
     /// Once a second: appends to each open incident's timeline and saves it.
     pub fn every_second(
         &mut self,
@@ -766,6 +790,7 @@ pub(crate) fn identify(
         member_count: u64::from(kind == "flow"),
         top_members: Vec::new(),
         syscalls_per_s: None,
+        stacks: Vec::new(),
     }
 }
 

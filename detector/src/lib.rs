@@ -31,4 +31,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod record;
 pub mod service;
+pub mod stacks;
 pub mod store;

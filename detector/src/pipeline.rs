@@ -60,6 +60,8 @@ pub struct Pipeline {
     pub observed: u64,
     /// Successes of budgeted processes, for retry budgets' deposits.
     pub tally: crate::enforce::tally::Tally,
+    /// Call stacks of suspects' calls, by flow.
+    pub stacks: crate::stacks::StackBook,
 }
 
 impl Pipeline {
@@ -82,6 +84,7 @@ impl Pipeline {
             last_sweep: 0,
             observed: 0,
             tally: Default::default(),
+            stacks: Default::default(),
         }
     }
 
@@ -129,6 +132,9 @@ impl Pipeline {
             }
             Err(e) => self.health.error(kind::MAP, "sweeping closed attempts", &e),
         }
+        if let Err(e) = self.stacks.poll(sensors) {
+            self.health.error(kind::MAP, "reading stack copies", &e);
+        }
         if sensors.on_demand_attached() {
             match sensors.syscall_counts() {
                 Ok(counts) => self.syscall_deltas(counts, now),
@@ -141,6 +147,9 @@ impl Pipeline {
         // without their exit being seen (bounded work per call).
         if now.saturating_sub(self.last_sweep) >= 1_000_000_000 {
             self.last_sweep = now;
+            if let Err(e) = self.stacks.take(sensors, now) {
+                self.health.error(kind::MAP, "taking stack counts", &e);
+            }
             if let Err(e) = sensors.sweep() {
                 self.health
                     .error(kind::MAP, "sweeping entries of dead processes", &e);

@@ -507,6 +507,9 @@ impl Drop for Cgroup {
 /// port, stopped (SIGTERM) when dropped.
 pub struct Daemon {
     pub child: Option<ChildGuard>,
+    /// Capabilities to run with (`setpriv` spelling, see [`setpriv_caps`]);
+    /// None: this process's own.
+    pub caps: Option<String>,
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
@@ -518,6 +521,12 @@ impl Daemon {
     /// Writes a config under `dir` (extra TOML appended) and starts the
     /// daemon; None after [`skip_or_fail`] if eBPF cannot load.
     pub fn start(what: &str, dir: &std::path::Path, extra: &str) -> Option<Daemon> {
+        let mut d = Daemon::configure(dir, extra);
+        d.spawn(what).then_some(d)
+    }
+
+    /// The config and paths of a daemon, not started.
+    fn configure(dir: &std::path::Path, extra: &str) -> Daemon {
         std::fs::create_dir_all(dir).expect("daemon dir");
         let socket = dir.join("sg.sock");
         let port = TcpListener::bind("127.0.0.1:0")
@@ -533,22 +542,42 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        let mut d = Daemon {
+        Daemon {
             child: None,
+            caps: None,
             dir: dir.into(),
             socket,
             config,
             metrics: Some(port),
             stderr: None,
-        };
+        }
+    }
+
+    /// As [`Daemon::start`], with only the capabilities the shipped unit
+    /// grants (as systemd applies them to a uid-0 service).
+    pub fn start_as_unit(what: &str, dir: &std::path::Path, extra: &str) -> Option<Daemon> {
+        let mut d = Daemon::configure(dir, extra);
+        d.caps = Some(setpriv_caps(&unit_capabilities()));
         d.spawn(what).then_some(d)
     }
 
     /// (Re)starts the daemon process; false if skipped.
     pub fn spawn(&mut self, what: &str) -> bool {
+        let mut cmd = match &self.caps {
+            None => Command::new(stormguard_bin()),
+            Some(set) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--inh-caps={set}"))
+                    .arg(format!("--ambient-caps={set}"))
+                    .arg(format!("--bounding-set={set}"))
+                    .arg("--reuid=0")
+                    .arg("--")
+                    .arg(stormguard_bin());
+                c
+            }
+        };
         let mut child = ChildGuard::spawn(
-            Command::new(stormguard_bin())
-                .arg("daemon")
+            cmd.arg("daemon")
                 .arg("--config")
                 .arg(&self.config)
                 .stdout(Stdio::null())
@@ -743,4 +772,28 @@ impl Drop for Link {
             .args(["link", "del", &self.host_dev])
             .status();
     }
+}
+
+/// The capabilities `packaging/stormguard.service` grants
+/// (`CapabilityBoundingSet=`, which the service tests check equal to
+/// `AmbientCapabilities=`).
+pub fn unit_capabilities() -> std::collections::BTreeSet<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/stormguard.service");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("CapabilityBoundingSet="))
+        .flat_map(|v| v.split_whitespace().map(str::to_string))
+        .collect()
+}
+
+/// `-all,+bpf,+perfmon,...` as setpriv spells a capability set; `-all`
+/// first so nothing inherited from the test's own (full) sets survives.
+pub fn setpriv_caps(caps: &std::collections::BTreeSet<String>) -> String {
+    let mut s = String::from("-all");
+    for c in caps {
+        s.push_str(",+");
+        s.push_str(&c.trim_start_matches("CAP_").to_ascii_lowercase());
+    }
+    s
 }

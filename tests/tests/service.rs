@@ -14,9 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stormguard::{cli::doctor::EXIT_ENVIRONMENT, config::Config, kernel::caps::REQUIRED};
+use stormguard::{
+    cli::doctor::EXIT_ENVIRONMENT,
+    config::Config,
+    kernel::caps::{FOR_STACKS, REQUIRED},
+};
 use stormguard_tests::{
-    ChildGuard, Link, closed_port, ebpf_required, lines, skip_or_fail, stormguard_bin,
+    ChildGuard, Link, closed_port, ebpf_required, lines, setpriv_caps, skip_or_fail, stormguard_bin,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
@@ -184,17 +188,6 @@ fn cap_mask(caps: &BTreeSet<String>) -> u64 {
             1u64 << bit
         })
         .fold(0, |a, b| a | b)
-}
-
-/// `+bpf,+perfmon,...` as setpriv spells capabilities; `-all` first so
-/// nothing inherited from the test's own (full) sets survives.
-fn setpriv_caps(caps: &BTreeSet<String>) -> String {
-    let mut s = String::from("-all");
-    for c in caps {
-        s.push_str(",+");
-        s.push_str(&c.trim_start_matches("CAP_").to_ascii_lowercase());
-    }
-    s
 }
 
 fn on_path(program: &str) -> Option<PathBuf> {
@@ -485,7 +478,7 @@ fn unit_file_declares_what_the_daemon_needs() {
     let bounding = cap_set(&unit, "CapabilityBoundingSet");
     let ambient = cap_set(&unit, "AmbientCapabilities");
     assert_eq!(bounding, ambient, "bounding and ambient sets differ");
-    for c in REQUIRED {
+    for c in REQUIRED.iter().chain(&FOR_STACKS) {
         assert!(bounding.contains(c.name), "{} missing ({})", c.name, c.why);
     }
     assert!(
@@ -803,6 +796,23 @@ fn each_capability_of_the_unit_is_needed() {
         fewer.remove(dropped);
         let tag = format!("without-{}", dropped.to_ascii_lowercase());
         let mut svc = Service::start(&tag, &fewer);
+        if let Some(c) = FOR_STACKS.iter().find(|c| c.name == *dropped) {
+            // Only call stacks need it: the daemon runs, and says what
+            // it cannot do (status `degraded`, and the log).
+            if let Err(status) = svc.wait_notify("READY=1", READY_BOUND) {
+                panic!(
+                    "exited ({status}) without {dropped}:\n{}",
+                    svc.log.join("\n")
+                );
+            }
+            let degraded = svc.json(&["status"])["degraded"].to_string();
+            println!("without {dropped}: degraded {degraded}");
+            assert!(
+                degraded.contains(&format!("without {}", c.name)),
+                "{dropped} not named: {degraded}"
+            );
+            continue;
+        }
         let status = match svc.wait_notify("READY=1", READY_BOUND) {
             Ok(t) => panic!(
                 "READY=1 after {t:?} without {dropped}: the unit grants a capability it does not need"

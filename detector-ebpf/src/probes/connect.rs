@@ -65,6 +65,7 @@ pub fn connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     ev.daddr = dest.daddr;
     ev.comm = comm();
     ev.cgroup = cgroup();
+    super::stack::count_call(tid, &ev, proto);
     if proto == IPPROTO_TCP {
         // A note for SYN_SENT.
         ev.kind = kind::TCP_PRE_SYN_FAIL;

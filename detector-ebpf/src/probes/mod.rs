@@ -6,5 +6,6 @@ pub mod ondemand;
 pub mod process;
 pub mod sendrecv;
 pub mod socket;
+pub mod stack;
 pub mod tcp;
 pub mod tls;

@@ -22,6 +22,9 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     count_syscall(tgid);
+    if super::stack::is_call(ctx.arg(1)) {
+        super::stack::take(ctx, tgid, tid);
+    }
     let slot = FINGERPRINTS.get_ptr_mut(0).ok_or(-1i64)?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
     let slot = unsafe { &mut *slot };

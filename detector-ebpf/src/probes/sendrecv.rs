@@ -166,6 +166,11 @@ fn tcp_send(sk: u64, bytes: u32) {
         conn.head_set = 0;
     }
     if conn.req_sent == 0 {
+        // A new request; not the connection's first, whose call stack was
+        // counted at its connect (the attempt).
+        if conn.total_sent != 0 {
+            super::stack::count_call(tid, &conn.tmpl, IPPROTO_TCP);
+        }
         let syscall = take_fingerprint(tid)
             .map(|fp| request_hash(fp, conn.tmpl.dport))
             .unwrap_or(0);
@@ -224,6 +229,7 @@ fn udp_send(sk: u64, ret: i32, family: u16) -> Result<(), i64> {
     ev.aux = ret as u32;
     ev.sock = sock_id(sk);
     fill(&mut ev, tgid, family, known.then_some(&dest));
+    super::stack::count_call(tid, &ev, IPPROTO_UDP);
     if connected {
         ev.flags |= flags::CONNECTED;
     }

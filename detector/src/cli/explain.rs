@@ -165,6 +165,9 @@ pub fn render(i: &Incident) -> String {
                 .unwrap_or_default()
         ),
     );
+    if !i.stacks.is_empty() {
+        line("stacks", render_stacks(&i.stacks));
+    }
     if i.kind != "flow" {
         let listed = i.members.len() as u64;
         line(
@@ -185,4 +188,53 @@ pub fn render(i: &Incident) -> String {
         );
     }
     out
+}
+
+/// Frames of a stack shown at most.
+const FRAMES_SHOWN: usize = 12;
+
+/// The top stacks, each with its share and frames (innermost first).
+fn render_stacks(stacks: &[crate::stacks::StackShare]) -> String {
+    use crate::stacks::Method;
+    let mut out = Vec::new();
+    for s in stacks {
+        let how = match s.stack.method {
+            Method::Unwound => "unwound",
+            Method::FramePointers => "frame pointers",
+        };
+        out.push(format!(
+            "{:.0}% of calls ({}), {how}{}",
+            100.0 * s.share,
+            s.calls,
+            if s.stack.truncated {
+                ", stack may be truncated"
+            } else {
+                ""
+            }
+        ));
+        for f in s.stack.frames.iter().take(FRAMES_SHOWN) {
+            let name = f.function.as_deref().unwrap_or("?");
+            let at = match (&f.file, f.line) {
+                (Some(file), Some(l)) => format!(" {file}:{l}"),
+                (Some(file), None) => format!(" {file}"),
+                _ => String::new(),
+            };
+            let module = f
+                .module
+                .as_deref()
+                .map(|m| format!(" [{}]", m.rsplit('/').next().unwrap_or(m)))
+                .unwrap_or_default();
+            out.push(format!(
+                "  {}{name}{at}{module}",
+                if f.inlined { "(inlined) " } else { "" }
+            ));
+        }
+        if s.stack.frames.len() > FRAMES_SHOWN {
+            out.push(format!("  … {} more", s.stack.frames.len() - FRAMES_SHOWN));
+        }
+        if let Some(n) = &s.stack.note {
+            out.push(format!("  note: {n}"));
+        }
+    }
+    out.join("\n           ")
 }

@@ -263,7 +263,7 @@ pub enum DecodeError {
     Outcome(u8),
 }
 
-fn address(family: u16, bytes: &[u8; 16]) -> Result<IpAddr, DecodeError> {
+pub(crate) fn address(family: u16, bytes: &[u8; 16]) -> Result<IpAddr, DecodeError> {
     match family {
         AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
             bytes[0], bytes[1], bytes[2], bytes[3],

@@ -31,6 +31,36 @@ pub const CAP_BPF: Capability = Capability {
 
 pub const REQUIRED: [Capability; 3] = [CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN];
 
+/// Capabilities that only call stacks need: without them the daemon runs,
+/// says so, and shows raw addresses where it cannot read a process.
+pub const FOR_STACKS: [Capability; 2] = [
+    Capability {
+        name: "CAP_SYS_PTRACE",
+        bit: 19,
+        why: "read /proc/<pid>/maps of other users' and more privileged processes (call stacks are not symbolized there)",
+    },
+    Capability {
+        name: "CAP_CHECKPOINT_RESTORE",
+        bit: 40,
+        why: "read binaries deleted since they started, or in another mount namespace, through /proc/<pid>/map_files (their frames are not symbolized)",
+    },
+];
+
+/// Which of [`FOR_STACKS`] this process lacks (CAP_SYS_ADMIN stands in for
+/// CAP_CHECKPOINT_RESTORE, not for CAP_SYS_PTRACE).
+pub fn missing_for_stacks() -> Vec<Capability> {
+    let mask = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| effective(&s))
+        .unwrap_or(0);
+    let has = |bit: u32| mask & (1u64 << bit) != 0;
+    FOR_STACKS
+        .iter()
+        .copied()
+        .filter(|c| !(has(c.bit) || (c.bit == 40 && has(CAP_SYS_ADMIN))))
+        .collect()
+}
+
 /// The effective capability mask from a /proc/PID/status text.
 pub fn effective(status: &str) -> Option<u64> {
     status

@@ -8,6 +8,7 @@ pub mod caps;
 pub mod coverage;
 pub mod floor;
 mod klog;
+pub mod stacks;
 pub mod tables;
 pub mod tracefs;
 
@@ -216,6 +217,8 @@ pub struct Sensors {
     /// What the ARMED map says (see `write_armed`).
     armed_probes: bool,
     armed_cgroups: bool,
+    /// The stack copies ring, taken on first use (see `stacks`).
+    copies: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -488,6 +491,7 @@ impl Sensors {
             exit_connect_loaded,
             armed_probes: false,
             armed_cgroups: false,
+            copies: None,
             root_cgroup: {
                 use std::os::unix::fs::MetadataExt;
                 std::fs::metadata(&cgroup).ok().map(|m| m.ino())

@@ -14,7 +14,7 @@
 use std::{collections::HashSet, os::fd::AsRawFd as _};
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use detector_common::{capacity, stat, table};
+use detector_common::{capacity, stack, stat, table};
 
 use super::{KernelError, Sensors};
 
@@ -61,6 +61,8 @@ pub const SIZED_MAPS: [(&str, u32); table::COUNT as usize + 1] = [
     ("TLS_FP", capacity::RECV_NOTES),
     ("TLS_READS", capacity::RECV_NOTES),
     ("THREAD_SOCK", capacity::RECV_NOTES),
+    ("STACK_COUNTS", stack::capacity::COUNTS),
+    ("STACK_COPIED", stack::capacity::COPIED),
     ("SUSPECT_CGROUPS", capacity::SUSPECT_CGROUPS),
 ];
 
@@ -69,7 +71,7 @@ const SUSPECT_CGROUPS: usize = table::COUNT as usize;
 
 /// Tables keyed by a thread or process id, which [`Sensors::sweep`]
 /// checks for dead ones.
-const BY_TASK: [u32; 7] = [
+const BY_TASK: [u32; 8] = [
     table::SUSPECTS,
     table::SYSCALLS,
     table::PRE_SYN,
@@ -77,6 +79,7 @@ const BY_TASK: [u32; 7] = [
     table::TLS_FP,
     table::TLS_READS,
     table::THREAD_SOCK,
+    table::STACK_COPIED,
 ];
 
 /// Most keys one [`Sensors::sweep`] examines (two syscalls each: ~2 ms).

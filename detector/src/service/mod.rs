@@ -92,6 +92,13 @@ pub async fn drive(
         },
         Sensors::on_demand_hooks().join(", ")
     );
+    let lacking: Vec<String> = kernel::caps::missing_for_stacks()
+        .iter()
+        .map(|c| format!("without {}: cannot {}", c.name, c.why))
+        .collect();
+    if !lacking.is_empty() {
+        pipe.health.degrade(kind::STACKS, lacking.join("; "));
+    }
     let interval = Duration::from_millis(opts.interval_ms);
     let start = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval_at(

@@ -1,0 +1,332 @@
+//! Which line of code makes a storm's calls: the call stacks the kernel
+//! counted per (process, destination, stack) for suspect processes (see
+//! `detector_common::stack`), unwound and symbolized on a worker thread so
+//! the service loop never waits on /proc or on parsing DWARF.
+//!
+//! Data flow: `kernel::stacks` (counts, frame-pointer stacks, stack
+//! copies) → [`StackBook::take`] → worker ([`unwind`], [`symbolize`]) →
+//! [`StackBook::top`] → incidents, `explain`, `--json`.
+pub mod symbolize;
+pub mod unwind;
+mod worker;
+
+use std::collections::HashMap;
+
+use detector_common::stack::Copy;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ingest::Destination,
+    kernel::{Sensors, stacks::StackCount},
+};
+use worker::{Job, Worker};
+
+/// One frame of a symbolized stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// The lookup address (a return address minus one).
+    pub addr: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// The file the code is in (executable or shared library).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// Inlined into the frame below it (same address).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+}
+
+/// How a stack's frames were found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Unwound from a copy of the user stack with `.eh_frame`.
+    Unwound,
+    /// The kernel's frame-pointer walk: code built without frame pointers
+    /// (most distributions' libc) hides its caller or ends the walk.
+    #[default]
+    FramePointers,
+}
+
+/// A symbolized stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub frames: Vec<Frame>,
+    pub method: Method,
+    /// The stack may be missing outer frames (or, from frame pointers,
+    /// the caller of a frameless function).
+    pub truncated: bool,
+    /// What the reader should know (interpreter frames not resolved, the
+    /// process exited before it was read…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A stack with its part of a storm's calls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StackShare {
+    /// Calls made from this stack.
+    pub calls: u64,
+    /// `calls` over all calls with a stack of the same flows.
+    pub share: f64,
+    #[serde(flatten)]
+    pub stack: Resolved,
+}
+
+/// (process, hash of the frame-pointer frames): one stack of one process
+/// (addresses differ between processes, so the process is part of it).
+type StackKey = (u32, u64);
+
+/// Most flows whose stacks are kept.
+pub const FLOWS_MAX: usize = 4_096;
+/// Most distinct stacks kept per flow (beyond it, calls count as "other").
+pub const STACKS_PER_FLOW: usize = 8;
+/// Most stacks kept resolved.
+pub const RESOLVED_MAX: usize = 2_048;
+/// Most stack copies waiting for their count.
+const PENDING_MAX: usize = 128;
+/// A flow with no call for this long is forgotten, with its stacks
+/// (incidents keep the stacks they were given).
+pub const FLOW_TTL_NS: u64 = 300_000_000_000;
+
+#[derive(Debug, Default)]
+struct FlowStacks {
+    stacks: Vec<(StackKey, u64)>,
+    other: u64,
+    last_ns: u64,
+}
+
+/// What [`StackBook`] counted, for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackStats {
+    pub calls: u64,
+    pub copies: u64,
+    pub resolved: u64,
+    pub unwound: u64,
+    /// Jobs dropped: the worker's queue was full.
+    pub queue_full: u64,
+    /// Flows and stacks forgotten at their bounds.
+    pub evicted: u64,
+}
+
+/// Calls per flow and stack, and the stacks resolved so far.
+pub struct StackBook {
+    flows: HashMap<(u32, Destination), FlowStacks>,
+    resolved: HashMap<StackKey, Option<Resolved>>,
+    /// Copies since the last take, by (pid, stack id).
+    pending: HashMap<(u32, u32), Box<Copy>>,
+    worker: Worker,
+    pub stats: StackStats,
+}
+
+impl Default for StackBook {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn hash_frames(frames: &[u64]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = foldhash::fast::FixedState::with_seed(0x5347).build_hasher();
+    for f in frames {
+        h.write_u64(*f);
+    }
+    h.finish()
+}
+
+impl StackBook {
+    pub fn new() -> Self {
+        StackBook {
+            flows: HashMap::new(),
+            resolved: HashMap::new(),
+            pending: HashMap::new(),
+            worker: Worker::start(),
+            stats: StackStats::default(),
+        }
+    }
+
+    /// Every tick: the stack copies waiting in the kernel, and the
+    /// resolved stacks the worker finished.
+    pub fn poll(&mut self, sensors: &mut Sensors) -> Result<(), crate::kernel::KernelError> {
+        for (key, r) in self.worker.results() {
+            self.stats.resolved += 1;
+            if r.method == Method::Unwound {
+                self.stats.unwound += 1;
+            }
+            if let Some(slot) = self.resolved.get_mut(&key) {
+                *slot = Some(r);
+            }
+        }
+        for c in sensors.stack_copies()? {
+            self.stats.copies += 1;
+            if self.pending.len() < PENDING_MAX {
+                self.pending.insert((c.tgid, c.stack.saturating_sub(1)), c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Once a second: takes the kernel's counts, files them by flow and
+    /// sends each new stack to the worker.
+    pub fn take(
+        &mut self,
+        sensors: &mut Sensors,
+        now_ns: u64,
+    ) -> Result<(), crate::kernel::KernelError> {
+        let (counts, frames) = sensors.take_stack_counts()?;
+        let frames: HashMap<u32, Vec<u64>> = frames.into_iter().collect();
+        for c in counts {
+            let Some(fp) = frames.get(&c.stack) else {
+                continue;
+            };
+            let key = (c.pid, hash_frames(fp));
+            self.add(&c, key, now_ns);
+            let copy = self.pending.remove(&(c.pid, c.stack));
+            let want = match self.resolved.get(&key) {
+                None => true,
+                // A stack known only from frame pointers is unwound once a
+                // copy comes.
+                Some(Some(r)) => copy.is_some() && r.method == Method::FramePointers,
+                Some(None) => false,
+            };
+            if want {
+                if self.resolved.len() >= RESOLVED_MAX && !self.resolved.contains_key(&key) {
+                    self.evict_resolved();
+                }
+                let job = Job {
+                    key,
+                    pid: c.pid,
+                    frames: fp.clone(),
+                    copy,
+                };
+                if self.worker.send(job) {
+                    self.resolved.entry(key).or_insert(None);
+                } else {
+                    self.stats.queue_full += 1;
+                }
+            }
+        }
+        self.pending.clear();
+        self.expire(now_ns);
+        Ok(())
+    }
+
+    /// Forgets flows idle for [`FLOW_TTL_NS`] and the stacks only they
+    /// used; the worker drops what it cached of their processes.
+    fn expire(&mut self, now_ns: u64) {
+        let before = self.flows.len();
+        let mut gone = Vec::new();
+        self.flows.retain(|(pid, _), f| {
+            let keep = now_ns.saturating_sub(f.last_ns) < FLOW_TTL_NS;
+            if !keep {
+                gone.push(*pid);
+            }
+            keep
+        });
+        if self.flows.len() == before {
+            return;
+        }
+        gone.retain(|pid| !self.flows.keys().any(|(p, _)| p == pid));
+        for pid in gone {
+            self.resolved.retain(|(p, _), _| *p != pid);
+            self.worker.forget(pid);
+        }
+    }
+
+    fn add(&mut self, c: &StackCount, key: StackKey, now_ns: u64) {
+        self.stats.calls += c.calls;
+        let fk = (c.pid, c.dest);
+        if !self.flows.contains_key(&fk) && self.flows.len() >= FLOWS_MAX {
+            // The flow seen longest ago goes.
+            if let Some(old) = self
+                .flows
+                .iter()
+                .min_by_key(|(_, f)| f.last_ns)
+                .map(|(k, _)| *k)
+            {
+                self.flows.remove(&old);
+                self.stats.evicted += 1;
+            }
+        }
+        let f = self.flows.entry(fk).or_default();
+        f.last_ns = now_ns;
+        if let Some(s) = f.stacks.iter_mut().find(|(k, _)| *k == key) {
+            s.1 += c.calls;
+        } else if f.stacks.len() < STACKS_PER_FLOW {
+            f.stacks.push((key, c.calls));
+        } else {
+            f.other += c.calls;
+        }
+    }
+
+    fn evict_resolved(&mut self) {
+        let live: std::collections::HashSet<StackKey> = self
+            .flows
+            .values()
+            .flat_map(|f| f.stacks.iter().map(|(k, _)| *k))
+            .collect();
+        let dead: Vec<StackKey> = self
+            .resolved
+            .keys()
+            .filter(|k| !live.contains(k))
+            .copied()
+            .collect();
+        for k in dead {
+            self.resolved.remove(&k);
+            self.stats.evicted += 1;
+        }
+    }
+
+    /// The `n` stacks with the most calls of the flows of `pids` towards
+    /// `dest`, with their share; stacks not resolved yet are left out.
+    pub fn top(&self, pids: &[u32], dest: &Destination, n: usize) -> Vec<StackShare> {
+        let mut calls: HashMap<StackKey, u64> = HashMap::new();
+        let mut total = 0;
+        for pid in pids {
+            if let Some(f) = self.flows.get(&(*pid, *dest)) {
+                total += f.other;
+                for (k, c) in &f.stacks {
+                    *calls.entry(*k).or_default() += c;
+                    total += c;
+                }
+            }
+        }
+        // The same code in several processes has different addresses but
+        // the same frames once symbolized: merged by their text.
+        let mut merged: Vec<(u64, Resolved)> = Vec::new();
+        for (k, c) in calls {
+            let Some(Some(r)) = self.resolved.get(&k) else {
+                continue;
+            };
+            let same = |m: &(u64, Resolved)| {
+                m.1.frames.len() == r.frames.len()
+                    && m.1.frames.iter().zip(&r.frames).all(|(a, b)| {
+                        a.function == b.function && a.file == b.file && a.line == b.line
+                    })
+            };
+            match merged.iter_mut().find(|m| same(m)) {
+                Some(m) => m.0 += c,
+                None => merged.push((c, r.clone())),
+            }
+        }
+        merged.sort_by_key(|m| std::cmp::Reverse(m.0));
+        merged
+            .into_iter()
+            .take(n)
+            .map(|(c, r)| StackShare {
+                calls: c,
+                share: c as f64 / total.max(1) as f64,
+                stack: r,
+            })
+            .collect()
+    }
+
+    /// Flows and resolved stacks held (for the bounds tests and status).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.flows.len(), self.resolved.len())
+    }
+}

@@ -1,0 +1,252 @@
+//! Call stacks (where a storm's calls come from): real clients, built here
+//! with and without frame pointers and debug information, storm a closed
+//! port; the daemon, holding only the shipped unit's capabilities, must
+//! name the function that retries and the line of its connect() — or say
+//! the stack may be truncated, never name a wrong function.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use stormguard_tests::{ChildGuard, Daemon, closed_port, scaled, skip_or_fail};
+
+/// The function every test client retries from.
+const RETRY_FN: &str = "storm_retry_connect_loop";
+
+fn corpus(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(name)
+}
+
+/// The line of `src` marked `THE CONNECT`.
+fn connect_line(src: &Path) -> u32 {
+    let text = std::fs::read_to_string(src).expect("client source");
+    1 + text
+        .lines()
+        .position(|l| l.contains("THE CONNECT"))
+        .expect("marked line") as u32
+}
+
+/// Builds a client; None (after skip_or_fail) when the compiler is missing.
+fn build(compiler: &str, args: &[&str], src: &Path, out: &Path) -> Option<()> {
+    let o = Command::new(compiler)
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .output();
+    match o {
+        Ok(o) if o.status.success() => Some(()),
+        Ok(o) => panic!(
+            "{compiler} {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            skip_or_fail("stacks", &format!("{compiler}: {e}"));
+            None
+        }
+    }
+}
+
+struct Client {
+    label: &'static str,
+    src: PathBuf,
+    /// Built with debug information: file and line are expected.
+    debug: bool,
+    /// Built without frame pointers: the right function or "truncated".
+    no_fp: bool,
+    child: Option<ChildGuard>,
+}
+
+/// The top stack of `pid`'s incident once it has been unwound.
+fn unwound_stack(d: &Daemon, pid: u32) -> Option<Value> {
+    let out = d.cli(&["explain", &pid.to_string(), "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let top = v["stacks"].get(0)?.clone();
+    (top["method"] == "unwound").then_some(top)
+}
+
+fn functions(stack: &Value) -> Vec<String> {
+    stack["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+#[test]
+fn explain_names_the_retrying_function_and_line_from_the_units_capabilities() {
+    let dir = std::env::temp_dir().join(format!("sg-stacks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let c_src = corpus("stack_client.c");
+    let rs_src = corpus("stack_client.rs");
+    let bins = [
+        (
+            "gcc",
+            &["-g", "-O1", "-fno-omit-frame-pointer"][..],
+            &c_src,
+            "c_fp",
+        ),
+        (
+            "gcc",
+            &["-O2", "-fomit-frame-pointer"][..],
+            &c_src,
+            "c_no_fp",
+        ),
+        (
+            "rustc",
+            &["-g", "-C", "force-frame-pointers=yes", "-C", "opt-level=1"][..],
+            &rs_src,
+            "rust_fp",
+        ),
+        (
+            "gcc",
+            &["-g", "-O1", "-fno-omit-frame-pointer"][..],
+            &c_src,
+            "deleted",
+        ),
+    ];
+    for (cc, args, src, name) in bins {
+        if build(cc, args, src, &dir.join(name)).is_none() {
+            return;
+        }
+    }
+    let Some(mut d) = Daemon::start_as_unit("stacks", &dir.join("daemon"), "") else {
+        return;
+    };
+    let mut clients = vec![
+        Client {
+            label: "c_fp",
+            src: c_src.clone(),
+            debug: true,
+            no_fp: false,
+            child: None,
+        },
+        Client {
+            label: "c_no_fp",
+            src: c_src.clone(),
+            debug: false,
+            no_fp: true,
+            child: None,
+        },
+        Client {
+            label: "rust_fp",
+            src: rs_src.clone(),
+            debug: true,
+            no_fp: false,
+            child: None,
+        },
+        Client {
+            label: "deleted",
+            src: c_src.clone(),
+            debug: true,
+            no_fp: false,
+            child: None,
+        },
+    ];
+    let secs = scaled(Duration::from_secs(40)).as_secs().to_string();
+    for c in &mut clients {
+        let port = closed_port(false).port().to_string();
+        c.child = Some(ChildGuard::spawn(
+            Command::new(dir.join(c.label))
+                .args([&port, &secs])
+                .stdout(Stdio::null()),
+        ));
+    }
+    // Deleted while it runs: symbolized from the process's own mapping.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(dir.join("deleted")).expect("delete the running binary");
+
+    let started = Instant::now();
+    let deadline = scaled(Duration::from_secs(30));
+    let mut stacks: Vec<Option<Value>> = vec![None; clients.len()];
+    while stacks.iter().any(Option::is_none) && started.elapsed() < deadline {
+        d.assert_alive("while clients stormed");
+        for (i, c) in clients.iter().enumerate() {
+            if stacks[i].is_none() {
+                stacks[i] = unwound_stack(&d, c.child.as_ref().unwrap().pid());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!("stacks resolved within {:?}", started.elapsed());
+    for (c, s) in clients.iter().zip(&stacks) {
+        let pid = c.child.as_ref().unwrap().pid();
+        let text = d.cli(&["explain", &pid.to_string()]);
+        println!(
+            "--- {} (pid {pid}):\n{}",
+            c.label,
+            String::from_utf8_lossy(&text.stdout)
+        );
+        let s = s
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: no unwound stack within {deadline:?}", c.label));
+        let frames = s["frames"].as_array().expect("frames");
+        let names = functions(s);
+        let at = names.iter().position(|n| n.contains(RETRY_FN));
+        if c.no_fp {
+            // The right function, or an honest "truncated"; and every
+            // frame of the client's own code is one it really has.
+            assert!(
+                at.is_some() || s["truncated"] == true,
+                "{}: neither {RETRY_FN} nor truncated: {names:?}",
+                c.label
+            );
+            for f in frames {
+                let module = f["module"].as_str().unwrap_or("");
+                if module.ends_with(c.label) {
+                    let name = f["function"].as_str().unwrap_or("?");
+                    assert!(
+                        [RETRY_FN, "main", "_start"].contains(&name),
+                        "{}: a wrong name in its own code: {name} ({names:?})",
+                        c.label
+                    );
+                }
+            }
+            continue;
+        }
+        let at = at.unwrap_or_else(|| panic!("{}: {RETRY_FN} not in {names:?}", c.label));
+        // Within five (physical) frames below libc's (the innermost run
+        // of them: the syscall wrapper and what it calls).
+        let in_libc = |f: &Value| f["module"].as_str().is_some_and(|m| m.contains("libc.so"));
+        let libc = frames
+            .iter()
+            .take_while(|f| in_libc(f))
+            .count()
+            .checked_sub(1)
+            .unwrap_or_else(|| panic!("{}: the stack does not start in libc: {names:?}", c.label));
+        let between = frames[libc + 1..at]
+            .iter()
+            .filter(|f| f["inlined"] != true)
+            .count();
+        assert!(
+            libc < at && between < 5,
+            "{}: {RETRY_FN} is {between} frames below libc: {names:?}",
+            c.label
+        );
+        if c.debug {
+            let want = connect_line(&c.src);
+            let f = &frames[at];
+            let file = f["file"].as_str().unwrap_or("");
+            let line = f["line"].as_u64().unwrap_or(0) as u32;
+            let src_name = c.src.file_name().unwrap().to_str().unwrap();
+            assert!(
+                file.ends_with(src_name) && line.abs_diff(want) <= 1,
+                "{}: {RETRY_FN} at {file}:{line}, the connect is at {src_name}:{want}",
+                c.label
+            );
+        }
+    }
+    for c in &mut clients {
+        drop(c.child.take());
+    }
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
