@@ -66,6 +66,8 @@ struct Daemon {
     /// Kernel map usage, refreshed every 10 s.
     last_map_usage: Option<Instant>,
     kernel_tables: Vec<TableView>,
+    /// Samples what storms burn (CPU, RSS) for their incidents.
+    cost: crate::cost::CostMeter,
 }
 
 /// At most `per_second` verdict-change log lines per second; the rest are
@@ -254,6 +256,7 @@ async fn serve(
     let state = Rc::new(RefCell::new(Daemon {
         store,
         tracker: IncidentTracker::new(),
+        cost: Default::default(),
         shared: shared.clone(),
         metrics,
         limiter: LogLimiter {
@@ -480,6 +483,8 @@ impl Daemon {
     fn on_interval(&mut self, pipe: &mut Pipeline, sensors: &mut Sensors, iv: Interval) {
         let now = now_ms();
         self.tracker.annotate_stacks(&pipe.stacks);
+        self.tracker
+            .annotate_cost(&mut self.cost, kernel::monotonic_ns());
         if let Err(e) = self
             .tracker
             .every_second(&pipe.engine, &mut self.store, now)
@@ -544,6 +549,7 @@ impl Daemon {
                     explanation: v
                         .filter(|v| v.state != State::Healthy || v.persistent_failure)
                         .map(|v| v.explanation),
+                    cpu_cores: self.cost.cpu_of(r.key.pid),
                 }
             })
             .collect();
@@ -569,6 +575,10 @@ impl Daemon {
         self.metrics
             .set_flows_tracked(pipe.engine.flow_count() as u64);
         self.metrics.set_storms_active(storms as u64);
+        self.metrics.set_storm_cost(
+            self.tracker.active().filter_map(|i| i.cost.as_ref()),
+            self.cost.host_cpu(),
+        );
         self.metrics
             .set_events_dropped_total(stats.ring_drops + stats.map_full);
         self.metrics.set_incidents_total(incidents_total);

@@ -136,6 +136,10 @@ pub struct Incident {
     /// the processes are gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stacks: Vec<crate::stacks::StackShare>,
+    /// CPU and memory of its processes while it lasts, and the host's
+    /// CPU (see `cost`); None until the first sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::cost::Cost>,
 }
 
 impl Incident {
@@ -635,6 +639,20 @@ impl IncidentTracker {
         }
     }
 
+    /// Samples what each open incident's processes burn (CPU, RSS) and
+    /// the host's CPU; once a second, before [`Self::every_second`] saves.
+    pub fn annotate_cost(&mut self, meter: &mut crate::cost::CostMeter, now_ns: u64) {
+        meter.begin(now_ns);
+        for (subject, inc) in self.open.iter_mut() {
+            let pids: Vec<u32> = match subject {
+                Subject::Flow { pid, .. } => vec![*pid],
+                _ => inc.members.clone(),
+            };
+            let sample = meter.measure(&pids, now_ns);
+            meter.apply(inc.cost.get_or_insert_with(Default::default), sample);
+        }
+    }
+
     /// Once a second: appends to each open incident's timeline and saves it.
     pub fn every_second(
         &mut self,
@@ -791,6 +809,7 @@ pub(crate) fn identify(
         top_members: Vec::new(),
         syscalls_per_s: None,
         stacks: Vec::new(),
+        cost: None,
     }
 }
 

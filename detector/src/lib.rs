@@ -19,6 +19,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod daemon;
 pub mod detect;
 pub mod enforce;

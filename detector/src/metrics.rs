@@ -107,6 +107,10 @@ pub struct Metrics {
     registry: Registry,
     flows_tracked: Gauge<u64, AtomicU64>,
     storms_active: Gauge<u64, AtomicU64>,
+    /// What active storms burn, summed (see `cost`), and the host's CPU.
+    storm_cpu: Gauge<f64, AtomicU64>,
+    storm_rss: Gauge<u64, AtomicU64>,
+    host_cpu: Gauge<f64, AtomicU64>,
     connect_attempts: Arc<ConnectAttempts>,
     events_dropped: Counter,
     incidents: Counter,
@@ -149,6 +153,24 @@ impl Metrics {
             "storms_active",
             "Retry storms currently detected",
             storms_active.clone(),
+        );
+        let storm_cpu = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "storm_cpu_cores",
+            "CPU the processes of active retry storms used in the last second, in cores, summed",
+            storm_cpu.clone(),
+        );
+        let storm_rss = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "storm_rss_bytes",
+            "Resident memory of the processes of active retry storms, summed",
+            storm_rss.clone(),
+        );
+        let host_cpu = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "host_cpu_ratio",
+            "Busy share of all the host's CPUs in the last second (0-1), beside storm_cpu_cores",
+            host_cpu.clone(),
         );
         // A collector rather than a `Family`: every outcome is exported (at 0
         // before its first attempt) and in a fixed order.
@@ -248,6 +270,9 @@ impl Metrics {
             registry,
             flows_tracked,
             storms_active,
+            storm_cpu,
+            storm_rss,
+            host_cpu,
             connect_attempts,
             events_dropped,
             incidents,
@@ -339,6 +364,23 @@ impl Metrics {
     /// Sets `stormguard_storms_active`.
     pub fn set_storms_active(&self, n: u64) {
         self.storms_active.set(n);
+    }
+
+    /// Sets `stormguard_storm_cpu_cores`, `stormguard_storm_rss_bytes`
+    /// and `stormguard_host_cpu_ratio` from the active incidents' costs.
+    pub fn set_storm_cost<'a>(
+        &self,
+        costs: impl IntoIterator<Item = &'a crate::cost::Cost>,
+        host_cpu: f64,
+    ) {
+        let (mut cpu, mut rss) = (0.0, 0);
+        for c in costs {
+            cpu += c.cpu_cores;
+            rss += c.rss_bytes;
+        }
+        self.storm_cpu.set(cpu);
+        self.storm_rss.set(rss);
+        self.host_cpu.set(host_cpu);
     }
 
     /// Adds `n` to `stormguard_connect_attempts_total{outcome}`. `outcome`

@@ -805,7 +805,15 @@ fn each_capability_of_the_unit_is_needed() {
                     svc.log.join("\n")
                 );
             }
-            let degraded = svc.json(&["status"])["degraded"].to_string();
+            // (status is refreshed once a second.)
+            let mut degraded = String::new();
+            for _ in 0..30 {
+                degraded = svc.json(&["status"])["degraded"].to_string();
+                if degraded != "[]" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
             println!("without {dropped}: degraded {degraded}");
             assert!(
                 degraded.contains(&format!("without {}", c.name)),

@@ -244,9 +244,53 @@ fn explain_names_the_retrying_function_and_line_from_the_units_capabilities() {
             );
         }
     }
-    for c in &mut clients {
+    // The cost of a storm: c_fp alone burns most of a core (a tight loop
+    // of refused connects); the others stop.
+    for c in &mut clients[1..] {
         drop(c.child.take());
     }
+    let pid = clients[0].child.as_ref().unwrap().pid();
+    std::thread::sleep(scaled(Duration::from_secs(3)));
+    let inc = d.json(&["explain", &pid.to_string()]);
+    let cost = &inc["cost"];
+    println!("cost of c_fp's storm: {cost}");
+    let peak = cost["peak_cpu_cores"].as_f64().unwrap_or(0.0);
+    assert!(peak > 0.5, "c_fp's storm at {peak} cores: {cost}");
+    assert!(
+        cost["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0)
+            && cost["host_cpus"].as_u64().is_some_and(|n| n >= 1)
+            && cost["peak_host_cpu"].as_f64().is_some_and(|h| h > 0.0),
+        "{cost}"
+    );
+    let top = d.json(&["top", "--iterations", "1"]);
+    let flow = top["flows"]
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["pid"] == pid))
+        .unwrap_or_else(|| panic!("c_fp not in top: {top}"));
+    println!("top's c_fp flow: {flow}");
+    assert!(
+        flow["cpu_cores"].as_f64().is_some_and(|c| c > 0.0),
+        "{flow}"
+    );
+    let list = String::from_utf8_lossy(&d.cli(&["incidents"]).stdout).into_owned();
+    println!("{list}");
+    assert!(
+        list.lines().next().is_some_and(|h| h.contains(" CPU ")),
+        "{list}"
+    );
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", d.metrics.unwrap())])
+        .output()
+        .expect("curl");
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    let storm_cpu: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stormguard_storm_cpu_cores "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stormguard_storm_cpu_cores in /metrics:\n{metrics}"));
+    println!("stormguard_storm_cpu_cores {storm_cpu}");
+    assert!(storm_cpu > 0.0);
+    drop(clients[0].child.take());
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

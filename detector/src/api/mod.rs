@@ -217,4 +217,8 @@ pub struct FlowView {
     pub verdict: String,
     pub score: u8,
     pub explanation: Option<String>,
+    /// Cores the process used in the last second, for storming processes
+    /// (see `cost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cores: Option<f64>,
 }

@@ -165,6 +165,9 @@ pub fn render(i: &Incident) -> String {
                 .unwrap_or_default()
         ),
     );
+    if let Some(c) = &i.cost {
+        line("cost", c.summary());
+    }
     if !i.stacks.is_empty() {
         line("stacks", render_stacks(&i.stacks));
     }

@@ -41,7 +41,7 @@ pub fn render(list: &[Incident]) -> String {
     // storming child or member, whose own storms are not listed.
     let _ = writeln!(
         out,
-        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9} {:>9} ERROR",
+        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9} {:>9} {:>5} ERROR",
         "ID",
         "STATE",
         "STARTED",
@@ -51,13 +51,14 @@ pub fn render(list: &[Incident]) -> String {
         "PROCS",
         "DESTINATION",
         "PEAK/s",
-        "ATTEMPTS"
+        "ATTEMPTS",
+        "CPU"
     );
     for i in list {
         let lasted = (i.ended_at.unwrap_or(i.updated_at) - i.started_at).max(0) / 1000;
         let _ = writeln!(
             out,
-            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9.0} {:>9} {}",
+            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9.0} {:>9} {:>5} {}",
             i.id,
             match (i.active, i.end_reason.as_deref()) {
                 (true, _) => i.state.as_str(),
@@ -72,6 +73,10 @@ pub fn render(list: &[Incident]) -> String {
             i.destination,
             i.peak_rate,
             i.total_attempts,
+            // Peak cores the storming processes used.
+            i.cost
+                .as_ref()
+                .map_or_else(|| "-".into(), |c| format!("{:.2}", c.peak_cpu_cores)),
             i.failure_mix
                 .first()
                 .map(|(e, _)| e.as_str())

@@ -69,19 +69,20 @@ fn plain(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Resul
             );
             let _ = writeln!(
                 out,
-                "{:>7} {:<15} {:<4} {:<26} {:>10} {:>10} {:<16} VERDICT",
-                "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "ERROR"
+                "{:>7} {:<15} {:<4} {:<26} {:>10} {:>10} {:>5} {:<16} VERDICT",
+                "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "CPU", "ERROR"
             );
             for f in flows.iter().take(20) {
                 let _ = writeln!(
                     out,
-                    "{:>7} {:<15} {:<4} {:<26} {:>10.1} {:>10.1} {:<16} {}",
+                    "{:>7} {:<15} {:<4} {:<26} {:>10.1} {:>10.1} {:>5} {:<16} {}",
                     f.pid,
                     f.comm,
                     f.proto,
                     f.destination,
                     f.attempts_per_s,
                     f.failures_per_s,
+                    cpu(f.cpu_cores),
                     f.main_error.as_deref().unwrap_or("-"),
                     f.verdict
                 );
@@ -139,6 +140,7 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
                         f.destination.clone(),
                         format!("{:.1}", f.attempts_per_s),
                         format!("{:.1}", f.failures_per_s),
+                        cpu(f.cpu_cores),
                         f.main_error.clone().unwrap_or_else(|| "-".into()),
                         f.verdict.clone(),
                         f.explanation.clone().unwrap_or_default(),
@@ -152,6 +154,7 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
                     Constraint::Length(26),
                     Constraint::Length(10),
                     Constraint::Length(10),
+                    Constraint::Length(5),
                     Constraint::Length(16),
                     Constraint::Length(10),
                     Constraint::Min(20),
@@ -160,7 +163,7 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
                     Table::new(rows, widths)
                         .header(
                             Row::new(vec![
-                                "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "ERROR",
+                                "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "CPU", "ERROR",
                                 "VERDICT", "WHY",
                             ])
                             .style(Style::default().add_modifier(Modifier::BOLD)),
@@ -184,4 +187,10 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
     })();
     ratatui::restore();
     result
+}
+
+/// A process's CPU in cores ("-" when not measured: only storming
+/// processes are).
+fn cpu(cores: Option<f64>) -> String {
+    cores.map_or_else(|| "-".into(), |c| format!("{c:.2}"))
 }

@@ -1,0 +1,229 @@
+//! What a storm burns: CPU and resident memory of the storming processes
+//! while the storm lasts, beside the host's CPU at the same time, read
+//! from /proc once a second. This answers "CPU spiked and nothing linked it
+//! to a process".
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Most processes read per sample (a group incident lists many).
+pub const PIDS_PER_SAMPLE: usize = 256;
+
+/// An incident's cost, kept as it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// CPU of the storming processes in the last second, in cores (1.0 =
+    /// one core busy all the time).
+    pub cpu_cores: f64,
+    pub peak_cpu_cores: f64,
+    /// Their resident memory, summed.
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    /// The whole host's CPU in the same second: busy share of all CPUs
+    /// (0–1), and how many CPUs that is of.
+    pub host_cpu: f64,
+    pub peak_host_cpu: f64,
+    pub host_cpus: u32,
+}
+
+impl Cost {
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        format!(
+            "CPU {:.2} cores (peak {:.2}), RSS {} (peak {}); host CPU {:.0}% of {} cores (peak {:.0}%)",
+            self.cpu_cores,
+            self.peak_cpu_cores,
+            mib(self.rss_bytes),
+            mib(self.peak_rss_bytes),
+            100.0 * self.host_cpu,
+            self.host_cpus,
+            100.0 * self.peak_host_cpu
+        )
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// CPU ticks and resident pages of one process, from /proc/PID/stat.
+fn read_pid(proc: &str, pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("{proc}/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces and parens).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime: fields 14, 15; rss: field 24 (1-based, whole line).
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    let rss: u64 = f.get(21)?.parse().ok()?;
+    Some((utime + stime, rss))
+}
+
+/// (busy, total) jiffies of all CPUs, and how many CPUs, from /proc/stat.
+fn read_host(proc: &str) -> Option<(u64, u64, u32)> {
+    let stat = std::fs::read_to_string(format!("{proc}/stat")).ok()?;
+    let mut lines = stat.lines();
+    let all: Vec<u64> = lines
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = all.iter().take(8).sum();
+    // idle and iowait are not busy.
+    let idle = all.get(3).copied().unwrap_or(0) + all.get(4).copied().unwrap_or(0);
+    let cpus = lines.filter(|l| l.starts_with("cpu")).count() as u32;
+    Some((total.saturating_sub(idle), total, cpus.max(1)))
+}
+
+/// Samples CPU and memory; keeps the previous reading of each process to
+/// turn tick counters into rates.
+pub struct CostMeter {
+    proc: String,
+    ticks_per_s: f64,
+    page: u64,
+    prev: HashMap<u32, (u64, u64)>,
+    /// Cores each process used in its last measured second.
+    last_cpu: HashMap<u32, f64>,
+    host_prev: Option<(u64, u64)>,
+    host: (f64, u32),
+}
+
+impl Default for CostMeter {
+    fn default() -> Self {
+        Self::new("/proc")
+    }
+}
+
+impl CostMeter {
+    pub fn new(proc: &str) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let (hz, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        CostMeter {
+            proc: proc.into(),
+            ticks_per_s: if hz > 0 { hz as f64 } else { 100.0 },
+            page: if page > 0 { page as u64 } else { 4096 },
+            prev: HashMap::new(),
+            last_cpu: HashMap::new(),
+            host_prev: None,
+            host: (0.0, 1),
+        }
+    }
+
+    /// Starts a sample at `now_ns`: reads the host's CPU; forgets
+    /// processes not read in the last sample.
+    pub fn begin(&mut self, now_ns: u64) {
+        self.prev
+            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < 5_000_000_000);
+        let prev = &self.prev;
+        self.last_cpu.retain(|pid, _| prev.contains_key(pid));
+        if let Some((busy, total, cpus)) = read_host(&self.proc) {
+            if let Some((b0, t0)) = self.host_prev {
+                let dt = total.saturating_sub(t0);
+                if dt > 0 {
+                    self.host = (busy.saturating_sub(b0) as f64 / dt as f64, cpus);
+                }
+            }
+            self.host_prev = Some((busy, total));
+        }
+    }
+
+    /// CPU (cores, since the last reading of each) and RSS (bytes) of
+    /// `pids` summed; a process read for the first time counts RSS only.
+    pub fn measure(&mut self, pids: &[u32], now_ns: u64) -> (f64, u64) {
+        let mut cpu = 0.0;
+        let mut rss = 0;
+        for &pid in pids.iter().take(PIDS_PER_SAMPLE) {
+            let Some((ticks, pages)) = read_pid(&self.proc, pid) else {
+                self.prev.remove(&pid);
+                continue;
+            };
+            rss += pages * self.page;
+            if let Some((t0, at)) = self.prev.get(&pid) {
+                let secs = now_ns.saturating_sub(*at) as f64 / 1e9;
+                if secs > 0.0 {
+                    let c = ticks.saturating_sub(*t0) as f64 / self.ticks_per_s / secs;
+                    self.last_cpu.insert(pid, c);
+                    cpu += c;
+                }
+            }
+            self.prev.insert(pid, (ticks, now_ns));
+        }
+        (cpu, rss)
+    }
+
+    /// The host's busy share of all CPUs in the last sample (0–1).
+    pub fn host_cpu(&self) -> f64 {
+        self.host.0
+    }
+
+    /// Cores `pid` used in its last measured second (storming processes
+    /// only: the others are not measured).
+    pub fn cpu_of(&self, pid: u32) -> Option<f64> {
+        self.last_cpu.get(&pid).copied()
+    }
+
+    /// Updates `cost` with a new measurement and the host's CPU.
+    pub fn apply(&self, cost: &mut Cost, (cpu, rss): (f64, u64)) {
+        cost.cpu_cores = cpu;
+        cost.peak_cpu_cores = cost.peak_cpu_cores.max(cpu);
+        cost.rss_bytes = rss;
+        cost.peak_rss_bytes = cost.peak_rss_bytes.max(rss);
+        cost.host_cpu = self.host.0;
+        cost.peak_host_cpu = cost.peak_host_cpu.max(self.host.0);
+        cost.host_cpus = self.host.1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_process_of_ours_is_measured_in_cores_and_bytes() {
+        let mut m = CostMeter::default();
+        let me = std::process::id();
+        let t0 = crate::kernel::monotonic_ns();
+        m.begin(t0);
+        let (_, rss) = m.measure(&[me], t0);
+        assert!(rss > 1 << 20, "{rss}");
+        // Burn ~0.3 s of CPU.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed().as_millis() < 300 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let t1 = crate::kernel::monotonic_ns();
+        m.begin(t1);
+        let (cpu, _) = m.measure(&[me], t1);
+        assert!(cpu > 0.3 && cpu < 4.0, "{cpu} cores");
+        let mut c = Cost::default();
+        m.apply(&mut c, (cpu, rss));
+        assert!(c.host_cpus >= 1 && c.host_cpu > 0.0, "{c:?}");
+        assert!(c.summary().contains("cores"));
+    }
+
+    #[test]
+    fn a_command_with_spaces_and_parens_is_parsed() {
+        let dir = std::env::temp_dir().join(format!("sg-cost-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("7")).unwrap();
+        // Fields from the state on (index 0 is field 3).
+        let mut fields = vec!["0"; 50];
+        fields[0] = "S";
+        fields[11] = "150";
+        fields[12] = "50";
+        fields[21] = "1000";
+        std::fs::write(
+            dir.join("7/stat"),
+            format!("7 (a (b) c) {}\n", fields[..].join(" ")),
+        )
+        .unwrap();
+        assert_eq!(read_pid(dir.to_str().unwrap(), 7), Some((200, 1000)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
