@@ -675,6 +675,7 @@ impl Daemon {
             tables,
             kernel_anomalies: anomalies,
             enforce: self.enforcer.lock().summary(),
+            stacks: pipe.stacks.stats.clone(),
         };
         self.metrics.set_enforce(&status.enforce);
         if let Ok(mut s) = self.shared.status.lock() {

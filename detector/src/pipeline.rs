@@ -260,6 +260,7 @@ impl Pipeline {
         let mut v = self.engine.tables();
         v.extend(self.procs.tables());
         v.extend(self.flows.tables());
+        v.extend(self.stacks.tables());
         v
     }
 

@@ -120,6 +120,9 @@ pub struct StatusView {
     /// Budgets and their decisions.
     #[serde(default)]
     pub enforce: crate::enforce::EnforceSummary,
+    /// Call stacks taken, unwound and resolved (see `stacks`).
+    #[serde(default)]
+    pub stacks: crate::stacks::StackStats,
 }
 
 /// Health of the incident store, as the writer sees it.

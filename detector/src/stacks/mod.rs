@@ -16,7 +16,7 @@ use detector_common::stack::Copy;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ingest::Destination,
+    ingest::{Destination, TableUsage, bounded::batch},
     kernel::{Sensors, stacks::StackCount},
 };
 use worker::{Job, Worker};
@@ -109,8 +109,10 @@ pub struct StackStats {
     pub unwound: u64,
     /// Jobs dropped: the worker's queue was full.
     pub queue_full: u64,
-    /// Flows and stacks forgotten at their bounds.
-    pub evicted: u64,
+    /// Flows forgotten at their bound (the longest idle first).
+    pub flows_evicted: u64,
+    /// Resolved stacks forgotten at their bound (those no flow counts).
+    pub stacks_evicted: u64,
 }
 
 /// Calls per flow and stack, and the stacks resolved so far.
@@ -241,15 +243,13 @@ impl StackBook {
         self.stats.calls += c.calls;
         let fk = (c.pid, c.dest);
         if !self.flows.contains_key(&fk) && self.flows.len() >= FLOWS_MAX {
-            // The flow seen longest ago goes.
-            if let Some(old) = self
-                .flows
-                .iter()
-                .min_by_key(|(_, f)| f.last_ns)
-                .map(|(k, _)| *k)
-            {
-                self.flows.remove(&old);
-                self.stats.evicted += 1;
+            // The flows seen longest ago go, a batch at a time.
+            let mut by_age: Vec<((u32, Destination), u64)> =
+                self.flows.iter().map(|(k, f)| (*k, f.last_ns)).collect();
+            by_age.sort_unstable_by_key(|(_, t)| *t);
+            for (k, _) in by_age.into_iter().take(batch(FLOWS_MAX)) {
+                self.flows.remove(&k);
+                self.stats.flows_evicted += 1;
             }
         }
         let f = self.flows.entry(fk).or_default();
@@ -277,7 +277,7 @@ impl StackBook {
             .collect();
         for k in dead {
             self.resolved.remove(&k);
-            self.stats.evicted += 1;
+            self.stats.stacks_evicted += 1;
         }
     }
 
@@ -328,5 +328,120 @@ impl StackBook {
     /// Flows and resolved stacks held (for the bounds tests and status).
     pub fn sizes(&self) -> (usize, usize) {
         (self.flows.len(), self.resolved.len())
+    }
+
+    /// The bounded tables, for status and metrics.
+    pub fn tables(&self) -> Vec<TableUsage> {
+        vec![
+            TableUsage::new(
+                "stack_flows",
+                self.flows.len(),
+                FLOWS_MAX,
+                self.stats.flows_evicted,
+            ),
+            TableUsage::new(
+                "stacks",
+                self.resolved.len(),
+                RESOLVED_MAX,
+                self.stats.stacks_evicted,
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::ingest::Proto;
+
+    fn dest(port: u16) -> Destination {
+        Destination {
+            proto: Proto::Tcp,
+            addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port,
+            netns: 1,
+        }
+    }
+
+    fn count(pid: u32, port: u16, calls: u64) -> StackCount {
+        StackCount {
+            pid,
+            dest: dest(port),
+            stack: 0,
+            calls,
+        }
+    }
+
+    fn resolved(function: &str) -> Resolved {
+        Resolved {
+            frames: vec![Frame {
+                addr: 1,
+                function: Some(function.into()),
+                ..Frame::default()
+            }],
+            ..Resolved::default()
+        }
+    }
+
+    #[test]
+    fn flows_are_bounded_and_the_longest_idle_goes() {
+        let mut b = StackBook::new();
+        for i in 0..FLOWS_MAX as u32 + 10 {
+            b.add(&count(i, 1, 1), (i, 1), u64::from(i));
+        }
+        assert!(b.sizes().0 <= FLOWS_MAX);
+        assert_eq!(b.stats.flows_evicted, batch(FLOWS_MAX) as u64);
+        assert_eq!(b.tables()[0].evictions, b.stats.flows_evicted);
+        // The first ones (idle longest) went.
+        assert!(!b.flows.contains_key(&(0, dest(1))));
+        assert!(b.flows.contains_key(&(FLOWS_MAX as u32 + 9, dest(1))));
+    }
+
+    #[test]
+    fn a_flow_keeps_its_first_stacks_and_counts_the_rest_as_other() {
+        let mut b = StackBook::new();
+        for s in 0..STACKS_PER_FLOW as u64 + 4 {
+            b.add(&count(7, 1, 10), (7, s), 1);
+            b.resolved.insert((7, s), Some(resolved(&format!("f{s}"))));
+        }
+        let f = &b.flows[&(7, dest(1))];
+        assert_eq!((f.stacks.len(), f.other), (STACKS_PER_FLOW, 40));
+        let top = b.top(&[7], &dest(1), 3);
+        assert_eq!(top.len(), 3);
+        // Shares are of every call, "other" included.
+        assert!((top[0].share - 10.0 / 120.0).abs() < 1e-9, "{top:?}");
+    }
+
+    #[test]
+    fn the_same_code_in_two_processes_is_one_stack_with_both_counts() {
+        let mut b = StackBook::new();
+        b.add(&count(1, 1, 30), (1, 11), 1);
+        b.add(&count(2, 1, 10), (2, 22), 1);
+        b.add(&count(2, 1, 60), (2, 33), 1);
+        b.resolved.insert((1, 11), Some(resolved("retry")));
+        b.resolved.insert((2, 22), Some(resolved("retry")));
+        b.resolved.insert((2, 33), Some(resolved("other")));
+        let top = b.top(&[1, 2], &dest(1), 5);
+        let names: Vec<(&str, u64)> = top
+            .iter()
+            .map(|s| (s.stack.frames[0].function.as_deref().unwrap(), s.calls))
+            .collect();
+        assert_eq!(names, [("other", 60), ("retry", 40)]);
+        // Another destination's calls are not this flow's.
+        assert!(b.top(&[1, 2], &dest(2), 5).is_empty());
+    }
+
+    #[test]
+    fn idle_flows_expire_with_their_stacks() {
+        let mut b = StackBook::new();
+        b.add(&count(1, 1, 1), (1, 1), 0);
+        b.resolved.insert((1, 1), Some(resolved("x")));
+        b.add(&count(2, 1, 1), (2, 2), FLOW_TTL_NS);
+        b.expire(FLOW_TTL_NS + 1);
+        assert_eq!(b.sizes(), (1, 0));
+        b.expire(2 * FLOW_TTL_NS + 1);
+        assert_eq!(b.sizes(), (0, 0));
     }
 }

@@ -21,6 +21,9 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 pub const FRAMES_MAX: usize = 48;
 /// Most module files kept parsed.
 const MODULES_MAX: usize = 32;
+/// Most bytes of unwind tables kept (libc's are ~100 KiB; a large C++
+/// library's a few MiB).
+const MODULE_BYTES_MAX: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnwindError {
@@ -43,51 +46,52 @@ pub struct Unwound {
     pub complete: bool,
 }
 
-/// Part of a module file held in memory (framehop takes section data by
-/// value; slices of one shared buffer avoid copying each section).
+/// A section's bytes, shared (framehop takes section data by value).
 #[derive(Clone, Default)]
-pub struct Slice {
-    file: Arc<Vec<u8>>,
-    range: Range<usize>,
-}
+pub struct Slice(Arc<Vec<u8>>);
 
 impl Deref for Slice {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.file[self.range.clone()]
+        &self.0
     }
 }
 
+/// The sections framehop reads: unwind tables (copied out of the file, so
+/// a parsed module costs its unwind tables, not the whole binary), and
+/// the address ranges it needs (`.text` only as a range: its bytes serve
+/// prologue analysis, which a stack stopped at a syscall never needs).
+const UNWIND_SECTIONS: [&str; 3] = [".eh_frame", ".eh_frame_hdr", ".debug_frame"];
+const RANGE_SECTIONS: [&str; 2] = [".text", ".got"];
+
 /// One executable file's unwind sections, parsed once.
 struct Parsed {
-    file: Arc<Vec<u8>>,
-    /// (svma range, file range) of the sections framehop reads.
-    sections: HashMap<&'static str, (Range<u64>, Range<usize>)>,
+    /// (svma range, bytes) by section name.
+    sections: HashMap<&'static str, (Range<u64>, Option<Slice>)>,
     /// (p_vaddr, p_offset) of each loadable segment.
     segments: Vec<(u64, u64)>,
+    /// Bytes held.
+    size: usize,
 }
 
 impl Parsed {
-    fn read(bytes: Vec<u8>) -> Option<Parsed> {
-        let obj = object::File::parse(&bytes[..]).ok()?;
+    /// Reads only the headers and the sections kept (never the whole
+    /// file: a browser's library is hundreds of megabytes).
+    fn read(file: std::fs::File) -> Option<Parsed> {
+        let cache = object::ReadCache::new(file);
+        let obj = object::File::parse(&cache).ok()?;
         let mut sections = HashMap::new();
-        for name in [
-            ".text",
-            ".eh_frame",
-            ".eh_frame_hdr",
-            ".got",
-            ".debug_frame",
-        ] {
-            if let Some(s) = obj.section_by_name(name)
-                && let Some((off, len)) = s.file_range()
-            {
-                sections.insert(
-                    name,
-                    (
-                        s.address()..s.address() + s.size(),
-                        off as usize..(off + len) as usize,
-                    ),
-                );
+        let mut size = 0;
+        for name in UNWIND_SECTIONS.into_iter().chain(RANGE_SECTIONS) {
+            if let Some(s) = obj.section_by_name(name) {
+                let range = s.address()..s.address() + s.size();
+                let data = UNWIND_SECTIONS
+                    .contains(&name)
+                    .then(|| s.data().ok())
+                    .flatten()
+                    .map(|d| Slice(Arc::new(d.to_vec())));
+                size += data.as_ref().map_or(0, |d| d.len());
+                sections.insert(name, (range, data));
             }
         }
         let segments = obj
@@ -95,17 +99,14 @@ impl Parsed {
             .map(|s| (s.address(), s.file_range().0))
             .collect();
         Some(Parsed {
-            file: Arc::new(bytes),
             sections,
             segments,
+            size,
         })
     }
 
     fn data(&self, name: &str) -> Option<Slice> {
-        self.sections.get(name).map(|(_, r)| Slice {
-            file: self.file.clone(),
-            range: r.clone(),
-        })
+        self.sections.get(name).and_then(|(_, d)| d.clone())
     }
 
     fn svma(&self, name: &str) -> Option<Range<u64>> {
@@ -167,15 +168,40 @@ fn base_avma(m: &Mapping, p: &Parsed) -> u64 {
 }
 
 /// Parsed modules by file identity, bounded (the least recently used go).
-#[derive(Default)]
 pub struct Modules {
+    /// Bounds: modules, bytes.
+    max: (usize, usize),
     parsed: HashMap<(String, u64), (Arc<Parsed>, u64)>,
     uses: u64,
     /// Files opened and parsed since start.
     pub loads: u64,
+    /// Bytes of unwind tables held.
+    bytes: usize,
+}
+
+impl Default for Modules {
+    fn default() -> Self {
+        Modules::with_bounds(MODULES_MAX, MODULE_BYTES_MAX)
+    }
 }
 
 impl Modules {
+    /// Keeps at most `modules` parsed files and `bytes` of their tables.
+    pub fn with_bounds(modules: usize, bytes: usize) -> Self {
+        Modules {
+            max: (modules, bytes),
+            parsed: HashMap::new(),
+            uses: 0,
+            loads: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Modules held, and the bytes of their tables.
+    pub fn held(&self) -> (usize, usize) {
+        (self.parsed.len(), self.bytes)
+    }
+
     /// The module behind `m` in process `pid`: through
     /// /proc/PID/map_files (a deleted or replaced binary, another mount
     /// namespace; needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE), else the
@@ -190,18 +216,28 @@ impl Modules {
             format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end).into(),
             format!("/proc/{pid}/root{}", m.path.trim_end_matches(" (deleted)")).into(),
         ];
-        let bytes = candidates.iter().find_map(|p| std::fs::read(p).ok())?;
-        let parsed = Arc::new(Parsed::read(bytes)?);
+        let file = candidates
+            .iter()
+            .find_map(|p| std::fs::File::open(p).ok())?;
+        let parsed = Arc::new(Parsed::read(file)?);
         self.loads += 1;
-        if self.parsed.len() >= MODULES_MAX
-            && let Some(oldest) = self
+        // The least recently used go, to stay within both bounds.
+        while self.parsed.len() >= self.max.0
+            || (!self.parsed.is_empty() && self.bytes + parsed.size > self.max.1)
+        {
+            let Some(oldest) = self
                 .parsed
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(k, _)| k.clone())
-        {
-            self.parsed.remove(&oldest);
+            else {
+                break;
+            };
+            if let Some((p, _)) = self.parsed.remove(&oldest) {
+                self.bytes -= p.size;
+            }
         }
+        self.bytes += parsed.size;
         self.parsed
             .insert(m.file_id.clone(), (parsed.clone(), self.uses));
         Some(parsed)
@@ -223,7 +259,6 @@ pub fn unwind(pid: u32, copy: &Copy, modules: &mut Modules) -> Result<Unwound, U
         let info = ExplicitModuleSectionInfo {
             base_svma: 0,
             text_svma: p.svma(".text"),
-            text: p.data(".text"),
             got_svma: p.svma(".got"),
             eh_frame_svma: p.svma(".eh_frame"),
             eh_frame: p.data(".eh_frame"),
@@ -306,13 +341,39 @@ mod tests {
     }
 
     #[test]
+    fn parsed_modules_stay_within_their_bounds() {
+        let me = std::process::id();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut files = executable_mappings(&maps);
+        files.dedup_by(|a, b| a.file_id == b.file_id);
+        assert!(files.len() >= 2, "{files:?}");
+        let mut m = Modules::with_bounds(1, usize::MAX);
+        for f in &files {
+            assert!(m.get(me, f).is_some(), "{f:?}");
+            assert_eq!(m.held().0, 1);
+        }
+        assert_eq!(m.loads, files.len() as u64);
+        // A byte bound below one module's tables keeps just the newest.
+        let mut m = Modules::with_bounds(8, 1);
+        for f in &files {
+            m.get(me, f);
+        }
+        assert_eq!(m.held().0, 1);
+        // Within bounds, a second look is cached.
+        let mut m = Modules::default();
+        m.get(me, &files[0]);
+        m.get(me, &files[0]);
+        assert_eq!(m.loads, 1);
+    }
+
+    #[test]
     fn a_pie_text_mapping_gives_the_load_bias() {
         // PIE: text segment at p_vaddr 0x1000, file offset 0x1000, mapped at
         // 0x5555_5555_5000: svma 0 is at 0x5555_5555_4000.
         let p = Parsed {
-            file: Arc::new(Vec::new()),
             sections: HashMap::new(),
             segments: vec![(0, 0), (0x1000, 0x1000), (0x3db0, 0x2db0)],
+            size: 0,
         };
         let m = Mapping {
             start: 0x5555_5555_5000,
