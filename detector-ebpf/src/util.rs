@@ -152,10 +152,18 @@ pub const ARMED_PROBES: u32 = 1;
 /// [`ARMED`] bit: some cgroup is suspect (so every syscall of every
 /// process pays the cgroup lookup only then).
 pub const ARMED_CGROUPS: u32 = 2;
+/// [`ARMED`] bit: take no call stacks (for measuring what they cost).
+pub const ARMED_NO_STACKS: u32 = 4;
 
 #[inline(always)]
 fn armed_flags() -> u32 {
     ARMED.get(0).copied().unwrap_or(0)
+}
+
+/// Whether suspects' call stacks are taken (see [`ARMED_NO_STACKS`]).
+#[inline(always)]
+pub fn stacks_on() -> bool {
+    armed_flags() & ARMED_NO_STACKS == 0
 }
 
 /// Whether the on-demand probes are attached (see [`ARMED`]).

@@ -12,6 +12,21 @@ use std::{
 use serde_json::Value;
 use stormguard_tests::{ChildGuard, Daemon, closed_port, scaled, skip_or_fail};
 
+/// A Python retry loop: connect to 127.0.0.1:PORT for SECONDS (at most
+/// 2,000,000 times).
+const PY_LOOP: &str = "import socket, sys, time
+end = time.time() + float(sys.argv[2])
+n = 0
+while time.time() < end and n < 2000000:
+    s = socket.socket()
+    try:
+        s.connect(('127.0.0.1', int(sys.argv[1])))
+    except OSError:
+        pass
+    s.close()
+    n += 1
+";
+
 /// The function every test client retries from.
 const RETRY_FN: &str = "storm_retry_connect_loop";
 
@@ -160,6 +175,14 @@ fn explain_names_the_retrying_function_and_line_from_the_units_capabilities() {
                 .stdout(Stdio::null()),
         ));
     }
+    // An interpreter: its native frames, and a note that Python's own
+    // are not resolved.
+    let py_port = closed_port(false).port().to_string();
+    let python = ChildGuard::spawn(
+        Command::new("python3")
+            .args(["-c", PY_LOOP, &py_port, &secs])
+            .stdout(Stdio::null()),
+    );
     // Deleted while it runs: symbolized from the process's own mapping.
     std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_file(dir.join("deleted")).expect("delete the running binary");
@@ -167,16 +190,40 @@ fn explain_names_the_retrying_function_and_line_from_the_units_capabilities() {
     let started = Instant::now();
     let deadline = scaled(Duration::from_secs(30));
     let mut stacks: Vec<Option<Value>> = vec![None; clients.len()];
-    while stacks.iter().any(Option::is_none) && started.elapsed() < deadline {
+    let mut py_stack = None;
+    while (stacks.iter().any(Option::is_none) || py_stack.is_none()) && started.elapsed() < deadline
+    {
         d.assert_alive("while clients stormed");
         for (i, c) in clients.iter().enumerate() {
             if stacks[i].is_none() {
                 stacks[i] = unwound_stack(&d, c.child.as_ref().unwrap().pid());
             }
         }
+        if py_stack.is_none() {
+            py_stack = unwound_stack(&d, python.pid());
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
     println!("stacks resolved within {:?}", started.elapsed());
+    let py = py_stack.unwrap_or_else(|| panic!("python: no unwound stack within {deadline:?}"));
+    println!(
+        "python's top stack: {:?}, note {}",
+        functions(&py),
+        py["note"]
+    );
+    assert!(
+        py["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("interpreted")),
+        "no interpreter note: {py}"
+    );
+    assert!(
+        py["frames"].as_array().is_some_and(|f| f
+            .iter()
+            .any(|f| f["module"].as_str().is_some_and(|m| m.contains("python")))),
+        "no native frame of python: {py}"
+    );
+    drop(python);
     for (c, s) in clients.iter().zip(&stacks) {
         let pid = c.child.as_ref().unwrap().pid();
         let text = d.cli(&["explain", &pid.to_string()]);

@@ -82,16 +82,29 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_enum,
-        default_value_t = EnforceSection::Run,
+        default_value_t = Section::Run,
         num_args = 0..=1,
         default_missing_value = "only"
     )]
-    pub enforce: EnforceSection,
+    pub enforce: Section,
+    /// The call-stacks section: ns that taking stacks adds to a suspect's
+    /// refused connect and connected UDP send (stacks off and on,
+    /// interleaved), and symbolization time for a first-seen and a cached
+    /// binary. `run`, `only` (or `--stacks` alone) and `skip` as for
+    /// `--enforce`.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = Section::Run,
+        num_args = 0..=1,
+        default_missing_value = "only"
+    )]
+    pub stacks: Section,
 }
 
-/// `--enforce`: whether the enforcement section runs, and alone or not.
+/// `--enforce`, `--stacks`: whether a section runs, and alone or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum EnforceSection {
+pub enum Section {
     Run,
     Only,
     Skip,
@@ -366,7 +379,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let workloads = select_workloads(&args.workloads)?;
     let configs = select_configs(&args.configs)?;
-    let matrix = args.enforce != EnforceSection::Only;
+    let matrix = args.enforce != Section::Only && args.stacks != Section::Only;
     let root = workspace_root()?;
     if !args.no_build {
         build(&root)?;
@@ -391,8 +404,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let env_before = environment();
     eprintln!("bench: before: {env_before}");
     if !matrix {
-        let section = enforce_report(&paths.sgbench, &args, cpu)?;
-        print!("{section}");
+        if args.enforce == Section::Only {
+            print!("{}", enforce_report(&paths.sgbench, &args, cpu)?);
+        }
+        if args.stacks == Section::Only {
+            print!("{}", stacks_report(&paths.sgbench, &args, cpu)?);
+        }
         println!("machine: before: {env_before}; after: {}", environment());
         return Ok(());
     }
@@ -434,8 +451,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{}",
         engine_report(&existing(target.join("enginebench"))?, cpu)?
     );
-    if args.enforce == EnforceSection::Run {
+    if args.enforce == Section::Run {
         print!("{}", enforce_report(&paths.sgbench, &args, cpu)?);
+    }
+    if args.stacks == Section::Run {
+        print!("{}", stacks_report(&paths.sgbench, &args, cpu)?);
     }
     Ok(())
 }
@@ -452,46 +472,91 @@ const ENFORCE_SECS_PER_ROUND: f64 = 0.6;
 /// The enforcement section: `sgbench enforce` pinned to the workload CPU,
 /// its progress on stderr, its table relayed.
 fn enforce_report(sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
-    let rounds = args.rounds * ENFORCE_ROUNDS_PER_ROUND;
-    // Every cell is capped at 1.1 × max_secs (warm-up included); 30 s for
-    // loading and attaching.
-    let cap = rounds as f64 * 12.0 * args.max_secs * 1.1;
-    let limit = Duration::from_secs_f64(cap + 30.0);
-    eprintln!(
-        "bench: enforcement section, {rounds} rounds × 3 workloads × 4 states, about {:.0} s",
-        (rounds as f64 * ENFORCE_SECS_PER_ROUND * args.ops_scale)
-            .min(cap)
-            .ceil()
-    );
-    let mut child = Command::new(sgbench)
-        .arg("enforce")
-        .arg("--cpu")
-        .arg(cpu.to_string())
-        .arg("--rounds")
-        .arg(rounds.to_string())
-        .arg("--ops-scale")
-        .arg(args.ops_scale.to_string())
-        .arg("--max-secs")
-        .arg(args.max_secs.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", sgbench.display()))?;
-    // The table is a few KB: it fits in the pipe, so reading after the
-    // exit cannot block.
-    let Some(status) = wait_timeout(&mut child, limit)? else {
-        kill_and_reap(&mut child);
-        bail!("sgbench enforce did not finish in {limit:?}; killed");
+    let s = SectionRun {
+        subcommand: "enforce",
+        what: "enforcement section, {rounds} rounds × 3 workloads × 4 states",
+        rounds: args.rounds * ENFORCE_ROUNDS_PER_ROUND,
+        cells_per_round: 12,
+        secs_per_round: ENFORCE_SECS_PER_ROUND,
     };
-    let mut out = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        s.read_to_string(&mut out)?;
+    s.run(sgbench, args, cpu)
+}
+
+/// `sgbench stacks` rounds per bench round, and seconds per round at
+/// scale 1 (6 cells of ~40 ms, the drains between them).
+const STACKS_ROUNDS_PER_ROUND: u32 = 4;
+const STACKS_SECS_PER_ROUND: f64 = 0.4;
+
+/// The call-stacks section: `sgbench stacks` pinned to the workload CPU.
+fn stacks_report(sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
+    let s = SectionRun {
+        subcommand: "stacks",
+        what: "call-stacks section, {rounds} rounds × 2 workloads × 3 states",
+        rounds: args.rounds * STACKS_ROUNDS_PER_ROUND,
+        cells_per_round: 6,
+        secs_per_round: STACKS_SECS_PER_ROUND,
+    };
+    s.run(sgbench, args, cpu)
+}
+
+/// One `sgbench` section run as a child: bounded in time, its progress on
+/// stderr, its table relayed.
+struct SectionRun {
+    subcommand: &'static str,
+    /// Progress line; `{rounds}` is replaced.
+    what: &'static str,
+    rounds: u32,
+    cells_per_round: u32,
+    secs_per_round: f64,
+}
+
+impl SectionRun {
+    fn run(&self, sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
+        let rounds = self.rounds;
+        // Every cell is capped at 1.1 × max_secs (warm-up included); 30 s for
+        // loading and attaching.
+        let cap = rounds as f64 * f64::from(self.cells_per_round) * args.max_secs * 1.1;
+        let limit = Duration::from_secs_f64(cap + 30.0);
+        eprintln!(
+            "bench: {}, about {:.0} s",
+            self.what.replace("{rounds}", &rounds.to_string()),
+            (rounds as f64 * self.secs_per_round * args.ops_scale)
+                .min(cap)
+                .ceil()
+        );
+        let mut child = Command::new(sgbench)
+            .arg(self.subcommand)
+            .arg("--cpu")
+            .arg(cpu.to_string())
+            .arg("--rounds")
+            .arg(rounds.to_string())
+            .arg("--ops-scale")
+            .arg(args.ops_scale.to_string())
+            .arg("--max-secs")
+            .arg(args.max_secs.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", sgbench.display()))?;
+        // The table is a few KB: it fits in the pipe, so reading after the
+        // exit cannot block.
+        let Some(status) = wait_timeout(&mut child, limit)? else {
+            kill_and_reap(&mut child);
+            bail!(
+                "sgbench {} did not finish in {limit:?}; killed",
+                self.subcommand
+            );
+        };
+        let mut out = String::new();
+        if let Some(mut s) = child.stdout.take() {
+            s.read_to_string(&mut out)?;
+        }
+        if !status.success() {
+            bail!("sgbench {} failed ({status})", self.subcommand);
+        }
+        Ok(out)
     }
-    if !status.success() {
-        bail!("sgbench enforce failed ({status})");
-    }
-    Ok(out)
 }
 
 /// Detection-engine throughput (observations per second on one core) and

@@ -22,7 +22,7 @@ pub fn sys_enter(ctx: &RawTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     count_syscall(tgid);
-    if super::stack::is_call(ctx.arg(1)) {
+    if super::stack::is_call(ctx.arg(1)) && crate::util::stacks_on() {
         super::stack::take(ctx, tgid, tid);
     }
     let slot = FINGERPRINTS.get_ptr_mut(0).ok_or(-1i64)?;

@@ -217,6 +217,8 @@ pub struct Sensors {
     /// What the ARMED map says (see `write_armed`).
     armed_probes: bool,
     armed_cgroups: bool,
+    /// Call stacks turned off (`set_stacks`).
+    stacks_off: bool,
     /// The stack copies ring, taken on first use (see `stacks`).
     copies: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
@@ -492,6 +494,7 @@ impl Sensors {
             armed_probes: false,
             armed_cgroups: false,
             copies: None,
+            stacks_off: false,
             root_cgroup: {
                 use std::os::unix::fs::MetadataExt;
                 std::fs::metadata(&cgroup).ok().map(|m| m.ino())
@@ -621,14 +624,23 @@ impl Sensors {
         self.write_armed()
     }
 
+    /// Whether suspects' call stacks are taken (on unless turned off; the
+    /// bench turns them off to measure what they cost).
+    pub fn set_stacks(&mut self, on: bool) -> Result<(), KernelError> {
+        self.stacks_off = !on;
+        self.write_armed()
+    }
+
     /// Writes the ARMED bits: 1 = on-demand probes attached, 2 = some
-    /// cgroup suspect.
+    /// cgroup suspect, 4 = no call stacks.
     fn write_armed(&mut self) -> Result<(), KernelError> {
         let map_err = |cause| KernelError::Map {
             name: "ARMED",
             cause,
         };
-        let bits = u32::from(self.armed_probes) | (u32::from(self.armed_cgroups) << 1);
+        let bits = u32::from(self.armed_probes)
+            | (u32::from(self.armed_cgroups) << 1)
+            | (u32::from(self.stacks_off) << 2);
         let mut armed: aya::maps::Array<_, u32> =
             aya::maps::Array::try_from(self.map_mut("ARMED")?).map_err(map_err)?;
         armed.set(0, bits, 0).map_err(map_err)

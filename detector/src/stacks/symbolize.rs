@@ -16,27 +16,67 @@ use super::Frame;
 
 /// Module names of runtimes whose own frames are interpreted code: their
 /// native frames are named, the interpreted ones are not.
-const INTERPRETERS: [&str; 6] = ["python", "libpython", "node", "libnode", "libjvm", "ruby"];
+const INTERPRETERS: [&str; 9] = [
+    "python",
+    "libpython",
+    "node",
+    "nodejs",
+    "libnode",
+    "java",
+    "libjvm",
+    "ruby",
+    "libruby",
+];
 
-/// One symbolizer for the daemon's life; blazesym caches each file it
-/// parses, and [`Symbols::forget`] drops a process's cached maps.
+/// Files (executables, libraries) whose parsed symbols are kept at most:
+/// past it the symbolizer starts afresh (blazesym caches each file it
+/// parses, DWARF included, with no bound of its own).
+pub const FILES_MAX: usize = 64;
+
+/// One symbolizer, renewed when it has parsed [`FILES_MAX`] files;
+/// [`Symbols::forget`] drops a process's cached maps.
 pub struct Symbols {
     symbolizer: Symbolizer,
+    /// Files symbolized against since the symbolizer was made.
+    files: std::collections::HashSet<String>,
+    /// Times the symbolizer was renewed at its bound.
+    pub renewed: u64,
+    max_files: usize,
 }
 
 impl Default for Symbols {
     fn default() -> Self {
-        Symbols {
-            symbolizer: Symbolizer::new(),
-        }
+        Symbols::with_files_max(FILES_MAX)
     }
 }
 
 impl Symbols {
+    /// A symbolizer renewed past `n` files.
+    pub fn with_files_max(n: usize) -> Self {
+        Symbols {
+            symbolizer: Symbolizer::new(),
+            files: Default::default(),
+            renewed: 0,
+            max_files: n,
+        }
+    }
+
     /// Frames for `addrs` (lookup addresses, innermost first) of `pid`;
     /// an inlined call becomes a frame of its own. Errors when the process
     /// cannot be read (gone, or not permitted).
-    pub fn symbolize(&self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, String> {
+    pub fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, String> {
+        let frames = self.lookup(pid, addrs)?;
+        self.files
+            .extend(frames.iter().filter_map(|f| f.module.clone()));
+        if self.files.len() > self.max_files {
+            self.symbolizer = Symbolizer::new();
+            self.files.clear();
+            self.renewed += 1;
+        }
+        Ok(frames)
+    }
+
+    fn lookup(&self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, String> {
         let mut p = Process::new(Pid::from(pid));
         let syms = match self
             .symbolizer
@@ -108,6 +148,48 @@ fn location(c: &blazesym::symbolize::CodeInfo<'_>) -> (String, Option<u32>) {
 /// Whether a frame's module is an interpreter or VM, whose interpreted
 /// frames are not resolved.
 pub fn is_interpreter(module: &str) -> bool {
+    // "python3.11", "libpython3.11.so.1.0", "libnode.so.108": the name
+    // without ".so…" and without its version.
     let name = module.rsplit('/').next().unwrap_or(module);
-    INTERPRETERS.iter().any(|i| name.starts_with(i))
+    let name = name.split(".so").next().unwrap_or(name);
+    let name = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+    INTERPRETERS.contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_symbolizer_is_renewed_past_its_bound_of_files() {
+        let me = std::process::id();
+        // One address in this test binary, one in libc.
+        let ours = the_symbolizer_is_renewed_past_its_bound_of_files as *const () as u64;
+        let libc = libc::getpid as *const () as u64;
+        let mut s = Symbols::with_files_max(1);
+        let f = s.symbolize(me, &[ours]).unwrap();
+        assert!(f[0].function.is_some(), "{f:?}");
+        assert_eq!(s.renewed, 0);
+        let f = s.symbolize(me, &[ours, libc]).unwrap();
+        assert!(
+            f.iter()
+                .any(|f| f.module.as_deref().is_some_and(|m| m.contains("libc"))),
+            "{f:?}"
+        );
+        assert_eq!(s.renewed, 1);
+        assert!(s.files.is_empty());
+    }
+
+    #[test]
+    fn interpreters_are_known_by_their_file_name() {
+        assert!(is_interpreter("/usr/bin/python3.11"));
+        assert!(is_interpreter(
+            "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"
+        ));
+        assert!(is_interpreter("/usr/lib/jvm/java-17/lib/server/libjvm.so"));
+        assert!(!is_interpreter("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(is_interpreter("/usr/bin/nodejs"));
+        assert!(!is_interpreter("/opt/app/nodejs-client"));
+        assert!(!is_interpreter("/opt/app/pythonista"));
+    }
 }

@@ -56,7 +56,7 @@ impl Worker {
                 for msg in rx {
                     match msg {
                         Msg::Resolve(job) => {
-                            let r = resolve(&job, &mut modules, &symbols);
+                            let r = resolve(&job, &mut modules, &mut symbols);
                             if tx.send((job.key, r)).is_err() {
                                 break;
                             }
@@ -96,7 +96,7 @@ fn fp_lookups(frames: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-pub fn resolve(job: &Job, modules: &mut Modules, symbols: &Symbols) -> Resolved {
+pub fn resolve(job: &Job, modules: &mut Modules, symbols: &mut Symbols) -> Resolved {
     let unwound = job
         .copy
         .as_deref()
@@ -164,7 +164,7 @@ mod tests {
             frames: vec![here],
             copy: None,
         };
-        let r = resolve(&job, &mut Modules::default(), &Symbols::default());
+        let r = resolve(&job, &mut Modules::default(), &mut Symbols::default());
         assert_eq!(r.method, Method::FramePointers);
         assert!(r.truncated, "one frame, no root: {r:?}");
         let f = r.frames.last().expect("a frame");

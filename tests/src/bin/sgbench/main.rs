@@ -92,6 +92,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         max_secs: f64,
     },
+    /// Time what taking call stacks adds to a suspect's refused connect and
+    /// connected UDP send (this process made a suspect of the real sensors,
+    /// stacks off and on, interleaved over rounds; not suspect for
+    /// reference), then how long symbolizing takes for a binary seen first
+    /// and once cached. Prints a table on stdout.
+    Stacks {
+        /// Pin the process to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
+        rounds: u32,
+        #[arg(long, default_value_t = 1.0)]
+        ops_scale: f64,
+        #[arg(long, default_value_t = 1.0)]
+        max_secs: f64,
+    },
 }
 
 /// The workloads. Each op is what one iteration of a real client does.
@@ -175,6 +191,25 @@ fn main() -> anyhow::Result<()> {
             }
             let table = enforce::run(rounds, ops_scale, Duration::from_secs_f64(max_secs), cpu)?;
             print!("{table}");
+            Ok(())
+        }
+        Cmd::Stacks {
+            cpu,
+            rounds,
+            ops_scale,
+            max_secs,
+        } => {
+            if !(max_secs > 0.0 && max_secs.is_finite() && ops_scale > 0.0 && ops_scale.is_finite())
+            {
+                bail!("--max-secs and --ops-scale must be positive numbers");
+            }
+            if let Some(cpu) = cpu {
+                pin(cpu)?;
+            }
+            print!(
+                "{}",
+                stacks::run(rounds, ops_scale, Duration::from_secs_f64(max_secs), cpu)?
+            );
             Ok(())
         }
     }
@@ -465,6 +500,8 @@ fn floor(on_demand: bool, duration: Duration, until_stdin_eof: bool) -> anyhow::
 }
 
 /// `sgbench enforce`: what the enforcement programs add per decision.
+mod stacks;
+
 mod enforce {
     use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
@@ -717,7 +754,7 @@ mod enforce {
         Ok(report(&cells, rounds, cpu, started.elapsed()))
     }
 
-    fn median(v: &[f64]) -> f64 {
+    pub(crate) fn median(v: &[f64]) -> f64 {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         let n = s.len();
@@ -730,7 +767,7 @@ mod enforce {
         }
     }
 
-    fn fmt_ns(ns: f64) -> String {
+    pub(crate) fn fmt_ns(ns: f64) -> String {
         if ns.abs() < 1000.0 {
             format!("{ns:.1}")
         } else {
@@ -738,7 +775,7 @@ mod enforce {
         }
     }
 
-    fn fmt_delta(ns: f64) -> String {
+    pub(crate) fn fmt_delta(ns: f64) -> String {
         if ns >= 0.0 {
             format!("+{}", fmt_ns(ns))
         } else {
