@@ -405,10 +405,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("bench: before: {env_before}");
     if !matrix {
         if args.enforce == Section::Only {
-            print!("{}", enforce_report(&paths.sgbench, &args, cpu)?);
+            print!("{}", ENFORCE_SECTION.run(&paths.sgbench, &args, cpu)?);
         }
         if args.stacks == Section::Only {
-            print!("{}", stacks_report(&paths.sgbench, &args, cpu)?);
+            print!("{}", STACKS_SECTION.run(&paths.sgbench, &args, cpu)?);
         }
         println!("machine: before: {env_before}; after: {}", environment());
         return Ok(());
@@ -452,10 +452,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         engine_report(&existing(target.join("enginebench"))?, cpu)?
     );
     if args.enforce == Section::Run {
-        print!("{}", enforce_report(&paths.sgbench, &args, cpu)?);
+        print!("{}", ENFORCE_SECTION.run(&paths.sgbench, &args, cpu)?);
     }
     if args.stacks == Section::Run {
-        print!("{}", stacks_report(&paths.sgbench, &args, cpu)?);
+        print!("{}", STACKS_SECTION.run(&paths.sgbench, &args, cpu)?);
     }
     Ok(())
 }
@@ -469,35 +469,25 @@ const ENFORCE_ROUNDS_PER_ROUND: u32 = 4;
 /// warm-ups and attaching included).
 const ENFORCE_SECS_PER_ROUND: f64 = 0.6;
 
-/// The enforcement section: `sgbench enforce` pinned to the workload CPU,
-/// its progress on stderr, its table relayed.
-fn enforce_report(sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
-    let s = SectionRun {
-        subcommand: "enforce",
-        what: "enforcement section, {rounds} rounds × 3 workloads × 4 states",
-        rounds: args.rounds * ENFORCE_ROUNDS_PER_ROUND,
-        cells_per_round: 12,
-        secs_per_round: ENFORCE_SECS_PER_ROUND,
-    };
-    s.run(sgbench, args, cpu)
-}
+/// The enforcement section: `sgbench enforce` pinned to the workload CPU.
+const ENFORCE_SECTION: SectionRun = SectionRun {
+    subcommand: "enforce",
+    what: "enforcement section, {rounds} rounds × 3 workloads × 4 states",
+    rounds_per_round: ENFORCE_ROUNDS_PER_ROUND,
+    cells_per_round: 12,
+    secs_per_round: ENFORCE_SECS_PER_ROUND,
+};
 
-/// `sgbench stacks` rounds per bench round, and seconds per round at
-/// scale 1 (6 cells of ~40 ms, the drains between them).
-const STACKS_ROUNDS_PER_ROUND: u32 = 4;
-const STACKS_SECS_PER_ROUND: f64 = 0.4;
-
-/// The call-stacks section: `sgbench stacks` pinned to the workload CPU.
-fn stacks_report(sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
-    let s = SectionRun {
-        subcommand: "stacks",
-        what: "call-stacks section, {rounds} rounds × 2 workloads × 3 states",
-        rounds: args.rounds * STACKS_ROUNDS_PER_ROUND,
-        cells_per_round: 6,
-        secs_per_round: STACKS_SECS_PER_ROUND,
-    };
-    s.run(sgbench, args, cpu)
-}
+/// The call-stacks section: `sgbench stacks` pinned to the workload CPU,
+/// 4 of its rounds per bench round, each 6 cells of ~40 ms and the drains
+/// between them (~0.4 s at scale 1).
+const STACKS_SECTION: SectionRun = SectionRun {
+    subcommand: "stacks",
+    what: "call-stacks section, {rounds} rounds × 2 workloads × 3 states",
+    rounds_per_round: 4,
+    cells_per_round: 6,
+    secs_per_round: 0.4,
+};
 
 /// One `sgbench` section run as a child: bounded in time, its progress on
 /// stderr, its table relayed.
@@ -505,14 +495,15 @@ struct SectionRun {
     subcommand: &'static str,
     /// Progress line; `{rounds}` is replaced.
     what: &'static str,
-    rounds: u32,
+    /// Section rounds per bench round.
+    rounds_per_round: u32,
     cells_per_round: u32,
     secs_per_round: f64,
 }
 
 impl SectionRun {
     fn run(&self, sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
-        let rounds = self.rounds;
+        let rounds = args.rounds * self.rounds_per_round;
         // Every cell is capped at 1.1 × max_secs (warm-up included); 30 s for
         // loading and attaching.
         let cap = rounds as f64 * f64::from(self.cells_per_round) * args.max_secs * 1.1;

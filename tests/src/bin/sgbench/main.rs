@@ -77,20 +77,8 @@ enum Cmd {
     /// on stderr. Attaches at the cgroup v2 root (as root); only this
     /// process is ever throttled, and everything detaches when it exits.
     Enforce {
-        /// Pin the process to this CPU.
-        #[arg(long)]
-        cpu: Option<usize>,
-        /// Rounds; each runs every workload under every state once (~0.6 s
-        /// at scale 1 here).
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
-        rounds: u32,
-        /// Multiplies each workload's op count (defaults aim at ~40 ms per
-        /// cell without programs).
-        #[arg(long, default_value_t = 1.0)]
-        ops_scale: f64,
-        /// Wall-clock limit per cell in seconds.
-        #[arg(long, default_value_t = 1.0)]
-        max_secs: f64,
+        #[command(flatten)]
+        section: SectionArgs,
     },
     /// Time what taking call stacks adds to a suspect's refused connect and
     /// connected UDP send (this process made a suspect of the real sensors,
@@ -98,16 +86,49 @@ enum Cmd {
     /// reference), then how long symbolizing takes for a binary seen first
     /// and once cached. Prints a table on stdout.
     Stacks {
-        /// Pin the process to this CPU.
-        #[arg(long)]
-        cpu: Option<usize>,
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
-        rounds: u32,
-        #[arg(long, default_value_t = 1.0)]
-        ops_scale: f64,
-        #[arg(long, default_value_t = 1.0)]
-        max_secs: f64,
+        #[command(flatten)]
+        section: SectionArgs,
     },
+}
+
+/// What the in-process sections (`enforce`, `stacks`) take.
+#[derive(clap::Args)]
+struct SectionArgs {
+    /// Pin the process to this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Rounds; each runs every workload under every state once.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
+    rounds: u32,
+    /// Multiplies each workload's op count (defaults aim at ~40 ms per
+    /// cell without programs).
+    #[arg(long, default_value_t = 1.0)]
+    ops_scale: f64,
+    /// Wall-clock limit per cell in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    max_secs: f64,
+}
+
+impl SectionArgs {
+    /// Checks the numbers, pins the process, and checks it runs as root
+    /// (the sections load eBPF programs).
+    fn prepare(&self, what: &str) -> anyhow::Result<Duration> {
+        if !(self.max_secs > 0.0
+            && self.max_secs.is_finite()
+            && self.ops_scale > 0.0
+            && self.ops_scale.is_finite())
+        {
+            bail!("--max-secs and --ops-scale must be positive numbers");
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("sgbench {what} loads eBPF programs: run it as root");
+        }
+        if let Some(cpu) = self.cpu {
+            pin(cpu)?;
+        }
+        Ok(Duration::from_secs_f64(self.max_secs))
+    }
 }
 
 /// The workloads. Each op is what one iteration of a real client does.
@@ -174,41 +195,19 @@ fn main() -> anyhow::Result<()> {
             duration,
             until_stdin_eof,
         } => floor(on_demand, Duration::from_secs(duration), until_stdin_eof),
-        Cmd::Enforce {
-            cpu,
-            rounds,
-            ops_scale,
-            max_secs,
-        } => {
-            if !(max_secs > 0.0 && max_secs.is_finite()) {
-                bail!("--max-secs must be a positive number of seconds");
-            }
-            if !(ops_scale > 0.0 && ops_scale.is_finite()) {
-                bail!("--ops-scale must be a positive number");
-            }
-            if let Some(cpu) = cpu {
-                pin(cpu)?;
-            }
-            let table = enforce::run(rounds, ops_scale, Duration::from_secs_f64(max_secs), cpu)?;
-            print!("{table}");
-            Ok(())
-        }
-        Cmd::Stacks {
-            cpu,
-            rounds,
-            ops_scale,
-            max_secs,
-        } => {
-            if !(max_secs > 0.0 && max_secs.is_finite() && ops_scale > 0.0 && ops_scale.is_finite())
-            {
-                bail!("--max-secs and --ops-scale must be positive numbers");
-            }
-            if let Some(cpu) = cpu {
-                pin(cpu)?;
-            }
+        Cmd::Enforce { section } => {
+            let max = section.prepare("enforce")?;
             print!(
                 "{}",
-                stacks::run(rounds, ops_scale, Duration::from_secs_f64(max_secs), cpu)?
+                enforce::run(section.rounds, section.ops_scale, max, section.cpu)?
+            );
+            Ok(())
+        }
+        Cmd::Stacks { section } => {
+            let max = section.prepare("stacks")?;
+            print!(
+                "{}",
+                stacks::run(section.rounds, section.ops_scale, max, section.cpu)?
             );
             Ok(())
         }
@@ -505,7 +504,7 @@ mod stacks;
 mod enforce {
     use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-    use anyhow::{Context as _, bail};
+    use anyhow::Context as _;
     use detector_common::enforce::{
         Budget, BudgetKey, Counters, EnforceConfig, MAX_RATE_PER_S, TOKEN, kind, mode, present,
         scope,
@@ -700,10 +699,6 @@ mod enforce {
         max: Duration,
         cpu: Option<usize>,
     ) -> anyhow::Result<String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            bail!("sgbench enforce attaches eBPF programs: run it as root");
-        }
         let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
         let root = stormguard::kernel::find_cgroup2(&mounts)
             .context("no cgroup2 filesystem is mounted")?;
