@@ -46,17 +46,47 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
 
-/// CPU ticks and resident pages of one process, from /proc/PID/stat.
-fn read_pid(proc: &str, pid: u32) -> Option<(u64, u64)> {
+/// Fields of /proc/PID/stat from the state on (index 0 is field 3): the
+/// command name before them may hold spaces and parentheses.
+fn stat_fields(proc: &str, pid: u32) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("{proc}/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces and parens).
     let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime, stime: fields 14, 15; rss: field 24 (1-based, whole line).
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    let rss: u64 = f.get(21)?.parse().ok()?;
-    Some((utime + stime, rss))
+    Some(
+        rest.split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// CPU ticks and resident pages of one process (utime + stime: fields
+/// 14, 15; rss: field 24).
+fn read_pid(proc: &str, pid: u32) -> Option<(u64, u64)> {
+    let f = stat_fields(proc, pid)?;
+    Some((f.get(11)? + f.get(12)?, *f.get(21)?))
+}
+
+/// CPU ticks of the children a process has reaped (cutime + cstime:
+/// fields 16, 17): where the CPU of a shell loop's short-lived clients
+/// goes once each has exited.
+fn read_reaped(proc: &str, pid: u32) -> Option<u64> {
+    let f = stat_fields(proc, pid)?;
+    Some(f.get(13)? + f.get(14)?)
+}
+
+/// CPU (µs) and memory (bytes) of a cgroup v2 directory.
+fn read_cgroup(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    let usec = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let mem = std::fs::read_to_string(dir.join("memory.current"))
+        .ok()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(0);
+    Some((usec, mem))
 }
 
 /// (busy, total) jiffies of all CPUs, and how many CPUs, from /proc/stat.
@@ -85,6 +115,12 @@ pub struct CostMeter {
     prev: HashMap<u32, (u64, u64)>,
     /// Cores each process used in its last measured second.
     last_cpu: HashMap<u32, f64>,
+    /// Previous reaped-children ticks of parents, and cgroup CPU (µs).
+    reaped_prev: HashMap<u32, (u64, u64)>,
+    cgroup_prev: HashMap<String, (u64, u64)>,
+    /// Where cgroup v2 is mounted (None: cgroup incidents use their
+    /// processes, as groups of processes do).
+    cgroup_root: Option<std::path::PathBuf>,
     host_prev: Option<(u64, u64)>,
     host: (f64, u32),
 }
@@ -110,6 +146,11 @@ impl CostMeter {
             page: if page > 0 { page as u64 } else { 4096 },
             prev: HashMap::new(),
             last_cpu: HashMap::new(),
+            reaped_prev: HashMap::new(),
+            cgroup_prev: HashMap::new(),
+            cgroup_root: std::fs::read_to_string("/proc/mounts")
+                .ok()
+                .and_then(|m| crate::kernel::find_cgroup2(&m)),
             host_prev: None,
             host: (0.0, 1),
         }
@@ -122,6 +163,10 @@ impl CostMeter {
             .retain(|_, (_, at)| now_ns.saturating_sub(*at) < 5_000_000_000);
         let prev = &self.prev;
         self.last_cpu.retain(|pid, _| prev.contains_key(pid));
+        self.reaped_prev
+            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < 5_000_000_000);
+        self.cgroup_prev
+            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < 5_000_000_000);
         if let Some((busy, total, cpus)) = read_host(&self.proc) {
             if let Some((b0, t0)) = self.host_prev {
                 let dt = total.saturating_sub(t0);
@@ -155,6 +200,43 @@ impl CostMeter {
             self.prev.insert(pid, (ticks, now_ns));
         }
         (cpu, rss)
+    }
+
+    /// Cores the children `ppid` reaped since its last reading used (0 on
+    /// the first): a parent incident's processes that have exited.
+    pub fn measure_reaped(&mut self, ppid: u32, now_ns: u64) -> f64 {
+        let Some(ticks) = read_reaped(&self.proc, ppid) else {
+            self.reaped_prev.remove(&ppid);
+            return 0.0;
+        };
+        let cores = match self.reaped_prev.get(&ppid) {
+            Some((t0, at)) if now_ns > *at => {
+                ticks.saturating_sub(*t0) as f64 / self.ticks_per_s / ((now_ns - at) as f64 / 1e9)
+            }
+            _ => 0.0,
+        };
+        self.reaped_prev.insert(ppid, (ticks, now_ns));
+        cores
+    }
+
+    /// CPU (cores) and memory (bytes) of the cgroup at `path` (as
+    /// /proc/PID/cgroup names it), every process in it, exited ones
+    /// included; None for the root cgroup (that is the host) or when it
+    /// cannot be read.
+    pub fn measure_cgroup(&mut self, path: &str, now_ns: u64) -> Option<(f64, u64)> {
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() {
+            return None;
+        }
+        let (usec, mem) = read_cgroup(&self.cgroup_root.as_ref()?.join(rel))?;
+        let cores = match self.cgroup_prev.get(path) {
+            Some((u0, at)) if now_ns > *at => {
+                usec.saturating_sub(*u0) as f64 / 1e6 / ((now_ns - at) as f64 / 1e9)
+            }
+            _ => 0.0,
+        };
+        self.cgroup_prev.insert(path.to_string(), (usec, now_ns));
+        Some((cores, mem))
     }
 
     /// The host's busy share of all CPUs in the last sample (0–1).

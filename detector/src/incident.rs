@@ -644,11 +644,21 @@ impl IncidentTracker {
     pub fn annotate_cost(&mut self, meter: &mut crate::cost::CostMeter, now_ns: u64) {
         meter.begin(now_ns);
         for (subject, inc) in self.open.iter_mut() {
-            let pids: Vec<u32> = match subject {
-                Subject::Flow { pid, .. } => vec![*pid],
-                _ => inc.members.clone(),
+            let sample = match subject {
+                Subject::Flow { pid, .. } => meter.measure(&[*pid], now_ns),
+                // Live children, and those the parent has reaped since.
+                Subject::Parent { ppid, .. } => {
+                    let (cpu, rss) = meter.measure(&inc.members, now_ns);
+                    (cpu + meter.measure_reaped(*ppid, now_ns), rss)
+                }
+                // The whole cgroup, exited processes included.
+                Subject::Cgroup { .. } => match inc.cgroup.as_deref() {
+                    Some(path) => meter
+                        .measure_cgroup(path, now_ns)
+                        .unwrap_or_else(|| meter.measure(&inc.members, now_ns)),
+                    None => meter.measure(&inc.members, now_ns),
+                },
             };
-            let sample = meter.measure(&pids, now_ns);
             meter.apply(inc.cost.get_or_insert_with(Default::default), sample);
         }
     }

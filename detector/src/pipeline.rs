@@ -132,9 +132,7 @@ impl Pipeline {
             }
             Err(e) => self.health.error(kind::MAP, "sweeping closed attempts", &e),
         }
-        if let Err(e) = self.stacks.poll(sensors) {
-            self.health.error(kind::MAP, "reading stack copies", &e);
-        }
+        self.stacks.poll();
         if sensors.on_demand_attached() {
             match sensors.syscall_counts() {
                 Ok(counts) => self.syscall_deltas(counts, now),

@@ -1,7 +1,7 @@
 /* A retry loop for the call-stack tests: connects to 127.0.0.1:PORT again
- * and again for SECONDS (at most 2,000,000 times), from a function with a
- * name no library has. Built by tests/tests/stacks.rs with and without
- * frame pointers. */
+ * and again for SECONDS (at most MAX times, 2,000,000 by default), from a
+ * function with a name no library has. Built by tests/tests/stacks.rs with
+ * and without frame pointers. Usage: stack_client PORT SECONDS [MAX] */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-__attribute__((noinline)) long storm_retry_connect_loop(int port, int seconds)
+__attribute__((noinline)) long storm_retry_connect_loop(int port, int seconds, long max)
 {
     struct sockaddr_in a = {0};
     a.sin_family = AF_INET;
@@ -18,7 +18,7 @@ __attribute__((noinline)) long storm_retry_connect_loop(int port, int seconds)
     a.sin_addr.s_addr = htonl(0x7f000001);
     time_t end = time(NULL) + seconds;
     long n = 0;
-    while (time(NULL) < end && n < 2000000) {
+    while (time(NULL) < end && n < max) {
         int fd = socket(AF_INET, SOCK_STREAM, 0);
         if (fd < 0)
             break;
@@ -31,8 +31,9 @@ __attribute__((noinline)) long storm_retry_connect_loop(int port, int seconds)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3)
+    if (argc != 3 && argc != 4)
         return 2;
-    printf("%ld\n", storm_retry_connect_loop(atoi(argv[1]), atoi(argv[2])));
+    long max = argc == 4 ? atol(argv[3]) : 2000000;
+    printf("%ld\n", storm_retry_connect_loop(atoi(argv[1]), atoi(argv[2]), max));
     return 0;
 }

@@ -341,3 +341,98 @@ fn explain_names_the_retrying_function_and_line_from_the_units_capabilities() {
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Processes that live about a tenth of a second each, started one after
+/// another by a shell loop: their parent's storm makes each one a suspect
+/// from its fork, and each one's stack must be read (mappings and all)
+/// while it runs — by the time the kernel's counts are taken, once a
+/// second, it has exited.
+#[test]
+fn short_lived_clients_of_a_shell_loop_are_symbolized() {
+    let dir = std::env::temp_dir().join(format!("sg-stacks-short-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src = corpus("stack_client.c");
+    let bin = dir.join("short_client");
+    if build("gcc", &["-g", "-O1", "-fno-omit-frame-pointer"], &src, &bin).is_none() {
+        return;
+    }
+    let Some(mut d) = Daemon::start_as_unit("stacks_short", &dir.join("daemon"), "") else {
+        return;
+    };
+    let port = closed_port(false).port().to_string();
+    // 400 processes of 2,000 refused connects each (15–100 ms each here).
+    let script = format!(
+        "i=0; while [ $i -lt 400 ]; do {} {port} 5 2000 >/dev/null; i=$((i+1)); done",
+        bin.display()
+    );
+    let looper = ChildGuard::spawn(Command::new("sh").args(["-c", &script]));
+    let dest = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let deadline = scaled(Duration::from_secs(40));
+    let mut found = None;
+    while found.is_none() && started.elapsed() < deadline {
+        d.assert_alive("while the loop ran");
+        let list = d.json(&["incidents"]);
+        for inc in list.as_array().into_iter().flatten() {
+            if inc["destination"] != dest.as_str() || inc["kind"] == "flow" {
+                continue;
+            }
+            let id = inc["id"].as_str().unwrap_or_default().to_string();
+            let full = d.json(&["explain", &id]);
+            let top = full["stacks"].get(0).cloned();
+            if let Some(top) = top.filter(|t| {
+                t["method"] == "unwound" && functions(t).iter().any(|f| f.contains(RETRY_FN))
+            }) {
+                found = Some((id, full, top));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (id, full, top) = found.unwrap_or_else(|| {
+        panic!(
+            "no group incident towards {dest} with an unwound stack naming {RETRY_FN} within {deadline:?}: {}",
+            d.json(&["incidents"])
+        )
+    });
+    let text = d.cli(&["explain", &id]);
+    println!(
+        "found after {:?}:\n{}",
+        started.elapsed(),
+        String::from_utf8_lossy(&text.stdout)
+    );
+    let members = full["members"].as_array().map_or(0, Vec::len);
+    assert!(members > 1, "one process only: {full}");
+    let frames = top["frames"].as_array().expect("frames");
+    let f = frames
+        .iter()
+        .find(|f| f["function"].as_str().is_some_and(|n| n.contains(RETRY_FN)))
+        .expect("the retry frame");
+    let want = connect_line(&src);
+    let line = f["line"].as_u64().unwrap_or(0) as u32;
+    assert!(
+        f["file"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("stack_client.c"))
+            && line.abs_diff(want) <= 1,
+        "{RETRY_FN} at {f}, the connect is at line {want}"
+    );
+    // What they burn is read from the parent's reaped children (each has
+    // exited before the next second's sample).
+    let mut peak = 0.0;
+    while started.elapsed() < deadline {
+        let inc = d.json(&["explain", &id]);
+        peak = inc["cost"]["peak_cpu_cores"].as_f64().unwrap_or(0.0);
+        if peak > 0.2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!("the loop's children: peak {peak:.2} cores");
+    assert!(
+        peak > 0.2,
+        "the short-lived children's CPU went unseen: {peak}"
+    );
+    drop(looper);
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -219,8 +219,6 @@ pub struct Sensors {
     armed_cgroups: bool,
     /// Call stacks turned off (`set_stacks`).
     stacks_off: bool,
-    /// The stack copies ring, taken on first use (see `stacks`).
-    copies: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -493,7 +491,6 @@ impl Sensors {
             exit_connect_loaded,
             armed_probes: false,
             armed_cgroups: false,
-            copies: None,
             stacks_off: false,
             root_cgroup: {
                 use std::os::unix::fs::MetadataExt;

@@ -92,22 +92,32 @@ impl Sensors {
         Ok((out, frames))
     }
 
-    /// The stack copies waiting, at most [`COPIES_MAX`].
-    pub fn stack_copies(&mut self) -> Result<Vec<Box<Copy>>, KernelError> {
-        if self.copies.is_none() {
-            let map = self
-                .ebpf
-                .take_map("STACK_COPIES")
-                .ok_or(KernelError::NoMap("STACK_COPIES"))?;
-            self.copies = Some(RingBuf::try_from(map).map_err(|cause| KernelError::Map {
-                name: "STACK_COPIES",
-                cause,
-            })?);
-        }
-        let ring: &mut RingBuf<MapData> = self.copies.as_mut().expect("set above");
+    /// Takes the ring of stack copies (once): the service loop polls it
+    /// on its own, so a copy is unwound while its process still runs.
+    pub fn take_stack_copies(&mut self) -> Result<CopyRing, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("STACK_COPIES")
+            .ok_or(KernelError::NoMap("STACK_COPIES"))?;
+        let ring = RingBuf::try_from(map).map_err(|cause| KernelError::Map {
+            name: "STACK_COPIES",
+            cause,
+        })?;
+        Ok(CopyRing { ring })
+    }
+}
+
+/// The ring of stack copies; poll its fd for readability, then read.
+pub struct CopyRing {
+    ring: RingBuf<MapData>,
+}
+
+impl CopyRing {
+    /// The copies waiting, at most [`COPIES_MAX`].
+    pub fn read(&mut self) -> Vec<Box<Copy>> {
         let mut out = Vec::new();
         while out.len() < COPIES_MAX {
-            let Some(item) = ring.next() else { break };
+            let Some(item) = self.ring.next() else { break };
             if item.len() < size_of::<Copy>() {
                 continue;
             }
@@ -116,6 +126,12 @@ impl Sensors {
             let c: Copy = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             out.push(Box::new(c));
         }
-        Ok(out)
+        out
+    }
+}
+
+impl std::os::fd::AsRawFd for CopyRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
     }
 }

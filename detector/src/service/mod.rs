@@ -61,6 +61,11 @@ pub async fn drive(
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with tokio")?;
+    let copies = sensors.take_stack_copies()?;
+    // SAFETY: as above, the AsyncFd owns the ring whose fd it watches.
+    let mut copies = unsafe { AsyncFd::register_with_interest(copies, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the stack copies ring with tokio")?;
     let mut pipe = Pipeline::new(
         opts.config.detect.clone(),
         ProbeConfig {
@@ -137,6 +142,23 @@ pub async fn drive(
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { tokio::time::sleep_until(deadline.unwrap_or(start)).await }, if deadline.is_some() => break,
+            // Stack copies at once, not on the next tick: the worker must
+            // read a short-lived process's mappings while it still runs.
+            guard = copies.readable_mut() => {
+                match guard {
+                    Ok(mut guard) => {
+                        let batch = guard.get_inner_mut().read();
+                        if batch.len() < kernel::stacks::COPIES_MAX {
+                            guard.clear_ready();
+                        }
+                        pipe.stacks.on_copies(batch);
+                    }
+                    Err(e) => {
+                        pipe.health.error(kind::RING, "polling the stack copies ring", &e);
+                        tokio::time::sleep(Duration::from_nanos(TICK_NS)).await;
+                    }
+                }
+            }
             guard = ring.readable_mut() => {
                 match guard {
                     Ok(mut guard) => {

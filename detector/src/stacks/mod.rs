@@ -19,7 +19,7 @@ use crate::{
     ingest::{Destination, TableUsage, bounded::batch},
     kernel::{Sensors, stacks::StackCount},
 };
-use worker::{Job, Worker};
+use worker::{Done, Job, Worker};
 
 /// One frame of a symbolized stack.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,11 +87,13 @@ pub const FLOWS_MAX: usize = 4_096;
 pub const STACKS_PER_FLOW: usize = 8;
 /// Most stacks kept resolved.
 pub const RESOLVED_MAX: usize = 2_048;
-/// Most stack copies waiting for their count.
-const PENDING_MAX: usize = 128;
-/// A flow with no call for this long is forgotten, with its stacks
-/// (incidents keep the stacks they were given).
-pub const FLOW_TTL_NS: u64 = 300_000_000_000;
+/// Most resolved copies waiting for their stack's count.
+const EARLY_MAX: usize = 512;
+/// A flow with no call for this long is forgotten, with its stacks: a
+/// storming process calls every second, and a dead one's stacks must not
+/// pile up under process churn (incidents keep the stacks they were
+/// given).
+pub const FLOW_TTL_NS: u64 = 30_000_000_000;
 
 #[derive(Debug, Default)]
 struct FlowStacks {
@@ -119,8 +121,13 @@ pub struct StackStats {
 pub struct StackBook {
     flows: HashMap<(u32, Destination), FlowStacks>,
     resolved: HashMap<StackKey, Option<Resolved>>,
-    /// Copies since the last take, by (pid, stack id).
-    pending: HashMap<(u32, u32), Box<Copy>>,
+    /// Copies resolved before their stack was counted, by (pid, stack
+    /// id), with the take they arrived after.
+    early: HashMap<(u32, u32), (Resolved, u64)>,
+    /// The stack each (pid, stack id) of the last take counted under.
+    id_keys: HashMap<(u32, u32), StackKey>,
+    /// Takes so far.
+    takes: u64,
     worker: Worker,
     pub stats: StackStats,
 }
@@ -145,35 +152,67 @@ impl StackBook {
         StackBook {
             flows: HashMap::new(),
             resolved: HashMap::new(),
-            pending: HashMap::new(),
+            early: HashMap::new(),
+            id_keys: HashMap::new(),
+            takes: 0,
             worker: Worker::start(),
             stats: StackStats::default(),
         }
     }
 
-    /// Every tick: the stack copies waiting in the kernel, and the
-    /// resolved stacks the worker finished.
-    pub fn poll(&mut self, sensors: &mut Sensors) -> Result<(), crate::kernel::KernelError> {
-        for (key, r) in self.worker.results() {
-            self.stats.resolved += 1;
-            if r.method == Method::Unwound {
-                self.stats.unwound += 1;
-            }
-            if let Some(slot) = self.resolved.get_mut(&key) {
-                *slot = Some(r);
-            }
-        }
-        for c in sensors.stack_copies()? {
+    /// Stack copies, as soon as they arrive: to the worker at once, which
+    /// reads the process's mappings while it still runs.
+    pub fn on_copies(&mut self, copies: Vec<Box<Copy>>) {
+        for c in copies {
             self.stats.copies += 1;
-            if self.pending.len() < PENDING_MAX {
-                self.pending.insert((c.tgid, c.stack.saturating_sub(1)), c);
+            if !self.worker.send_copy(c) {
+                self.stats.queue_full += 1;
             }
         }
-        Ok(())
     }
 
-    /// Once a second: takes the kernel's counts, files them by flow and
-    /// sends each new stack to the worker.
+    /// Every tick: what the worker finished.
+    pub fn poll(&mut self) {
+        for done in self.worker.results() {
+            self.stats.resolved += 1;
+            match done {
+                Done::Stack(key, r) => {
+                    if let Some(slot @ None) = self.resolved.get_mut(&key) {
+                        *slot = Some(r);
+                    }
+                }
+                Done::Copy(id, r) => {
+                    if r.method == Method::Unwound {
+                        self.stats.unwound += 1;
+                    }
+                    match self.id_keys.get(&id).copied() {
+                        Some(key) => self.upgrade(key, r),
+                        None if self.early.len() < EARLY_MAX => {
+                            self.early.insert(id, (r, self.takes));
+                        }
+                        None => self.stats.queue_full += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stack resolved from a copy replaces one not resolved yet or
+    /// resolved from frame pointers only.
+    fn upgrade(&mut self, key: StackKey, r: Resolved) {
+        let slot = self.resolved.entry(key).or_insert(None);
+        let better = match slot {
+            None => true,
+            Some(old) => old.method == Method::FramePointers && r.method == Method::Unwound,
+        };
+        if better {
+            *slot = Some(r);
+        }
+    }
+
+    /// Once a second: takes the kernel's counts, files them by flow, and
+    /// resolves each new stack (from its copy when the worker has one,
+    /// else from its frame-pointer walk).
     pub fn take(
         &mut self,
         sensors: &mut Sensors,
@@ -181,44 +220,49 @@ impl StackBook {
     ) -> Result<(), crate::kernel::KernelError> {
         let (counts, frames) = sensors.take_stack_counts()?;
         let frames: HashMap<u32, Vec<u64>> = frames.into_iter().collect();
+        self.takes += 1;
+        self.id_keys.clear();
         for c in counts {
             let Some(fp) = frames.get(&c.stack) else {
                 continue;
             };
             let key = (c.pid, hash_frames(fp));
             self.add(&c, key, now_ns);
-            let copy = self.pending.remove(&(c.pid, c.stack));
-            let want = match self.resolved.get(&key) {
-                None => true,
-                // A stack known only from frame pointers is unwound once a
-                // copy comes.
-                Some(Some(r)) => copy.is_some() && r.method == Method::FramePointers,
-                Some(None) => false,
-            };
-            if want {
-                if self.resolved.len() >= RESOLVED_MAX && !self.resolved.contains_key(&key) {
+            self.id_keys.insert((c.pid, c.stack), key);
+            if let Some((r, _)) = self.early.remove(&(c.pid, c.stack)) {
+                if !self.resolved.contains_key(&key) && self.resolved.len() >= RESOLVED_MAX {
                     self.evict_resolved();
                 }
-                let job = Job {
-                    key,
-                    pid: c.pid,
-                    frames: fp.clone(),
-                    copy,
-                };
-                if self.worker.send(job) {
-                    self.resolved.entry(key).or_insert(None);
-                } else {
-                    self.stats.queue_full += 1;
-                }
+                self.upgrade(key, r);
+                continue;
+            }
+            if self.resolved.contains_key(&key) {
+                continue;
+            }
+            if self.resolved.len() >= RESOLVED_MAX {
+                self.evict_resolved();
+            }
+            let job = Job {
+                key,
+                pid: c.pid,
+                frames: fp.clone(),
+                copy: None,
+            };
+            if self.worker.send(job) {
+                self.resolved.insert(key, None);
+            } else {
+                self.stats.queue_full += 1;
             }
         }
-        self.pending.clear();
+        // A copy whose stack was not counted by the next take will not be.
+        let takes = self.takes;
+        self.early.retain(|_, (_, t)| *t + 1 >= takes);
         self.expire(now_ns);
         Ok(())
     }
 
     /// Forgets flows idle for [`FLOW_TTL_NS`] and the stacks only they
-    /// used; the worker drops what it cached of their processes.
+    /// used; the worker drops what it kept of their processes.
     fn expire(&mut self, now_ns: u64) {
         let before = self.flows.len();
         let mut gone = Vec::new();

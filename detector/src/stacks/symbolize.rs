@@ -8,11 +8,11 @@ use blazesym::{
     Pid,
     symbolize::{
         Input, Symbolized, Symbolizer, evict,
-        source::{Process, Source},
+        source::{Elf, Process, Source},
     },
 };
 
-use super::Frame;
+use super::{Frame, unwind::Mapping};
 
 /// Module names of runtimes whose own frames are interpreted code: their
 /// native frames are named, the interpreted ones are not.
@@ -62,10 +62,21 @@ impl Symbols {
     }
 
     /// Frames for `addrs` (lookup addresses, innermost first) of `pid`;
-    /// an inlined call becomes a frame of its own. Errors when the process
-    /// cannot be read (gone, or not permitted).
-    pub fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, String> {
-        let frames = self.lookup(pid, addrs)?;
+    /// an inlined call becomes a frame of its own. A process that has
+    /// exited (or cannot be read) is symbolized from `snapshot`, its
+    /// mappings as read when it was first flagged, through the files'
+    /// paths; without one it is an error.
+    pub fn symbolize(
+        &mut self,
+        pid: u32,
+        addrs: &[u64],
+        snapshot: Option<&[Mapping]>,
+    ) -> Result<Vec<Frame>, String> {
+        let frames = match (self.live(pid, addrs), snapshot) {
+            (Ok(f), _) => f,
+            (Err(_), Some(maps)) => self.through_files(maps, addrs),
+            (Err(e), None) => return Err(e),
+        };
         self.files
             .extend(frames.iter().filter_map(|f| f.module.clone()));
         if self.files.len() > self.max_files {
@@ -76,7 +87,8 @@ impl Symbols {
         Ok(frames)
     }
 
-    fn lookup(&self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, String> {
+    /// Through the live process.
+    fn live(&self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, String> {
         let mut p = Process::new(Pid::from(pid));
         let syms = match self
             .symbolizer
@@ -95,41 +107,41 @@ impl Symbols {
         };
         let mut out = Vec::with_capacity(addrs.len());
         for (addr, s) in addrs.iter().zip(syms) {
-            match s {
-                Symbolized::Sym(sym) => {
-                    let module = sym
-                        .module
-                        .as_ref()
-                        .map(|m| m.to_string_lossy().into_owned());
-                    // Innermost inlined call first, then outward.
-                    for inl in sym.inlined.iter().rev() {
-                        let here = inl.code_info.as_ref().map(location);
-                        out.push(Frame {
-                            addr: *addr,
-                            function: Some(inl.name.to_string()),
-                            file: here.as_ref().map(|h| h.0.clone()),
-                            line: here.as_ref().and_then(|h| h.1),
-                            module: module.clone(),
-                            inlined: true,
-                        });
-                    }
-                    let own = sym.code_info.as_deref().map(location);
-                    out.push(Frame {
-                        addr: *addr,
-                        function: Some(sym.name.to_string()),
-                        file: own.as_ref().map(|h| h.0.clone()),
-                        line: own.as_ref().and_then(|h| h.1),
-                        module,
-                        inlined: false,
-                    });
+            push_frames(&mut out, *addr, s, None);
+        }
+        Ok(out)
+    }
+
+    /// Through the files a snapshot of the mappings names: each address
+    /// becomes a file offset in its mapping's file (a binary deleted since
+    /// is not found).
+    fn through_files(&self, maps: &[Mapping], addrs: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let Some(m) = maps.iter().find(|m| m.start <= addr && addr < m.end) else {
+                out.push(Frame {
+                    addr,
+                    ..Frame::default()
+                });
+                continue;
+            };
+            let offset = [addr - m.start + m.offset];
+            let elf = Elf::new(m.path.trim_end_matches(" (deleted)"));
+            match self
+                .symbolizer
+                .symbolize(&Source::Elf(elf), Input::FileOffset(&offset[..]))
+            {
+                Ok(mut s) if !s.is_empty() => {
+                    push_frames(&mut out, addr, s.remove(0), Some(&m.path));
                 }
-                Symbolized::Unknown(_) => out.push(Frame {
-                    addr: *addr,
+                _ => out.push(Frame {
+                    addr,
+                    module: Some(m.path.clone()),
                     ..Frame::default()
                 }),
             }
         }
-        Ok(out)
+        out
     }
 
     /// Drops what is cached of a process (it has exited).
@@ -137,6 +149,45 @@ impl Symbols {
         let _ = self
             .symbolizer
             .evict(&evict::Evict::Process(evict::Process::new(Pid::from(pid))));
+    }
+}
+
+/// The frames of one symbolized address (an inlined call is a frame of
+/// its own, innermost first); `module` when the source does not say.
+fn push_frames(out: &mut Vec<Frame>, addr: u64, s: Symbolized<'_>, module: Option<&str>) {
+    match s {
+        Symbolized::Sym(sym) => {
+            let module = sym
+                .module
+                .as_ref()
+                .map(|m| m.to_string_lossy().into_owned())
+                .or_else(|| module.map(str::to_string));
+            for inl in sym.inlined.iter().rev() {
+                let here = inl.code_info.as_ref().map(location);
+                out.push(Frame {
+                    addr,
+                    function: Some(inl.name.to_string()),
+                    file: here.as_ref().map(|h| h.0.clone()),
+                    line: here.as_ref().and_then(|h| h.1),
+                    module: module.clone(),
+                    inlined: true,
+                });
+            }
+            let own = sym.code_info.as_deref().map(location);
+            out.push(Frame {
+                addr,
+                function: Some(sym.name.to_string()),
+                file: own.as_ref().map(|h| h.0.clone()),
+                line: own.as_ref().and_then(|h| h.1),
+                module,
+                inlined: false,
+            });
+        }
+        Symbolized::Unknown(_) => out.push(Frame {
+            addr,
+            module: module.map(str::to_string),
+            ..Frame::default()
+        }),
     }
 }
 
@@ -167,10 +218,10 @@ mod tests {
         let ours = the_symbolizer_is_renewed_past_its_bound_of_files as *const () as u64;
         let libc = libc::getpid as *const () as u64;
         let mut s = Symbols::with_files_max(1);
-        let f = s.symbolize(me, &[ours]).unwrap();
+        let f = s.symbolize(me, &[ours], None).unwrap();
         assert!(f[0].function.is_some(), "{f:?}");
         assert_eq!(s.renewed, 0);
-        let f = s.symbolize(me, &[ours, libc]).unwrap();
+        let f = s.symbolize(me, &[ours, libc], None).unwrap();
         assert!(
             f.iter()
                 .any(|f| f.module.as_deref().is_some_and(|m| m.contains("libc"))),

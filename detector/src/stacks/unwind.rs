@@ -244,16 +244,27 @@ impl Modules {
     }
 }
 
-/// Unwinds `copy` in process `pid` (alive: its maps are read now).
-pub fn unwind(pid: u32, copy: &Copy, modules: &mut Modules) -> Result<Unwound, UnwindError> {
+/// The executable file mappings of a live process.
+pub fn read_mappings(pid: u32) -> Result<Vec<Mapping>, UnwindError> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|cause| UnwindError::Maps { pid, cause })?;
+    Ok(executable_mappings(&maps))
+}
+
+/// Unwinds `copy` of process `pid`, whose executable mappings are `maps`
+/// (the files are read through the process while it lives, else by path).
+pub fn unwind(
+    pid: u32,
+    copy: &Copy,
+    maps: &[Mapping],
+    modules: &mut Modules,
+) -> Result<Unwound, UnwindError> {
     if copy.len == 0 {
         return Err(UnwindError::Empty);
     }
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|cause| UnwindError::Maps { pid, cause })?;
     let mut unwinder: UnwinderX86_64<Slice> = UnwinderX86_64::new();
-    for m in executable_mappings(&maps) {
-        let Some(p) = modules.get(pid, &m) else {
+    for m in maps {
+        let Some(p) = modules.get(pid, m) else {
             continue;
         };
         let info = ExplicitModuleSectionInfo {
@@ -270,7 +281,7 @@ pub fn unwind(pid: u32, copy: &Copy, modules: &mut Modules) -> Result<Unwound, U
         unwinder.add_module(Module::new(
             m.path.clone(),
             m.start..m.end,
-            base_avma(&m, &p),
+            base_avma(m, &p),
             info,
         ));
     }

@@ -3,14 +3,17 @@
 //! milliseconds, and a tick must not wait on it. Jobs go through a bounded
 //! queue (a full queue drops the job, counted); results come back on the
 //! next poll.
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::{
+    collections::HashMap,
+    sync::mpsc::{Receiver, SyncSender, sync_channel},
+};
 
 use detector_common::stack::Copy;
 
 use super::{
     Frame, Method, Resolved, StackKey,
     symbolize::{Symbols, is_interpreter},
-    unwind::{Modules, unwind},
+    unwind::{Mapping, Modules, read_mappings, unwind},
 };
 
 /// Jobs waiting at most.
@@ -34,14 +37,61 @@ pub struct Job {
     pub copy: Option<Box<Copy>>,
 }
 
+/// What the worker is asked.
 enum Msg {
+    /// A copy just arrived: read the process's mappings now (it may be
+    /// short-lived), keep them, unwind and symbolize.
+    Copy(Box<Copy>),
+    /// A counted stack without a usable copy: its frame-pointer walk.
     Resolve(Job),
+    /// The process is gone for good: drop what is kept of it.
     Forget(u32),
+}
+
+/// What the worker answers.
+pub enum Done {
+    /// A copy of (pid, stack id), resolved.
+    Copy((u32, u32), Resolved),
+    /// A counted stack, resolved.
+    Stack(StackKey, Resolved),
+}
+
+/// Processes whose mappings are kept (from their first copy) at most.
+const SNAPSHOTS_MAX: usize = 512;
+
+/// Mappings of flagged processes as read at their latest copy, so a
+/// process that exits before its stacks are counted is still symbolized
+/// (from the files' paths). Bounded: the oldest goes.
+#[derive(Default)]
+struct Snapshots {
+    by_pid: HashMap<u32, (Vec<Mapping>, u64)>,
+    next: u64,
+}
+
+impl Snapshots {
+    fn put(&mut self, pid: u32, maps: Vec<Mapping>) {
+        if !self.by_pid.contains_key(&pid)
+            && self.by_pid.len() >= SNAPSHOTS_MAX
+            && let Some(old) = self
+                .by_pid
+                .iter()
+                .min_by_key(|(_, (_, n))| *n)
+                .map(|(p, _)| *p)
+        {
+            self.by_pid.remove(&old);
+        }
+        self.next += 1;
+        self.by_pid.insert(pid, (maps, self.next));
+    }
+
+    fn get(&self, pid: u32) -> Option<&[Mapping]> {
+        self.by_pid.get(&pid).map(|(m, _)| m.as_slice())
+    }
 }
 
 pub struct Worker {
     jobs: SyncSender<Msg>,
-    results: Receiver<(StackKey, Resolved)>,
+    results: Receiver<Done>,
 }
 
 impl Worker {
@@ -53,15 +103,37 @@ impl Worker {
             .spawn(move || {
                 let mut modules = Modules::default();
                 let mut symbols = Symbols::default();
+                let mut snapshots = Snapshots::default();
                 for msg in rx {
-                    match msg {
-                        Msg::Resolve(job) => {
-                            let r = resolve(&job, &mut modules, &mut symbols);
-                            if tx.send((job.key, r)).is_err() {
-                                break;
+                    let done = match msg {
+                        Msg::Copy(c) => {
+                            if let Ok(maps) = read_mappings(c.tgid) {
+                                snapshots.put(c.tgid, maps);
                             }
+                            let job = Job {
+                                key: (c.tgid, 0),
+                                pid: c.tgid,
+                                frames: Vec::new(),
+                                copy: Some(c),
+                            };
+                            let maps = snapshots.get(job.pid);
+                            let r = resolve(&job, maps, &mut modules, &mut symbols);
+                            let c = job.copy.as_ref().expect("set above");
+                            Done::Copy((c.tgid, c.stack.saturating_sub(1)), r)
                         }
-                        Msg::Forget(pid) => symbols.forget(pid),
+                        Msg::Resolve(job) => {
+                            let maps = snapshots.get(job.pid);
+                            let r = resolve(&job, maps, &mut modules, &mut symbols);
+                            Done::Stack(job.key, r)
+                        }
+                        Msg::Forget(pid) => {
+                            symbols.forget(pid);
+                            snapshots.by_pid.remove(&pid);
+                            continue;
+                        }
+                    };
+                    if tx.send(done).is_err() {
+                        break;
                     }
                 }
             })
@@ -69,12 +141,14 @@ impl Worker {
         Worker { jobs, results }
     }
 
-    /// Queues a job; false when the queue is full.
+    /// Queues a counted stack; false when the queue is full.
     pub fn send(&self, job: Job) -> bool {
-        !matches!(
-            self.jobs.try_send(Msg::Resolve(job)),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
-        )
+        self.jobs.try_send(Msg::Resolve(job)).is_ok()
+    }
+
+    /// Queues a copy; false when the queue is full.
+    pub fn send_copy(&self, copy: Box<Copy>) -> bool {
+        self.jobs.try_send(Msg::Copy(copy)).is_ok()
     }
 
     pub fn forget(&self, pid: u32) {
@@ -82,7 +156,7 @@ impl Worker {
     }
 
     /// The jobs finished since the last call.
-    pub fn results(&self) -> Vec<(StackKey, Resolved)> {
+    pub fn results(&self) -> Vec<Done> {
         self.results.try_iter().collect()
     }
 }
@@ -96,17 +170,25 @@ fn fp_lookups(frames: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-pub fn resolve(job: &Job, modules: &mut Modules, symbols: &mut Symbols) -> Resolved {
+/// Unwinds the job's copy if it has one (with `maps`, the process's
+/// mappings), else takes its frame-pointer walk; symbolizes either.
+pub fn resolve(
+    job: &Job,
+    maps: Option<&[Mapping]>,
+    modules: &mut Modules,
+    symbols: &mut Symbols,
+) -> Resolved {
     let unwound = job
         .copy
         .as_deref()
-        .and_then(|c| unwind(job.pid, c, modules).ok())
+        .zip(maps)
+        .and_then(|(c, maps)| unwind(job.pid, c, maps, modules).ok())
         .filter(|u| u.addrs.len() >= 2);
     let (addrs, method, complete) = match unwound {
         Some(u) => (u.addrs, Method::Unwound, u.complete),
         None => (fp_lookups(&job.frames), Method::FramePointers, false),
     };
-    let (frames, mut note) = match symbols.symbolize(job.pid, &addrs) {
+    let (frames, mut note) = match symbols.symbolize(job.pid, &addrs, maps) {
         Ok(f) => (f, None),
         Err(e) => (
             addrs
@@ -164,7 +246,7 @@ mod tests {
             frames: vec![here],
             copy: None,
         };
-        let r = resolve(&job, &mut Modules::default(), &mut Symbols::default());
+        let r = resolve(&job, None, &mut Modules::default(), &mut Symbols::default());
         assert_eq!(r.method, Method::FramePointers);
         assert!(r.truncated, "one frame, no root: {r:?}");
         let f = r.frames.last().expect("a frame");

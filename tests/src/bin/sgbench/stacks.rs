@@ -75,6 +75,7 @@ pub fn run(
 ) -> anyhow::Result<String> {
     let mut sensors = Sensors::load().context("loading the sensors")?;
     let mut ring = sensors.take_events()?;
+    let mut copy_ring = sensors.take_stack_copies()?;
     sensors
         .attach_on_demand()
         .context("attaching the on-demand probes")?;
@@ -95,7 +96,7 @@ pub fn run(
                 // What the daemon would do between cells: drain the ring,
                 // take the counts and copies, so no map or ring fills.
                 while ring.drain(|_| {}) > 0 {}
-                copies += sensors.stack_copies()?.len();
+                copies += copy_ring.read().len();
                 sensors.take_stack_counts()?;
             }
         }
@@ -116,14 +117,18 @@ pub fn run(
     for _ in 0..5 {
         let mut symbols = Symbols::default();
         let t = std::time::Instant::now();
-        let frames = symbols.symbolize(me, &addrs).map_err(anyhow::Error::msg)?;
+        let frames = symbols
+            .symbolize(me, &addrs, None)
+            .map_err(anyhow::Error::msg)?;
         first.push(t.elapsed().as_secs_f64() * 1e3);
         if frames.iter().all(|f| f.function.is_none()) {
             bail!("symbolizing our own code found nothing: {frames:?}");
         }
         for _ in 0..20 {
             let t = std::time::Instant::now();
-            symbols.symbolize(me, &addrs).map_err(anyhow::Error::msg)?;
+            symbols
+                .symbolize(me, &addrs, None)
+                .map_err(anyhow::Error::msg)?;
             cached.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
