@@ -181,10 +181,11 @@ impl StackBook {
                         *slot = Some(r);
                     }
                 }
+                // A copy that could not be unwound says nothing the
+                // frame-pointer walk will not.
+                Done::Copy(_, r) if r.method != Method::Unwound => {}
                 Done::Copy(id, r) => {
-                    if r.method == Method::Unwound {
-                        self.stats.unwound += 1;
-                    }
+                    self.stats.unwound += 1;
                     match self.id_keys.get(&id).copied() {
                         Some(key) => self.upgrade(key, r),
                         None if self.early.len() < EARLY_MAX => {
@@ -200,6 +201,9 @@ impl StackBook {
     /// A stack resolved from a copy replaces one not resolved yet or
     /// resolved from frame pointers only.
     fn upgrade(&mut self, key: StackKey, r: Resolved) {
+        if !self.room_for(&key) {
+            return;
+        }
         let slot = self.resolved.entry(key).or_insert(None);
         let better = match slot {
             None => true,
@@ -230,17 +234,11 @@ impl StackBook {
             self.add(&c, key, now_ns);
             self.id_keys.insert((c.pid, c.stack), key);
             if let Some((r, _)) = self.early.remove(&(c.pid, c.stack)) {
-                if !self.resolved.contains_key(&key) && self.resolved.len() >= RESOLVED_MAX {
-                    self.evict_resolved();
-                }
                 self.upgrade(key, r);
                 continue;
             }
-            if self.resolved.contains_key(&key) {
+            if self.resolved.contains_key(&key) || !self.room_for(&key) {
                 continue;
-            }
-            if self.resolved.len() >= RESOLVED_MAX {
-                self.evict_resolved();
             }
             let job = Job {
                 key,
@@ -307,6 +305,21 @@ impl StackBook {
         }
     }
 
+    /// Whether `key` is held or can be: at [`RESOLVED_MAX`], the stacks no
+    /// flow counts any more go first; if every one is still counted, the
+    /// new stack is not kept (counted as evicted).
+    fn room_for(&mut self, key: &StackKey) -> bool {
+        if self.resolved.contains_key(key) || self.resolved.len() < RESOLVED_MAX {
+            return true;
+        }
+        self.evict_resolved();
+        if self.resolved.len() < RESOLVED_MAX {
+            return true;
+        }
+        self.stats.stacks_evicted += 1;
+        false
+    }
+
     fn evict_resolved(&mut self) {
         let live: std::collections::HashSet<StackKey> = self
             .flows
@@ -349,7 +362,11 @@ impl StackBook {
             let same = |m: &(u64, Resolved)| {
                 m.1.frames.len() == r.frames.len()
                     && m.1.frames.iter().zip(&r.frames).all(|(a, b)| {
-                        a.function == b.function && a.file == b.file && a.line == b.line
+                        // Unnamed frames only when they are the same address.
+                        a.function == b.function
+                            && a.file == b.file
+                            && a.line == b.line
+                            && (a.function.is_some() || a.addr == b.addr)
                     })
             };
             match merged.iter_mut().find(|m| same(m)) {
@@ -475,6 +492,46 @@ mod tests {
         assert_eq!(names, [("other", 60), ("retry", 40)]);
         // Another destination's calls are not this flow's.
         assert!(b.top(&[1, 2], &dest(2), 5).is_empty());
+    }
+
+    #[test]
+    fn resolved_stacks_stay_within_their_bound_even_when_all_are_counted() {
+        let mut b = StackBook::new();
+        // RESOLVED_MAX stacks, each counted by a live flow.
+        for i in 0..RESOLVED_MAX as u32 {
+            b.add(&count(i, 1, 1), (i, 1), 1);
+            b.upgrade((i, 1), resolved("x"));
+        }
+        assert_eq!(b.sizes().1, RESOLVED_MAX);
+        // One more is refused, and counted.
+        b.add(&count(9_999, 1, 1), (9_999, 1), 1);
+        b.upgrade((9_999, 1), resolved("y"));
+        assert_eq!(b.sizes().1, RESOLVED_MAX);
+        assert_eq!(b.stats.stacks_evicted, 1);
+        // Once a flow is gone, its stack makes room.
+        b.flows.remove(&(0, dest(1)));
+        b.upgrade((9_999, 1), resolved("y"));
+        assert!(b.resolved.contains_key(&(9_999, 1)));
+        assert!(!b.resolved.contains_key(&(0, 1)));
+        assert!(b.sizes().1 <= RESOLVED_MAX);
+    }
+
+    #[test]
+    fn an_unwound_stack_replaces_a_frame_pointer_one_not_the_reverse() {
+        let mut b = StackBook::new();
+        let fp = Resolved {
+            method: Method::FramePointers,
+            ..resolved("fp")
+        };
+        let unwound = Resolved {
+            method: Method::Unwound,
+            ..resolved("unwound")
+        };
+        b.upgrade((1, 1), fp.clone());
+        b.upgrade((1, 1), unwound.clone());
+        assert_eq!(b.resolved[&(1, 1)], Some(unwound.clone()));
+        b.upgrade((1, 1), fp);
+        assert_eq!(b.resolved[&(1, 1)], Some(unwound));
     }
 
     #[test]
