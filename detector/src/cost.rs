@@ -286,7 +286,12 @@ mod tests {
         assert!(cpu > 0.3 && cpu < 4.0, "{cpu} cores");
         let mut c = Cost::default();
         m.apply(&mut c, (cpu, rss));
-        assert!(c.host_cpus >= 1 && c.host_cpu > 0.0, "{c:?}");
+        // /proc/stat lists the online CPUs.
+        // SAFETY: sysconf has no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as u32;
+        assert_eq!(c.host_cpus, online, "{c:?}");
+        // This process alone was busy ~0.3 s of the ~0.3 s.
+        assert!(c.host_cpu > 0.0, "{c:?}");
         assert!(c.summary().contains("cores"));
     }
 

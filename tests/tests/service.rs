@@ -130,7 +130,7 @@ fn cap_set(unit: &Unit, key: &str) -> BTreeSet<String> {
 /// The unit's capabilities (CapabilityBoundingSet, checked equal to
 /// AmbientCapabilities by `unit_file_declares_what_the_daemon_needs`).
 fn unit_caps() -> BTreeSet<String> {
-    cap_set(&shipped_unit(), "CapabilityBoundingSet")
+    stormguard_tests::unit_capabilities()
 }
 
 /// Linux capability numbers, as in <linux/capability.h>.

@@ -314,7 +314,9 @@ fn explain_names_the_retrying_function_and_line_from_the_units_capabilities() {
     assert!(peak > 0.5, "c_fp's storm at {peak} cores: {cost}");
     assert!(
         cost["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0)
-            && cost["host_cpus"].as_u64().is_some_and(|n| n >= 1)
+            && cost["host_cpus"].as_u64()
+                // SAFETY: sysconf has no preconditions.
+                == Some(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as u64)
             && cost["peak_host_cpu"].as_f64().is_some_and(|h| h > 0.0),
         "{cost}"
     );

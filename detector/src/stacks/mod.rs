@@ -244,7 +244,6 @@ impl StackBook {
                 key,
                 pid: c.pid,
                 frames: fp.clone(),
-                copy: None,
             };
             if self.worker.send(job) {
                 self.resolved.insert(key, None);
@@ -452,7 +451,8 @@ mod tests {
         for i in 0..FLOWS_MAX as u32 + 10 {
             b.add(&count(i, 1, 1), (i, 1), u64::from(i));
         }
-        assert!(b.sizes().0 <= FLOWS_MAX);
+        // Full at FLOWS_MAX + 1: one batch went, then 10 came in.
+        assert_eq!(b.sizes().0, FLOWS_MAX - batch(FLOWS_MAX) + 10);
         assert_eq!(b.stats.flows_evicted, batch(FLOWS_MAX) as u64);
         assert_eq!(b.tables()[0].evictions, b.stats.flows_evicted);
         // The first ones (idle longest) went.

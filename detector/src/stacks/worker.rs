@@ -34,7 +34,6 @@ pub struct Job {
     /// The frame-pointer walk, innermost first (instruction pointer, then
     /// return addresses).
     pub frames: Vec<u64>,
-    pub copy: Option<Box<Copy>>,
 }
 
 /// What the worker is asked.
@@ -110,20 +109,21 @@ impl Worker {
                             if let Ok(maps) = read_mappings(c.tgid) {
                                 snapshots.put(c.tgid, maps);
                             }
-                            let job = Job {
-                                key: (c.tgid, 0),
-                                pid: c.tgid,
-                                frames: Vec::new(),
-                                copy: Some(c),
-                            };
-                            let maps = snapshots.get(job.pid);
-                            let r = resolve(&job, maps, &mut modules, &mut symbols);
-                            let c = job.copy.as_ref().expect("set above");
+                            let maps = snapshots.get(c.tgid);
+                            let r =
+                                resolve(c.tgid, &[], Some(&c), maps, &mut modules, &mut symbols);
                             Done::Copy((c.tgid, c.stack.saturating_sub(1)), r)
                         }
                         Msg::Resolve(job) => {
                             let maps = snapshots.get(job.pid);
-                            let r = resolve(&job, maps, &mut modules, &mut symbols);
+                            let r = resolve(
+                                job.pid,
+                                &job.frames,
+                                None,
+                                maps,
+                                &mut modules,
+                                &mut symbols,
+                            );
                             Done::Stack(job.key, r)
                         }
                         Msg::Forget(pid) => {
@@ -173,22 +173,22 @@ fn fp_lookups(frames: &[u64]) -> Vec<u64> {
 /// Unwinds the job's copy if it has one (with `maps`, the process's
 /// mappings), else takes its frame-pointer walk; symbolizes either.
 pub fn resolve(
-    job: &Job,
+    pid: u32,
+    fp_frames: &[u64],
+    copy: Option<&Copy>,
     maps: Option<&[Mapping]>,
     modules: &mut Modules,
     symbols: &mut Symbols,
 ) -> Resolved {
-    let unwound = job
-        .copy
-        .as_deref()
+    let unwound = copy
         .zip(maps)
-        .and_then(|(c, maps)| unwind(job.pid, c, maps, modules).ok())
+        .and_then(|(c, maps)| unwind(pid, c, maps, modules).ok())
         .filter(|u| u.addrs.len() >= 2);
     let (addrs, method, complete) = match unwound {
         Some(u) => (u.addrs, Method::Unwound, u.complete),
-        None => (fp_lookups(&job.frames), Method::FramePointers, false),
+        None => (fp_lookups(fp_frames), Method::FramePointers, false),
     };
-    let (frames, mut note) = match symbols.symbolize(job.pid, &addrs, maps) {
+    let (frames, mut note) = match symbols.symbolize(pid, &addrs, maps) {
         Ok(f) => (f, None),
         Err(e) => (
             addrs
@@ -240,13 +240,14 @@ mod tests {
     #[test]
     fn a_live_process_is_symbolized_with_file_and_line() {
         let here = a_live_process_is_symbolized_with_file_and_line as *const () as u64;
-        let job = Job {
-            key: (std::process::id(), 1),
-            pid: std::process::id(),
-            frames: vec![here],
-            copy: None,
-        };
-        let r = resolve(&job, None, &mut Modules::default(), &mut Symbols::default());
+        let r = resolve(
+            std::process::id(),
+            &[here],
+            None,
+            None,
+            &mut Modules::default(),
+            &mut Symbols::default(),
+        );
         assert_eq!(r.method, Method::FramePointers);
         assert!(r.truncated, "one frame, no root: {r:?}");
         let f = r.frames.last().expect("a frame");
