@@ -27,6 +27,25 @@ pub struct Config {
     pub probes: ProbesConfig,
     /// Budgets and who is never throttled.
     pub enforce: crate::enforce::config::EnforceConfig,
+    /// Naming the service (unit, container, pod) of a process.
+    pub services: ServicesConfig,
+}
+
+/// Where container runtimes' metadata is read (see `ingest::service`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServicesConfig {
+    /// The directory where the host's /run and /var/lib are: "/" on a
+    /// host; in a container, where they are mounted (e.g. "/host").
+    pub metadata_root: PathBuf,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        ServicesConfig {
+            metadata_root: PathBuf::from("/"),
+        }
+    }
 }
 
 /// The local API.
@@ -87,6 +106,13 @@ pub struct MetricsConfig {
     pub per_storm: bool,
     /// At most this many per-storm series.
     pub per_storm_max: usize,
+    /// Export storms by service (label `service`: a systemd unit, a
+    /// container's name, `namespace/pod`). On by default: services are
+    /// few and named by the operator, unlike process names and peers.
+    pub per_service: bool,
+    /// At most this many services get their own series; the rest are
+    /// summed under `service="other"`.
+    pub per_service_max: usize,
 }
 
 impl Default for MetricsConfig {
@@ -95,6 +121,8 @@ impl Default for MetricsConfig {
             listen: "127.0.0.1:9471".into(),
             per_storm: false,
             per_storm_max: 50,
+            per_service: true,
+            per_service_max: 64,
         }
     }
 }
@@ -219,6 +247,7 @@ pub const RANGES: &[(&str, &str, Range)] = &[
     ("store", "retention_days", Range::Int(1, 36_500)),
     ("store", "max_incidents", Range::Int(1, 10_000_000)),
     ("metrics", "per_storm_max", Range::Int(0, 1_000)),
+    ("metrics", "per_service_max", Range::Int(1, 1_000)),
     ("probes", "max_attached_secs", Range::Int(1, 86_400)),
     ("enforce", "retry_ratio", Range::Float(0.0, 1.0)),
     ("enforce", "floor_per_s", Range::Float(0.01, 1_000_000.0)),
@@ -316,6 +345,14 @@ impl Config {
                  EPERM, EACCES, ECONNRESET, EAGAIN) or a number 1..=4095",
             ));
         }
+        if config.services.metadata_root.is_relative() {
+            return Err(bad(
+                "services.metadata_root",
+                &config.services.metadata_root.display().to_string(),
+                "must be an absolute path (\"/\" on a host, where the host's /run and /var/lib \
+                 are mounted in a container)",
+            ));
+        }
         if !["auto", "always", "never"].contains(&config.probes.on_demand.as_str()) {
             return Err(bad(
                 "probes.on_demand",
@@ -355,6 +392,7 @@ impl Config {
             ("store", "retention_days") => int(self.store.retention_days.into()),
             ("store", "max_incidents") => int(self.store.max_incidents.into()),
             ("metrics", "per_storm_max") => int(self.metrics.per_storm_max as u64),
+            ("metrics", "per_service_max") => int(self.metrics.per_service_max as u64),
             ("probes", "max_attached_secs") => int(self.probes.max_attached_secs),
             _ => None,
         }
@@ -572,9 +610,9 @@ mod tests {
                 checked += 1;
             }
         }
-        // 17 integer fields (3 starting at 0: no value below) × 2 + 2 or 1,
+        // 18 integer fields (3 starting at 0: no value below) × 2 + 2 or 1,
         // 7 float fields × (2 + 4).
-        assert_eq!(checked, 17 * 4 - 3 + 7 * 6);
+        assert_eq!(checked, 18 * 4 - 3 + 7 * 6);
     }
 
     #[test]

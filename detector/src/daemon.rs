@@ -194,6 +194,7 @@ async fn serve(
         config.metrics.per_storm,
         config.metrics.per_storm_max,
     ));
+    metrics.set_service_limits(config.metrics.per_service, config.metrics.per_service_max);
     let metrics_listener = match config.metrics.listen.as_str() {
         "off" => None,
         addr => {
@@ -550,6 +551,7 @@ impl Daemon {
                         .filter(|v| v.state != State::Healthy || v.persistent_failure)
                         .map(|v| v.explanation),
                     cpu_cores: self.cost.cpu_of(r.key.pid),
+                    service: pipe.procs.service_of(r.key.pid).map(|s| s.name),
                 }
             })
             .collect();
@@ -594,6 +596,19 @@ impl Daemon {
             })
             .collect();
         self.metrics.set_active_storms(&active);
+        let by_service: Vec<(String, f64)> = self
+            .tracker
+            .active()
+            .map(|i| {
+                (
+                    i.service
+                        .as_ref()
+                        .map_or_else(|| "unknown".to_string(), |s| s.name.clone()),
+                    i.timeline.last().copied().unwrap_or(0.0) as f64,
+                )
+            })
+            .collect();
+        self.metrics.set_service_storms(&by_service);
         // Kernel maps: a key walk each, so every 10 s, not every second.
         if self
             .last_map_usage

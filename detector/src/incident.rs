@@ -47,10 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     detect::{Engine, State, Subject, VerdictChange, groups::Groups},
-    ingest::{
-        Comm, Destination,
-        procs::{ProcessTable, unit_and_container},
-    },
+    ingest::{Comm, Destination, procs::ProcessTable, service::Service},
 };
 
 /// Longest timeline kept, in seconds (one point per second).
@@ -98,6 +95,11 @@ pub struct Incident {
     pub cgroup: Option<String>,
     pub unit: Option<String>,
     pub container: Option<String>,
+    /// The service it belongs to: systemd unit, container, Kubernetes pod
+    /// (see `ingest::service`). None in incidents recorded before it was
+    /// kept, or when the cgroup could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
     pub proto: String,
     pub destination: String,
     pub netns: u64,
@@ -489,8 +491,9 @@ impl IncidentTracker {
                 .into_iter()
                 .find_map(|m| cx.procs.describe(m).cgroup)
             {
-                let (unit, container) = unit_and_container(&path);
-                (inc.cgroup, inc.unit, inc.container) = (Some(path), unit, container);
+                let service = cx.procs.service_in(&path);
+                (inc.unit, inc.container) = (service.unit.clone(), service.container_id.clone());
+                (inc.cgroup, inc.service) = (Some(path), Some(service));
             }
         }
         refresh(&mut inc, cx.engine, &s, cx.now_ms);
@@ -770,10 +773,10 @@ pub(crate) fn identify(
     };
     let info = pid.map(|p| procs.describe(p));
     let cgroup = info.as_ref().and_then(|i| i.cgroup.clone());
-    let (unit, container) = cgroup
-        .as_deref()
-        .map(unit_and_container)
-        .unwrap_or((None, None));
+    let service = cgroup.as_deref().map(|c| procs.service_in(c));
+    let (unit, container) = service
+        .as_ref()
+        .map_or((None, None), |s| (s.unit.clone(), s.container_id.clone()));
     Incident {
         id: String::new(),
         number: 0,
@@ -795,6 +798,7 @@ pub(crate) fn identify(
         cgroup,
         unit,
         container,
+        service,
         proto: match dest.proto {
             crate::ingest::Proto::Tcp => "tcp".into(),
             crate::ingest::Proto::Udp => "udp".into(),

@@ -131,6 +131,7 @@ pub struct Metrics {
     enforce_decisions: Arc<KindFamily>,
     enforce_budgets: Gauge<u64, AtomicU64>,
     enforce_attached: Gauge<u64, AtomicU64>,
+    services: Arc<ServiceSeries>,
 }
 
 impl Metrics {
@@ -266,6 +267,9 @@ impl Metrics {
             connections_refused.clone(),
         );
 
+        let services = Arc::new(ServiceSeries::default());
+        registry.register_collector(Box::new(Arc::clone(&services)));
+
         Metrics {
             registry,
             flows_tracked,
@@ -290,7 +294,72 @@ impl Metrics {
             enforce_decisions,
             enforce_budgets,
             enforce_attached,
+            services,
         }
+    }
+
+    /// Whether storms are exported by service, and for how many services
+    /// at most (`[metrics] per_service`, `per_service_max`; on, 64 by
+    /// default).
+    pub fn set_service_limits(&self, on: bool, max: usize) {
+        let mut limits = self
+            .services
+            .limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *limits = on.then_some(max.max(1));
+    }
+
+    /// Sets the per-service series from the active storms: (service,
+    /// attempts per second). Services beyond the most allowed — the ones
+    /// with the fewest storms, then the lowest rates — are summed under
+    /// `service="other"`, so a host with many containers cannot grow a
+    /// scraper's database without bound.
+    pub fn set_service_storms(&self, storms: &[(String, f64)]) {
+        let Some(max) = *self
+            .services
+            .limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        else {
+            return;
+        };
+        let mut merged: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
+        for (service, rate) in storms {
+            let e = merged.entry(service.as_str()).or_default();
+            e.0 += 1;
+            if rate.is_finite() && *rate >= 0.0 {
+                e.1 += rate;
+            }
+        }
+        let mut rows: Vec<ServiceRow> = merged
+            .into_iter()
+            .map(|(service, (storms, rate))| ServiceRow {
+                service: service.to_owned(),
+                storms,
+                rate,
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.storms
+                .cmp(&a.storms)
+                .then_with(|| b.rate.total_cmp(&a.rate))
+                .then_with(|| a.service.cmp(&b.service))
+        });
+        if rows.len() > max {
+            // One series is kept for "other" itself.
+            let rest = rows.split_off(max - 1);
+            rows.push(ServiceRow {
+                service: "other".into(),
+                storms: rest.iter().map(|r| r.storms).sum(),
+                rate: rest.iter().map(|r| r.rate).sum(),
+            });
+        }
+        *self
+            .services
+            .rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = rows;
     }
 
     /// Sets the enforcement series from the enforcer's summary.
@@ -670,6 +739,70 @@ impl Collector for StormSeries {
     }
 }
 
+#[derive(Debug)]
+struct ServiceRow {
+    service: String,
+    storms: u64,
+    rate: f64,
+}
+
+/// Storms by service: the count and summed rate of active storms per
+/// service, most storms first. Both descriptors are written even with no
+/// storm, so a dashboard or rule finds the names on a quiet host.
+#[derive(Debug)]
+struct ServiceSeries {
+    rows: Mutex<Vec<ServiceRow>>,
+    /// None: not exported; Some(n): at most n series each.
+    limits: Mutex<Option<usize>>,
+}
+
+impl Default for ServiceSeries {
+    fn default() -> Self {
+        ServiceSeries {
+            rows: Mutex::new(Vec::new()),
+            limits: Mutex::new(Some(64)),
+        }
+    }
+}
+
+impl Collector for ServiceSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self
+            .limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            return Ok(());
+        }
+        let rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut family = encoder.encode_descriptor(
+                "service_storms_active",
+                "Retry storms currently detected, by service (systemd unit, container, \
+                 namespace/pod, or host).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for row in rows.iter() {
+                ConstGauge::new(row.storms)
+                    .encode(family.encode_family(&[("service", row.service.as_str())])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "service_storm_attempts_per_second",
+            "Attempts per second of the active retry storms of a service, summed.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for row in rows.iter() {
+            ConstGauge::new(row.rate)
+                .encode(family.encode_family(&[("service", row.service.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     ([(CONTENT_TYPE_HEADER, CONTENT_TYPE)], metrics.encode())
 }
@@ -799,6 +932,56 @@ mod tests {
     }
 
     #[test]
+    fn storms_by_service_are_bounded_and_on_by_default() {
+        let m = Metrics::new(false, 10);
+        let text = m.encode();
+        // Declared before any storm, so rules and dashboards find them.
+        assert!(
+            text.contains("# TYPE stormguard_service_storms_active gauge\n"),
+            "{text}"
+        );
+        let s = |name: &str, rate: f64| (name.to_string(), rate);
+        m.set_service_storms(&[
+            s("nginx.service", 10.0),
+            s("shop/checkout-1", 50.0),
+            s("nginx.service", 5.0),
+            s("host", 1.0),
+        ]);
+        let text = m.encode();
+        assert_eq!(
+            samples(&text, "stormguard_service_storms_active"),
+            [
+                "stormguard_service_storms_active{service=\"nginx.service\"} 2",
+                "stormguard_service_storms_active{service=\"shop/checkout-1\"} 1",
+                "stormguard_service_storms_active{service=\"host\"} 1",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            samples(&text, "stormguard_service_storm_attempts_per_second")[0],
+            "stormguard_service_storm_attempts_per_second{service=\"nginx.service\"} 15.0"
+        );
+        // 100 services, at most 3 series: the two busiest and "other".
+        m.set_service_limits(true, 3);
+        let many: Vec<(String, f64)> = (0..100)
+            .map(|i| (format!("u{i:03}.service"), i as f64))
+            .collect();
+        m.set_service_storms(&many);
+        let text = m.encode();
+        assert_eq!(
+            samples(&text, "stormguard_service_storms_active"),
+            [
+                "stormguard_service_storms_active{service=\"u099.service\"} 1",
+                "stormguard_service_storms_active{service=\"u098.service\"} 1",
+                "stormguard_service_storms_active{service=\"other\"} 98",
+            ],
+            "{text}"
+        );
+        m.set_service_limits(false, 3);
+        assert!(!m.encode().contains("stormguard_service_"));
+    }
+
+    #[test]
     fn encodes_aggregate_series_with_help_and_type() {
         let m = Metrics::new(false, 10);
         m.set_flows_tracked(12);
@@ -862,7 +1045,10 @@ mod tests {
         );
         assert!(!text.contains("# EOF"), "{text}");
         assert!(!text.contains("_total_total"), "{text}");
-        assert!(!text.contains("storm_attempts_per_second"), "{text}");
+        assert!(
+            !text.contains("stormguard_storm_attempts_per_second"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -945,7 +1131,10 @@ mod tests {
         );
         m.set_active_storms(&[]);
         let text = m.encode();
-        assert!(!text.contains("storm_attempts_per_second"), "{text}");
+        assert!(
+            !text.contains("stormguard_storm_attempts_per_second"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -953,7 +1142,10 @@ mod tests {
         let m = Metrics::new(false, 10);
         m.set_active_storms(&[storm("curl", "10.0.0.1:443", 5.0)]);
         let text = m.encode();
-        assert!(!text.contains("storm_attempts_per_second"), "{text}");
+        assert!(
+            !text.contains("stormguard_storm_attempts_per_second"),
+            "{text}"
+        );
         assert!(!text.contains("curl"), "{text}");
 
         // A cap of 0 exports none either.

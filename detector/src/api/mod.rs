@@ -224,4 +224,8 @@ pub struct FlowView {
     /// (see `cost`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cores: Option<f64>,
+    /// The process's service (systemd unit, container, `namespace/pod`,
+    /// "host"; see `ingest::service`), when its cgroup is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }

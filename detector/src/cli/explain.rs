@@ -98,6 +98,9 @@ pub fn render(i: &Incident) -> String {
                 .unwrap_or_default()
         ),
     );
+    if let Some(s) = &i.service {
+        line("service", s.describe());
+    }
     line(
         "target",
         format!("{} {} (netns {})", i.proto, i.destination, i.netns),

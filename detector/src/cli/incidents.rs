@@ -41,13 +41,14 @@ pub fn render(list: &[Incident]) -> String {
     // storming child or member, whose own storms are not listed.
     let _ = writeln!(
         out,
-        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9} {:>9} {:>5} ERROR",
+        "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:<20} {:>6} {:<26} {:>9} {:>9} {:>5} ERROR",
         "ID",
         "STATE",
         "STARTED",
         "LASTED",
         "PID",
         "COMM",
+        "SERVICE",
         "PROCS",
         "DESTINATION",
         "PEAK/s",
@@ -58,7 +59,7 @@ pub fn render(list: &[Incident]) -> String {
         let lasted = (i.ended_at.unwrap_or(i.updated_at) - i.started_at).max(0) / 1000;
         let _ = writeln!(
             out,
-            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:>6} {:<26} {:>9.0} {:>9} {:>5} {}",
+            "{:<9} {:<10} {:<20} {:>7} {:>7} {:<15} {:<20} {:>6} {:<26} {:>9.0} {:>9} {:>5} {}",
             i.id,
             match (i.active, i.end_reason.as_deref()) {
                 (true, _) => i.state.as_str(),
@@ -69,6 +70,7 @@ pub fn render(list: &[Incident]) -> String {
             fmt_secs(lasted as u64),
             i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             format!("{}{}", i.comm, if i.kind == "flow" { "" } else { "*" }),
+            super::top::service(i.service.as_ref().map(|s| s.name.as_str()), 20),
             i.processes(),
             i.destination,
             i.peak_rate,

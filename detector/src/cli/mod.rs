@@ -206,3 +206,15 @@ pub fn init_logging() {
         )
         .try_init();
 }
+
+/// `s` in at most `width` columns, keeping its end — the informative part
+/// of a cgroup path, a unit's or a pod's name.
+pub fn keep_end(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        s.to_string()
+    } else {
+        let tail: String = s.chars().skip(n - (width - 1)).collect();
+        format!("…{tail}")
+    }
+}

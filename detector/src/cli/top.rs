@@ -69,15 +69,24 @@ fn plain(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Resul
             );
             let _ = writeln!(
                 out,
-                "{:>7} {:<15} {:<4} {:<26} {:>10} {:>10} {:>5} {:<16} VERDICT",
-                "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "CPU", "ERROR"
+                "{:>7} {:<15} {:<20} {:<4} {:<26} {:>10} {:>10} {:>5} {:<16} VERDICT",
+                "PID",
+                "COMM",
+                "SERVICE",
+                "PROTO",
+                "DESTINATION",
+                "ATTEMPT/s",
+                "FAIL/s",
+                "CPU",
+                "ERROR"
             );
             for f in flows.iter().take(20) {
                 let _ = writeln!(
                     out,
-                    "{:>7} {:<15} {:<4} {:<26} {:>10.1} {:>10.1} {:>5} {:<16} {}",
+                    "{:>7} {:<15} {:<20} {:<4} {:<26} {:>10.1} {:>10.1} {:>5} {:<16} {}",
                     f.pid,
                     f.comm,
+                    service(f.service.as_deref(), 20),
                     f.proto,
                     f.destination,
                     f.attempts_per_s,
@@ -136,6 +145,7 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
                     Row::new(vec![
                         f.pid.to_string(),
                         f.comm.clone(),
+                        service(f.service.as_deref(), 20),
                         f.proto.clone(),
                         f.destination.clone(),
                         format!("{:.1}", f.attempts_per_s),
@@ -150,6 +160,7 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
                 let widths = [
                     Constraint::Length(7),
                     Constraint::Length(15),
+                    Constraint::Length(20),
                     Constraint::Length(5),
                     Constraint::Length(26),
                     Constraint::Length(10),
@@ -163,7 +174,7 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
                     Table::new(rows, widths)
                         .header(
                             Row::new(vec![
-                                "PID", "COMM", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "CPU", "ERROR",
+                                "PID", "COMM", "SERVICE", "PROTO", "DESTINATION", "ATTEMPT/s", "FAIL/s", "CPU", "ERROR",
                                 "VERDICT", "WHY",
                             ])
                             .style(Style::default().add_modifier(Modifier::BOLD)),
@@ -193,4 +204,9 @@ fn tui(args: &TopArgs, mut data: (StatusView, Vec<FlowView>)) -> anyhow::Result<
 /// processes are).
 fn cpu(cores: Option<f64>) -> String {
     cores.map_or_else(|| "-".into(), |c| format!("{c:.2}"))
+}
+
+/// A service name in at most `width` columns ("-" when not known).
+pub fn service(name: Option<&str>, width: usize) -> String {
+    name.map_or_else(|| "-".into(), |n| super::keep_end(n, width))
 }

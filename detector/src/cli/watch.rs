@@ -16,7 +16,7 @@ use super::EngineArgs;
 use crate::{
     detect::{State, Subject, Verdict},
     flows::FlowCounts,
-    ingest::{Destination, Proto},
+    ingest::{Destination, Proto, service::Service},
     kernel::{self, Sensors},
     pipeline::{OnDemand, Pipeline},
     service::{self, Interval, Options},
@@ -119,6 +119,8 @@ struct JsonRow<'a> {
     comm: String,
     ppid: Option<u32>,
     cgroup: Option<&'a str>,
+    /// Unit, container, pod (see `ingest::service`).
+    service: Option<Service>,
     exe: Option<&'a str>,
     cmdline: Option<&'a str>,
     #[serde(flatten)]
@@ -260,6 +262,7 @@ struct RollupJsonRow<'a> {
     comm: &'a str,
     cgroup_id: Option<u64>,
     cgroup: Option<&'a str>,
+    service: Option<Service>,
     exe: Option<&'a str>,
     cmdline: Option<&'a str>,
     #[serde(flatten)]
@@ -291,6 +294,7 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
             comm: row.comm.to_string(),
             ppid: info.ppid,
             cgroup: info.cgroup.as_deref(),
+            service: info.cgroup.as_deref().map(|c| pipe.procs.service_in(c)),
             exe: info.exe.as_deref(),
             cmdline: info.cmdline.as_deref(),
             traffic: Traffic::new(&row.key.dest, c, iv.secs),
@@ -323,6 +327,7 @@ fn print_json(pipe: &mut Pipeline, iv: &Interval) -> anyhow::Result<()> {
                 _ => None,
             },
             cgroup: r.cgroup.as_deref(),
+            service: r.cgroup.as_deref().map(|c| pipe.procs.service_in(c)),
             exe: r.exe.as_deref(),
             cmdline: r.cmdline.as_deref(),
             traffic: Traffic::new(&dest, c, iv.secs),
@@ -377,7 +382,7 @@ fn print_table(
         "{:>7} {:<15} {:<20} {:<4} {:<24} {:>9} {:>9} {:<18} {:>9} {:<10}",
         "PID",
         "COMM",
-        "CGROUP",
+        "SERVICE",
         "PROTO",
         "DESTINATION",
         "ATTEMPT/s",
@@ -403,7 +408,13 @@ fn print_table(
             "{:>7} {:<15} {:<20} {:<4} {:<24} {:>9.1} {:>9.1} {:<18} {:>9} {:<10}",
             row.key.pid,
             row.comm.to_string(),
-            truncate(info.cgroup.as_deref().unwrap_or("-"), 20),
+            super::keep_end(
+                &info
+                    .cgroup
+                    .as_deref()
+                    .map_or_else(|| "-".to_string(), |c| pipe.procs.service_in(c).name),
+                20
+            ),
             proto,
             row.key.dest.to_string(),
             c.attempts as f64 / iv.secs,
@@ -421,7 +432,7 @@ fn print_table(
     }
     let groups = rollups(pipe, iv);
     if !groups.is_empty() {
-        // WHO spans PID, COMM and CGROUP above, so the columns line up.
+        // WHO spans PID, COMM and SERVICE above, so the columns line up.
         writeln!(
             out,
             "{:>7} {:<36} {:<4} {:<24} {:>9} {:>9} {:<18} {:>9} {:<10} MEMBERS",
@@ -454,7 +465,7 @@ fn print_table(
                 out,
                 "{:>7} {:<36} {:<4} {:<24} {:>9.1} {:>9.1} {:<18} {:>9} {:<10} {}",
                 r.kind(),
-                truncate(&who, 36),
+                super::keep_end(&who, 36),
                 match dest.proto {
                     Proto::Tcp => "tcp",
                     Proto::Udp => "udp",
@@ -480,15 +491,4 @@ fn print_table(
     }
     out.flush()?;
     Ok(())
-}
-
-/// Keeps the end of a long path, which is the informative part.
-fn truncate(s: &str, width: usize) -> String {
-    let n = s.chars().count();
-    if n <= width {
-        s.to_string()
-    } else {
-        let tail: String = s.chars().skip(n - (width - 1)).collect();
-        format!("…{tail}")
-    }
 }

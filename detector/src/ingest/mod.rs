@@ -6,6 +6,7 @@ pub mod decode;
 pub mod failure;
 pub mod procs;
 pub mod reply;
+pub mod service;
 
 pub use bounded::TableUsage;
 pub use decode::{Comm, ConnectOutcome, DecodeError, Destination, Observation, Proto, decode};

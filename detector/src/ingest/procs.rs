@@ -25,6 +25,7 @@ use serde::Serialize;
 use super::{
     Comm, Observation,
     bounded::{TableUsage, batch, lowest},
+    service::{Service, ServiceResolver},
 };
 
 /// A budget for [`ProcessTable::resolve_pending`] per 100 ms tick: 640
@@ -73,6 +74,8 @@ pub struct ProcessTable {
     clock: u64,
     /// Pids still to check in the current liveness sweep.
     to_check: Vec<u32>,
+    /// Cgroup path → service, cached and bounded.
+    services: ServiceResolver,
 }
 
 /// Parses the ppid and comm out of /proc/PID/stat ("pid (comm) state ppid …";
@@ -92,26 +95,6 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
     let close = stat.rfind(')')?;
     // Fields after the comm start at field 3 (state).
     stat[close + 1..].split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The systemd unit and the container id a cgroup path names, if any:
-/// "/system.slice/nginx.service" → unit nginx.service;
-/// ".../docker-<64 hex>.scope" or ".../cri-containerd-<id>.scope" or
-/// "/docker/<id>" → that container.
-pub fn unit_and_container(cgroup: &str) -> (Option<String>, Option<String>) {
-    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let mut unit = None;
-    let mut container = None;
-    for part in cgroup.split('/') {
-        let stem = part.strip_suffix(".scope").unwrap_or(part);
-        let id = stem.rsplit(['-', ':']).next().unwrap_or(stem);
-        if is_id(id) {
-            container = Some(id.to_string());
-        } else if part.ends_with(".service") || part.ends_with(".scope") {
-            unit = Some(part.to_string());
-        }
-    }
-    (unit, container)
 }
 
 /// What /proc/PID/stat alone tells: name, parent, start time.
@@ -144,7 +127,27 @@ impl ProcessTable {
             pending_dropped: 0,
             clock: 0,
             to_check: Vec::new(),
+            services: ServiceResolver::default(),
         }
+    }
+
+    /// Where the host's `/run` and `/var/lib` are, for container runtimes'
+    /// metadata (`[services] metadata_root`).
+    pub fn set_metadata_root(&mut self, root: impl Into<PathBuf>) {
+        self.services = ServiceResolver::new(root);
+    }
+
+    /// The service (unit, container, pod) of `pid`, from the cgroup
+    /// already known — nothing is read from /proc; the runtime's metadata
+    /// file once per cgroup. None when its cgroup is not known (yet).
+    pub fn service_of(&mut self, pid: u32) -> Option<Service> {
+        let cgroup = self.procs.get(&pid)?.cgroup.as_deref()?;
+        Some(self.services.resolve(cgroup))
+    }
+
+    /// The service of the processes in cgroup `path`.
+    pub fn service_in(&mut self, path: &str) -> Service {
+        self.services.resolve(path)
     }
 
     /// Up to `budget` tracked processes that are gone from /proc although
@@ -186,6 +189,12 @@ impl ProcessTable {
                 self.pending.len(),
                 self.capacity,
                 self.pending_dropped,
+            ),
+            TableUsage::new(
+                "services",
+                self.services.len(),
+                super::service::CACHE_MAX,
+                self.services.evictions,
             ),
         ]
     }
@@ -469,25 +478,9 @@ mod tests {
     }
 
     #[test]
-    fn start_time_unit_and_container() {
+    fn start_time() {
         let stat = "42 (a b) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 200";
         assert_eq!(parse_start_time(stat), Some(98765));
-        assert_eq!(
-            unit_and_container("/system.slice/nginx.service"),
-            (Some("nginx.service".into()), None)
-        );
-        let id = "a".repeat(64);
-        assert_eq!(
-            unit_and_container(&format!("/system.slice/docker-{id}.scope")),
-            (None, Some(id.clone()))
-        );
-        assert_eq!(
-            unit_and_container(&format!(
-                "/kubepods/burstable/pod1/cri-containerd-{id}.scope"
-            )),
-            (None, Some(id.clone()))
-        );
-        assert_eq!(unit_and_container("/user.slice"), (None, None));
     }
 
     #[test]

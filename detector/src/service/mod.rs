@@ -74,6 +74,8 @@ pub async fn drive(
         },
         opts.on_demand,
     );
+    pipe.procs
+        .set_metadata_root(&opts.config.services.metadata_root);
     if let Some(out) = opts.record {
         pipe.record_to(out);
     }
