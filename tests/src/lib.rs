@@ -797,3 +797,17 @@ pub fn setpriv_caps(caps: &std::collections::BTreeSet<String>) -> String {
     }
     s
 }
+
+/// Polls `f` every 200 ms until it returns Some, up to `bound` ([`scaled`]);
+/// the value and how long it took.
+pub fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let bound = scaled(bound);
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < bound, "{what}: not within {bound:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

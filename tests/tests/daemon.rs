@@ -9,7 +9,7 @@ use std::{
 };
 
 use stormguard_tests::{
-    ChildGuard, Daemon, closed_port, scaled, stormguard, stormguard_bin, time_scale,
+    ChildGuard, Daemon, closed_port, stormguard, stormguard_bin, time_scale, wait_for,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
@@ -43,19 +43,6 @@ fn spawn_storm(port: &str, secs: &str) -> ChildGuard {
             .args(["storm", "--addr", port, "--secs", secs])
             .stdout(Stdio::null()),
     )
-}
-
-/// Polls `f` every 200 ms until it returns Some, up to `bound` ([`scaled`]).
-fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let bound = scaled(bound);
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < bound, "{what}: not within {bound:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

@@ -9,10 +9,10 @@ use std::{
     io::{Read, Write},
     path::{Path, PathBuf},
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use stormguard_tests::{Cgroup, ChildGuard, Daemon, closed_port, scaled, stormguard};
+use stormguard_tests::{Cgroup, ChildGuard, Daemon, closed_port, stormguard, wait_for};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_stormclient");
 
@@ -66,18 +66,6 @@ impl Drop for Slice {
             let _ = std::fs::remove_dir(d);
         }
         let _ = std::fs::remove_dir(&self.root);
-    }
-}
-
-fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let bound = scaled(bound);
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < bound, "{what}: not within {bound:?}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -260,6 +260,20 @@ fn kubernetes_names(map: &serde_json::Value, m: &mut Metadata) {
     }
 }
 
+/// The Kubernetes names in the annotations of an OCI runtime spec (what
+/// containerd and CRI-O hand to runc).
+fn oci_metadata(spec: &Path, runtime: Runtime) -> Option<Metadata> {
+    let spec = read_json(spec)?;
+    let mut m = Metadata {
+        runtime: Some(runtime),
+        ..Default::default()
+    };
+    if let Some(a) = spec.get("annotations") {
+        kubernetes_names(a, &mut m);
+    }
+    Some(m)
+}
+
 /// Reads the metadata of container `id` under `root`, trying the runtime
 /// the cgroup named first, then the others.
 pub fn read_metadata(root: &Path, id: &str, hint: Option<Runtime>) -> Option<Metadata> {
@@ -275,42 +289,22 @@ pub fn read_metadata(root: &Path, id: &str, hint: Option<Runtime>) -> Option<Met
     }
     order.into_iter().find_map(|r| match r {
         Runtime::Containerd => CONTAINERD_NAMESPACES.iter().find_map(|ns| {
-            let spec = read_json(
-                &root
-                    .join("run/containerd/io.containerd.runtime.v2.task")
-                    .join(ns)
-                    .join(id)
-                    .join("config.json"),
-            )?;
-            let mut m = Metadata {
-                runtime: Some(if *ns == "moby" {
-                    Runtime::Docker
-                } else {
-                    Runtime::Containerd
-                }),
-                ..Default::default()
+            let dir = root.join("run/containerd/io.containerd.runtime.v2.task");
+            // Docker's own containers run in containerd's "moby" namespace.
+            let runtime = if *ns == "moby" {
+                Runtime::Docker
+            } else {
+                Runtime::Containerd
             };
-            if let Some(a) = spec.get("annotations") {
-                kubernetes_names(a, &mut m);
-            }
-            Some(m)
+            oci_metadata(&dir.join(ns).join(id).join("config.json"), runtime)
         }),
-        Runtime::CriO => {
-            let spec = read_json(
-                &root
-                    .join("run/containers/storage/overlay-containers")
-                    .join(id)
-                    .join("userdata/config.json"),
-            )?;
-            let mut m = Metadata {
-                runtime: Some(Runtime::CriO),
-                ..Default::default()
-            };
-            if let Some(a) = spec.get("annotations") {
-                kubernetes_names(a, &mut m);
-            }
-            Some(m)
-        }
+        Runtime::CriO => oci_metadata(
+            &root
+                .join("run/containers/storage/overlay-containers")
+                .join(id)
+                .join("userdata/config.json"),
+            Runtime::CriO,
+        ),
         Runtime::Docker => {
             let config = read_json(
                 &root
