@@ -2,7 +2,9 @@
 
 Run by `cargo xtask deploy-check` (xtask/src/deploy_check.rs) with the
 Python of its venv (PyYAML comes with kubernetes-validate), as
-`python deploy_check.py REPO_ROOT` (written into the venv). The core Kubernetes objects are checked
+`python deploy_check.py REPO_ROOT [QUERIES]` (written into the venv). With
+QUERIES, the dashboard's queries are written there as a rules file for
+`promtool check rules` to parse. The core Kubernetes objects are checked
 against the Kubernetes schemas separately (kubernetes-validate); this checks
 what ties the objects together and the custom resources (PodMonitor,
 PrometheusRule), whose schemas are not bundled, plus the Grafana JSON's
@@ -230,12 +232,14 @@ if variables.get("instance", {}).get("type") != "query":
     problem(f"{dash_path.name}: no instance variable")
 ids = set()
 queries = 0
+charts = 0
 for p in dash.get("panels", []):
     if p.get("id") in ids:
         problem(f"{dash_path.name}: panel id {p.get('id')} twice")
     ids.add(p.get("id"))
     if p.get("type") == "row":
         continue
+    charts += 1
     if p.get("datasource", {}).get("uid") != "${datasource}":
         problem(f"{dash_path.name}: panel {p.get('title')!r} is not on $datasource")
     if not p.get("targets"):
@@ -251,10 +255,24 @@ for p in dash.get("panels", []):
             "per_storm = true" not in p.get("description", ""):
         problem(f"{dash_path.name}: {p.get('title')!r} does not say it needs per_storm = true")
 
+# The dashboard's queries as recording rules, Grafana's variables filled
+# in, for `promtool check rules` to parse (xtask runs it on this file).
+if len(sys.argv) > 2:
+    filled = []
+    for p in dash.get("panels", []):
+        for t in p.get("targets", []):
+            expr = t.get("expr", "")
+            for var, value in (("$__rate_interval", "1m"), ("$__range", "6h"),
+                               ("$instance", ".*")):
+                expr = expr.replace(var, value)
+            filled.append({"record": f"dashboard:query_{len(filled)}", "expr": expr})
+    pathlib.Path(sys.argv[2]).write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": filled}]}, sort_keys=False))
+
 if problems:
     print("\n".join(problems))
     sys.exit(1)
 print(
     f"deploy: {len(objs)} objects tie together; {len(alerts)} alerts, each tested firing and "
-    f"quiet; PrometheusRule = rules file; dashboard: {len(ids)} panels, {queries} queries"
+    f"quiet; PrometheusRule = rules file; dashboard: {charts} panels, {queries} queries"
 )

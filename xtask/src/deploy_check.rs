@@ -14,7 +14,9 @@
 //!   capabilities are the unit's, the PrometheusRule's groups are the rules
 //!   file's, each alert has a test firing and one quiet).
 //! - The rules with `promtool check rules` and `promtool test rules`
-//!   (Debian's `prometheus` package carries promtool).
+//!   (Debian's `prometheus` package carries promtool); the dashboard's
+//!   queries are parsed by `promtool check rules` too, written as
+//!   recording rules with Grafana's variables filled in.
 //! - With `live`, the names in the dashboard's and the rules' queries
 //!   against a running daemon's /metrics: `tests/tests/deploy_assets.rs`
 //!   (also run by the `test` stage, which is why `cargo xtask test` passes
@@ -74,10 +76,12 @@ pub fn run(env: &Env, live: bool) -> anyhow::Result<()> {
     let script = venv.join("deploy_check.py");
     std::fs::write(&script, include_str!("deploy_check.py"))
         .with_context(|| format!("cannot write {}", script.display()))?;
+    let queries = venv.join("dashboard-queries.rules.yaml");
     status(
         Command::new(venv.join("bin/python"))
             .arg(&script)
-            .arg(&root),
+            .arg(&root)
+            .arg(&queries),
     )?;
 
     ensure_packages(&[("promtool", "prometheus")])?;
@@ -87,6 +91,13 @@ pub fn run(env: &Env, live: bool) -> anyhow::Result<()> {
             .arg("check")
             .arg("rules")
             .arg(prom.join("stormguard-rules.yaml")),
+    )?;
+    // The dashboard's PromQL, parsed (its variables filled in).
+    status(
+        Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .arg(&queries),
     )?;
     // Relative rule_files: resolved from the test file's directory.
     status(
