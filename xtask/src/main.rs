@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|test|run|bench|soak|install|vmtest>`. Every
+//! Project tasks: `cargo xtask <setup|build|test|deploy-check|run|bench|soak|install|vmtest>`. Every
 //! task except `setup` itself (and `install --no-build`) runs setup first, so
 //! a fresh machine needs nothing but rustup and the two README commands.
 mod bench;
 mod corpus_tools;
+mod deploy_check;
 mod install;
 mod setup;
 mod soak;
@@ -33,6 +34,11 @@ enum Cmd {
     /// Everything CI checks: fmt, clippy, unit and integration tests (as
     /// root, eBPF required to load).
     Test,
+    /// Check deploy/ without a cluster: the Kubernetes manifests against
+    /// the schemas, the Prometheus Operator objects, the alert rules
+    /// (promtool) and the metric names the dashboard and rules use against
+    /// a live daemon (as root).
+    DeployCheck,
     /// Measure what the probes cost, interleaved, against no probes,
     /// bpftrace and a minimal hand-written floor (as root; ~3 minutes).
     Bench(bench::BenchArgs),
@@ -70,6 +76,7 @@ fn main() {
         Cmd::Setup => setup::run().map(|_| ()),
         Cmd::Build { release } => setup::run().and_then(|env| tasks::build(&env, release)),
         Cmd::Test => setup::run().and_then(|env| tasks::test(&env)),
+        Cmd::DeployCheck => setup::run().and_then(|env| deploy_check::run(&env, true)),
         Cmd::Run { args } => setup::run().and_then(|env| tasks::run(&env, &args)),
         Cmd::Bench(args) => setup::run().and_then(|_| bench::run(args)),
         Cmd::Install { root, no_build } if no_build => install::run(None, &root),

@@ -174,6 +174,9 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
     })?;
     s.stage("clippy-ebpf", || clippy_ebpf(env))?;
     s.stage("test", || unit_and_integration(env))?;
+    // deploy/ (Kubernetes, Prometheus rules, Grafana); the live part,
+    // tests/tests/deploy_assets.rs, already ran in the test stage.
+    s.stage("deploy", || crate::deploy_check::run(env, false))?;
     s.stage("install", || install_into_temporary_root(env))?;
     // The kernel-facing tests again on Debian's 6.1 and 6.12 under qemu.
     s.stage("vmtest", || {
