@@ -95,6 +95,22 @@ fn kubernetes_containerd_systemd_driver() {
 }
 
 #[test]
+fn paths_seen_from_inside_a_pods_cgroup_namespace() {
+    // The daemon in a pod (its own cgroup namespace) reads other
+    // processes' cgroups relative to its own.
+    let s = resolve(&format!(
+        "/../../kubepods-burstable.slice/\
+         kubepods-burstable-pod6f1c2d3e_4a5b_4c6d_8e9f_0a1b2c3d4e5f.slice/\
+         cri-containerd-{CONTAINERD}.scope"
+    ));
+    assert_eq!(s.name, "shop/checkout-7d9f8b6c5-x2kqp");
+    assert_eq!(
+        resolve("/../../system.slice/nginx.service").name,
+        "nginx.service"
+    );
+}
+
+#[test]
 fn kubernetes_crio_and_cgroupfs_driver() {
     let s = resolve(&format!(
         "/kubepods/besteffort/pod0d9e8f7a-6b5c-4d3e-9f2a-1b0c9d8e7f6a/{CRIO}"
