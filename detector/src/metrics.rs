@@ -131,6 +131,7 @@ pub struct Metrics {
     enforce_decisions: Arc<KindFamily>,
     enforce_budgets: Gauge<u64, AtomicU64>,
     enforce_attached: Gauge<u64, AtomicU64>,
+    notify: crate::notify::Counters,
 }
 
 impl Metrics {
@@ -266,6 +267,23 @@ impl Metrics {
             connections_refused.clone(),
         );
 
+        let notify = crate::notify::Counters::default();
+        registry.register(
+            "notify_sent",
+            "Storm start/end notifications delivered ([[notify]])",
+            notify.sent.clone(),
+        );
+        registry.register(
+            "notify_failed",
+            "Notifications given up on after every attempt failed",
+            notify.failed.clone(),
+        );
+        registry.register(
+            "notify_dropped",
+            "Notifications never attempted: a queue was full, or min_interval",
+            notify.dropped.clone(),
+        );
+
         Metrics {
             registry,
             flows_tracked,
@@ -290,7 +308,13 @@ impl Metrics {
             enforce_decisions,
             enforce_budgets,
             enforce_attached,
+            notify,
         }
+    }
+
+    /// The notify counters, for `notify::start` (clones share the values).
+    pub fn notify_counters(&self) -> crate::notify::Counters {
+        self.notify.clone()
     }
 
     /// Sets the enforcement series from the enforcer's summary.
