@@ -1431,6 +1431,60 @@ mod tests {
     }
 
     #[test]
+    fn a_notifier_sends_in_order_through_its_rate_limit_and_counts() {
+        let dir = std::env::temp_dir().join(format!("sg-notify-rl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let table = |file: &str, on: &[&str]| NotifyConfig {
+            command: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "cat >> \"$1\"; echo >> \"$1\"".into(),
+                "sh".into(),
+                dir.join(file).to_str().unwrap().into(),
+            ]),
+            on: on.iter().map(|o| o.to_string()).collect(),
+            min_interval: "1h".into(),
+            ..Default::default()
+        };
+        let counters = Counters::default();
+        let mut h = start(
+            &[table("both", &["start", "end"]), table("ends", &["end"])],
+            counters.clone(),
+        )
+        .unwrap()
+        .unwrap();
+        let (one, two) = (incident("inc-1"), incident("inc-2"));
+        h.send(EventKind::Start, &one);
+        h.send(EventKind::Start, &two);
+        h.send(EventKind::End, &two);
+        h.send(EventKind::End, &one);
+        assert!(h.finish(Duration::from_secs(10)));
+        let got = |file: &str| -> Vec<String> {
+            std::fs::read_to_string(dir.join(file))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    format!(
+                        "{} {}",
+                        v["event"].as_str().unwrap(),
+                        v["incident"]["id"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        };
+        // inc-2's start came within the hour of inc-1's: dropped, and so is
+        // its end; inc-1's end follows its start.
+        assert_eq!(got("both"), ["start inc-1", "end inc-1"]);
+        // Ends only: the ends are the pages; inc-1's is within the hour.
+        assert_eq!(got("ends"), ["end inc-2"]);
+        assert_eq!(counters.sent.get(), 3);
+        assert_eq!(counters.dropped.get(), 3);
+        assert_eq!(counters.failed.get(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_end_tap_keeps_closed_incidents_only() {
         struct Null(u32);
         impl Sink for Null {
