@@ -190,8 +190,16 @@ fn counter(d: &Daemon, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Tests that storm run one at a time (each daemon sees the other's storm).
+static STORMS: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    STORMS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn storm_start_and_end_reach_a_retried_webhook_and_a_command_while_a_hung_one_blocks_nothing() {
+    let _alone = alone();
     let dir = tmp("e2e");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -385,6 +393,65 @@ fn storm_start_and_end_reach_a_retried_webhook_and_a_command_while_a_hung_one_bl
         "something ran the argument through a shell"
     );
     assert!(!std::path::Path::new("/p").exists());
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_daemon_stopped_mid_storm_sends_the_end_before_it_exits() {
+    let _alone = alone();
+    let dir = tmp("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("events");
+    let script = dir.join("receive");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncat >> \"{out}\"\necho >> \"{out}\"\n",
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = format!("[[notify]]\ncommand = [\"{}\"]\n", script.display());
+    let Some(mut d) = Daemon::start("notify-stop", &dir.join("daemon"), &config) else {
+        return;
+    };
+    let port = closed_port(false).to_string();
+    let storm = ChildGuard::spawn(
+        Command::new(CLIENT)
+            .args(["storm", "--addr", &port, "--secs", "60"])
+            .stdout(Stdio::null()),
+    );
+    let pid = storm.pid();
+    let events = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let (_, took) = wait_for("the start", Duration::from_secs(30), || {
+        events()
+            .into_iter()
+            .find(|e| is_ours(e, "start", pid, &port))
+    });
+    println!("start delivered {took:?} after the storm started");
+    let stopping = Instant::now();
+    d.stop();
+    println!("daemon stopped in {:?}", stopping.elapsed());
+    assert!(stopping.elapsed() < scaled(Duration::from_secs(15)));
+    let end = events()
+        .into_iter()
+        .find(|e| is_ours(e, "end", pid, &port))
+        .unwrap_or_else(|| panic!("no end before exit: {:?}", events()));
+    assert_eq!(end["incident"]["end_reason"], "daemon stopped", "{end}");
+    assert_eq!(end["incident"]["active"], false, "{end}");
+    drop(storm);
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
