@@ -29,6 +29,10 @@ pub struct Config {
     pub enforce: crate::enforce::config::EnforceConfig,
     /// Naming the service (unit, container, pod) of a process.
     pub services: ServicesConfig,
+    /// Commands and webhooks told when a storm starts and ends (see
+    /// `notify`); none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<crate::notify::NotifyConfig>,
 }
 
 /// Where container runtimes' metadata is read (see `ingest::service`).
@@ -174,6 +178,12 @@ pub enum ConfigError {
         value: String,
         range: String,
     },
+    /// A `[[notify]]` table is wrong (the message names which and the field).
+    #[error("invalid config {path}: {problem}")]
+    Notify {
+        path: PathBuf,
+        problem: crate::notify::NotifyConfigError,
+    },
     /// `[store] path` cannot be a database file.
     #[error("invalid config {path}: [store] path = {}: {why}", .store.display())]
     StorePath {
@@ -272,6 +282,10 @@ impl Config {
         })?;
         let config = Self::parse(&text, path)?;
         config.check_store_path(path)?;
+        crate::notify::check_commands(&config.notify).map_err(|problem| ConfigError::Notify {
+            path: path.into(),
+            problem,
+        })?;
         Ok(config)
     }
 
@@ -360,6 +374,10 @@ impl Config {
                 "must be auto, always or never",
             ));
         }
+        crate::notify::resolve_all(&config.notify).map_err(|problem| ConfigError::Notify {
+            path: path.into(),
+            problem,
+        })?;
         Ok(config)
     }
 
@@ -731,6 +749,70 @@ mod tests {
         assert!(!dir.join("new").exists());
         check(&dir.join("db")).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn notify_tables_are_checked_and_shown() {
+        let text = "[[notify]]\ncommand = [\"/bin/true\", \"$(x); y\"]\n\
+                    [[notify]]\nwebhook = \"http://127.0.0.1:9/h\"\non = [\"start\"]\n";
+        let c = Config::parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(c.notify.len(), 2);
+        let shown = c.to_toml();
+        assert!(shown.contains("[[notify]]"), "{shown}");
+        assert_eq!(Config::parse(&shown, Path::new("c.toml")).unwrap(), c);
+        assert!(!Config::default().to_toml().contains("notify"));
+        let e = Config::parse(
+            "[[notify]]\nwebhook = \"https://x/\"\n",
+            Path::new("/etc/sg.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("invalid config /etc/sg.toml: [[notify]] #1: webhook: \"https://x/\": https is not supported"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[[notify]]\ncommand = [\"/bin/true\"]\nshell = true\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("invalid config c.toml: line 3:") && e.contains("shell"),
+            "{e}"
+        );
+        // Files are checked at load (and by `config check`), not by parse.
+        let dir = std::env::temp_dir().join(format!("sg-cfg-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[store]\npath = \"{}\"\n[[notify]]\ncommand = [\"/nonexistent/page-me\"]\n",
+                dir.join("db").display()
+            ),
+        )
+        .unwrap();
+        let e = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(
+            e.contains("[[notify]] #1: command: \"/nonexistent/page-me\": No such file"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_notify_example_parses_once_uncommented() {
+        let text = include_str!("../../packaging/config.toml");
+        let from = text.find("# [[notify]]").expect("the [[notify]] example");
+        let example: String = text[from..]
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let c = Config::parse(&example, Path::new("packaging/config.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{example}"));
+        assert_eq!(c.notify.len(), 2);
+        assert_eq!(c.notify[1].min_interval, "30s");
     }
 
     mod malformed {

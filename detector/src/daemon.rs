@@ -68,6 +68,9 @@ struct Daemon {
     kernel_tables: Vec<TableView>,
     /// Samples what storms burn (CPU, RSS) for their incidents.
     cost: crate::cost::CostMeter,
+    /// `[[notify]]`: storm starts and ends handed to the notify thread
+    /// (None without notifiers).
+    notify: Option<crate::notify::Handle>,
 }
 
 /// At most `per_second` verdict-change log lines per second; the rest are
@@ -253,6 +256,13 @@ async fn serve(
         stopped,
     )?;
     let store = StoreWriter::start(store, QUEUE_MAX)?;
+    let notifier = crate::notify::start(&config.notify, metrics.notify_counters())?;
+    if notifier.is_some() {
+        tracing::info!(
+            notifiers = config.notify.len(),
+            "notifying storm starts and ends"
+        );
+    }
 
     let state = Rc::new(RefCell::new(Daemon {
         store,
@@ -274,6 +284,7 @@ async fn serve(
         config: config.clone(),
         features,
         enforcer: enforcer.clone(),
+        notify: notifier,
     }));
     let on_ready = {
         let state = state.clone();
@@ -328,12 +339,24 @@ async fn serve(
     let Daemon {
         mut tracker,
         mut store,
+        mut notify,
         ..
     } = Rc::try_unwrap(state)
         .map_err(|_| anyhow::anyhow!("daemon state still shared at exit"))?
         .into_inner();
-    if let Err(e) = tracker.close_all(&mut store, now_ms(), "daemon stopped") {
+    let mut tap = crate::notify::EndTap::new(&mut store, notify.is_some());
+    if let Err(e) = tracker.close_all(&mut tap, now_ms(), "daemon stopped") {
         tracing::warn!(error = %e, "closing open incidents at exit");
+    }
+    let ended = std::mem::take(&mut tap.ended);
+    if let Some(mut n) = notify.take() {
+        for inc in &ended {
+            n.send(crate::notify::EventKind::End, inc);
+        }
+        // Bounded: a hanging receiver must not hold the stop past systemd's.
+        if !n.finish(std::time::Duration::from_secs(5)) {
+            tracing::warn!("notify: not every notification was delivered before exit");
+        }
     }
     if !store.close(std::time::Duration::from_secs(10)) {
         tracing::warn!("incident store: not all writes finished before exit");
@@ -423,23 +446,36 @@ impl Daemon {
 
     fn on_changes(&mut self, pipe: &mut Pipeline, changes: &[VerdictChange]) {
         // Called on every tick, even without changes: storms waiting for a
-        // roll-up's verdict are placed then (see `incident`).
+        // roll-up's verdict are placed then (see `incident`). Incidents
+        // closed on the way are caught at the store for `[[notify]]`.
+        let mut tap = crate::notify::EndTap::new(&mut self.store, self.notify.is_some());
         let opened = self.tracker.on_changes(
             changes,
             &mut incident::Context {
                 engine: &pipe.engine,
                 procs: &mut pipe.procs,
                 groups: pipe.engine.groups(),
-                store: &mut self.store,
+                store: &mut tap,
                 now_ms: now_ms(),
             },
         );
+        let ended = std::mem::take(&mut tap.ended);
         let opened = opened.unwrap_or_else(|e| {
             pipe.health.error(kind::STORE, "recording incidents", &e);
             Vec::new()
         });
-        for inc in opened {
+        for inc in &opened {
             tracing::warn!(id = %inc.id, comm = %inc.comm, destination = %inc.destination, processes = inc.processes(), "incident opened: {}", inc.explanation);
+        }
+        // Starts before ends: an incident opened and merged in one tick
+        // still reaches a receiver in order.
+        if let Some(n) = &mut self.notify {
+            for inc in &opened {
+                n.send(crate::notify::EventKind::Start, inc);
+            }
+            for inc in &ended {
+                n.send(crate::notify::EventKind::End, inc);
+            }
         }
         self.enforce(pipe, changes);
         for c in changes {

@@ -29,6 +29,7 @@ pub mod incident;
 pub mod ingest;
 pub mod kernel;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod record;
 pub mod service;

@@ -132,6 +132,7 @@ pub struct Metrics {
     enforce_budgets: Gauge<u64, AtomicU64>,
     enforce_attached: Gauge<u64, AtomicU64>,
     services: Arc<ServiceSeries>,
+    notify: crate::notify::Counters,
 }
 
 impl Metrics {
@@ -269,6 +270,22 @@ impl Metrics {
 
         let services = Arc::new(ServiceSeries::default());
         registry.register_collector(Box::new(Arc::clone(&services)));
+        let notify = crate::notify::Counters::default();
+        registry.register(
+            "notify_sent",
+            "Storm start/end notifications delivered ([[notify]])",
+            notify.sent.clone(),
+        );
+        registry.register(
+            "notify_failed",
+            "Notifications given up on after every attempt failed",
+            notify.failed.clone(),
+        );
+        registry.register(
+            "notify_dropped",
+            "Notifications never attempted: a queue was full, or min_interval",
+            notify.dropped.clone(),
+        );
 
         Metrics {
             registry,
@@ -295,6 +312,7 @@ impl Metrics {
             enforce_budgets,
             enforce_attached,
             services,
+            notify,
         }
     }
 
@@ -360,6 +378,11 @@ impl Metrics {
             .rows
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = rows;
+    }
+
+    /// The notify counters, for `notify::start` (clones share the values).
+    pub fn notify_counters(&self) -> crate::notify::Counters {
+        self.notify.clone()
     }
 
     /// Sets the enforcement series from the enforcer's summary.
