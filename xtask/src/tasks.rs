@@ -175,6 +175,9 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
     s.stage("clippy-ebpf", || clippy_ebpf(env))?;
     s.stage("test", || unit_and_integration(env))?;
     s.stage("install", || install_into_temporary_root(env))?;
+    // The .deb: contents, lintian, install/reinstall/remove/purge in a
+    // throwaway Debian root.
+    s.stage("package", || crate::package::run(env, true))?;
     // The kernel-facing tests again on Debian's 6.1 and 6.12 under qemu.
     s.stage("vmtest", || {
         crate::vmtest::run_all(env, &crate::vmtest::Args::default())
