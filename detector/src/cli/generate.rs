@@ -45,22 +45,34 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     super::write_stdout(&text)
 }
 
-/// Writes the man pages into `dir` (created if missing) and returns the
-/// `.1` files now in it, sorted (clap_mangen does not say what it wrote;
-/// `cargo xtask package` starts from an empty DIR). Hidden subcommands
-/// (this one) get no page.
+/// Writes the man pages into `dir` (created if missing) and returns their
+/// paths. Hidden subcommands (this one) get no page, as with
+/// `clap_mangen::generate_to`, whose walk this is; each page's footer names
+/// stormguard and its version (clap_mangen's would name the subcommand,
+/// without version).
 pub fn man(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    fn pages(
+        cmd: clap::Command,
+        dir: &Path,
+        source: &str,
+        out: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            pages(sub, dir, source, out)?;
+        }
+        out.push(clap_mangen::Man::new(cmd).source(source).generate_to(dir)?);
+        Ok(())
+    }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    clap_mangen::generate_to(Cli::command(), dir)
+    // Built once from the root: names become "stormguard-config-check".
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let source = format!("stormguard {}", env!("CARGO_PKG_VERSION"));
+    let mut written = Vec::new();
+    pages(cmd, dir, &source, &mut written)
         .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
-    let mut pages = fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("cannot read {}", dir.display()))?;
-    pages.retain(|p| p.extension().is_some_and(|e| e == "1"));
-    pages.sort();
-    Ok(pages)
+    written.sort();
+    Ok(written)
 }
 
 /// Writes the bash, zsh and fish completions into `dir` (created if
@@ -137,6 +149,8 @@ mod tests {
         assert_eq!(names, expected);
         assert!(names.contains(&"stormguard-config-check.1".to_string()));
         assert!(!names.iter().any(|n| n.contains("generate")));
+        let page = fs::read_to_string(dir.join("stormguard-config-check.1")).unwrap();
+        assert!(page.contains(&format!("stormguard {}", env!("CARGO_PKG_VERSION"))));
         let _ = fs::remove_dir_all(&dir);
     }
 
