@@ -70,19 +70,27 @@ pub fn run(env: &Env, check: bool) -> anyhow::Result<()> {
                  (`cargo xtask package` alone builds the .deb without root)"
             );
         }
-        ensure_packages(&[
-            ("lintian", "lintian"),
-            ("mmdebstrap", "mmdebstrap"),
-            ("dpkg-deb", "dpkg"),
-        ])?;
+        ensure_tools()?;
+    } else {
+        ensure_cargo_deb()?;
     }
-    ensure_cargo_deb()?;
     let deb = build(env)?;
     if check {
         self::check(&deb)?;
     }
     println!("xtask: package {}", deb.display());
     Ok(())
+}
+
+/// What `--check` needs (the `tools` stage of `cargo xtask test` installs
+/// them too): the Debian tools with apt-get, cargo-deb with cargo install.
+pub fn ensure_tools() -> anyhow::Result<()> {
+    ensure_packages(&[
+        ("lintian", "lintian"),
+        ("mmdebstrap", "mmdebstrap"),
+        ("dpkg-deb", "dpkg"),
+    ])?;
+    ensure_cargo_deb()
 }
 
 /// Installs cargo-deb (pinned) when `cargo deb` is not there.

@@ -161,6 +161,7 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
     s.stage("tools", || {
         ensure_packages(&TEST_TOOLS)?;
         ensure_prometheus_parser()?;
+        crate::package::ensure_tools()?;
         crate::corpus_tools::ensure_corpus_tools()
     })?;
     s.stage("fmt", || {
