@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask <setup|build|test|deploy-check|run|bench|soak|install|vmtest>`. Every
+//! Project tasks: `cargo xtask
+//! <setup|build|test|deploy-check|run|bench|soak|install|package|vmtest>`. Every
 //! task except `setup` itself (and `install --no-build`) runs setup first, so
 //! a fresh machine needs nothing but rustup and the two README commands.
 mod bench;
 mod corpus_tools;
 mod deploy_check;
 mod install;
+mod package;
 mod setup;
 mod soak;
 mod tasks;
@@ -62,6 +64,16 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Build the Debian package (cargo-deb): binary, systemd unit, default
+    /// config as a conffile, man pages, completions, maintainer scripts
+    /// (group stormguard; purge removes config, database and group).
+    Package {
+        /// Also check it (as root): file list, control fields, lintian, and
+        /// install, reinstall, remove and purge in a throwaway Debian root
+        /// (mmdebstrap, cached under target/).
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the release daemon under a steady mixed load for N minutes and
     /// check that memory and every table stay flat (not in CI).
     Soak(soak::SoakArgs),
@@ -81,6 +93,7 @@ fn main() {
         Cmd::Bench(args) => setup::run().and_then(|_| bench::run(args)),
         Cmd::Install { root, no_build } if no_build => install::run(None, &root),
         Cmd::Install { root, .. } => setup::run().and_then(|env| install::run(Some(&env), &root)),
+        Cmd::Package { check } => setup::run().and_then(|env| package::run(&env, check)),
         Cmd::Soak(args) => setup::run().and_then(|_| soak::run(args)),
         Cmd::Vmtest(args) => setup::run().and_then(|env| vmtest::run(&env, args)),
     };

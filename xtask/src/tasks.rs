@@ -161,6 +161,7 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
     s.stage("tools", || {
         ensure_packages(&TEST_TOOLS)?;
         ensure_prometheus_parser()?;
+        crate::package::ensure_tools()?;
         crate::corpus_tools::ensure_corpus_tools()
     })?;
     s.stage("fmt", || {
@@ -178,6 +179,9 @@ pub fn test(env: &Env) -> anyhow::Result<()> {
     // tests/tests/deploy_assets.rs, already ran in the test stage.
     s.stage("deploy", || crate::deploy_check::run(env, false))?;
     s.stage("install", || install_into_temporary_root(env))?;
+    // The .deb: contents, lintian, install/reinstall/remove/purge in a
+    // throwaway Debian root.
+    s.stage("package", || crate::package::run(env, true))?;
     // The kernel-facing tests again on Debian's 6.1 and 6.12 under qemu.
     s.stage("vmtest", || {
         crate::vmtest::run_all(env, &crate::vmtest::Args::default())

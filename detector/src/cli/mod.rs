@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod events;
 pub mod explain;
+pub mod generate;
 pub mod incidents;
 pub mod record;
 pub mod replay;
@@ -72,6 +73,9 @@ pub enum Command {
     /// exact counts. Exit 0 when everything required works, 2 for the
     /// environment, 1 for a failed self-test.
     Doctor(doctor::DoctorArgs),
+    /// Write man pages or shell completions (packaging; hidden from help).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// Options every engine-running command shares.
@@ -110,6 +114,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Throttles(args) => throttle::run_throttles(args),
         Command::Config(args) => config::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }
 
