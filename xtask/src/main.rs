@@ -2,7 +2,10 @@
 //! task except `setup` itself (and `install --no-build`) runs setup first, so
 //! a fresh machine needs nothing but rustup and the two README commands.
 mod bench;
+mod bench_daemon;
+mod bench_doc;
 mod corpus_tools;
+mod daemon;
 mod install;
 mod setup;
 mod soak;
