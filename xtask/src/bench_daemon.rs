@@ -359,7 +359,7 @@ pub fn scale(bins: &Bins, sizes: &Sizes) -> anyhow::Result<Part> {
         p.body,
         "### By connect rate\n\n{LOAD_CLIENTS} client processes share each rate, each over {LOAD_DESTS} closed loopback destinations (refused connects, absolute-deadline pacing); one daemon (default config) for all points, rates rotated over {} rounds; \
 CPU = the daemon's run time (all threads, /proc/PID/task/*/schedstat) over a {:.0} s window after 1 s of warm-up, as % of one core. \
-*daemon ÷ client* = the daemon's CPU per connect over the clients' own CPU per connect (their syscalls and the kernel programs run in them). Rates the 2-core machine could not reach are shown as achieved.\n",
+*daemon ÷ client* = the daemon's CPU per connect over the clients' own CPU per connect (their syscalls and the kernel programs run in them; at low rates their pacing sleeps and wake-ups weigh in too). The daemon sees every process on the host: other tenants' storms show here as well (the on-demand column says whether its probes were attached at the end of the window). Rates the 2-core machine could not reach are shown as achieved.\n",
         sizes.scale_rounds, sizes.window_s
     );
     let _ = writeln!(

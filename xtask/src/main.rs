@@ -36,8 +36,11 @@ enum Cmd {
     /// Everything CI checks: fmt, clippy, unit and integration tests (as
     /// root, eBPF required to load).
     Test,
-    /// Measure what the probes cost, interleaved, against no probes,
-    /// bpftrace and a minimal hand-written floor (as root; ~3 minutes).
+    /// Measure what stormguard costs (probes against no probes, bpftrace
+    /// and a minimal hand-written floor; enforcement; stacks; detection
+    /// latency; daemon CPU and memory; a 1 M burst), interleaved, into
+    /// BENCHMARKS.md; `--check` gates on its ratios (as root; ~10 minutes,
+    /// ~2 with --quick).
     Bench(bench::BenchArgs),
     /// Build and run stormguard with the privileges it needs, e.g.
     /// `cargo xtask run -- watch`.
