@@ -78,9 +78,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub check: bool,
     /// Where to write the markdown (default BENCHMARKS.md at the workspace
-    /// root for a run of every section, target/bench/BENCHMARKS.partial.md
-    /// when some are left out, so that a partial run never replaces the
-    /// full file).
+    /// root for a run of every section, workload and configuration;
+    /// target/bench/BENCHMARKS.partial.md when some are left out, so that
+    /// a partial run never replaces the full file).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Only these workloads (comma-separated; default all).
@@ -613,7 +613,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let md = bench_doc::render(&root, &header, &parts);
     let committed = root.join("BENCHMARKS.md");
-    let out = match (&args.out, args.check, sections.complete()) {
+    // Only a run of everything may replace the committed file.
+    let complete = sections.complete() && args.workloads.is_empty() && args.configs.is_empty();
+    let out = match (&args.out, args.check, complete) {
         (Some(p), _, _) => p.clone(),
         (None, true, _) => target.join("bench/BENCHMARKS.new.md"),
         (None, false, true) => committed.clone(),
