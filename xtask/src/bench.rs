@@ -594,7 +594,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         parts.push(bench_daemon::scale(&bins, &sizes)?);
         settings.push(format!(
-            "{} load rounds of {} s windows",
+            "daemon load: {} round(s), {} s windows",
             sizes.scale_rounds, sizes.window_s
         ));
     }
@@ -1759,7 +1759,15 @@ stormguard overhead ÷ floor overhead (? = the floor's overhead is within noise,
     {
         let _ = writeln!(
             o,
-            "note: bpftrace cannot attach cgroup sock_addr programs (connect4/6, sendmsg4/6), so bt/bt+od lack those 4 hooks that sg and floor have."
+            "note: bpftrace cannot attach cgroup programs, so bt/bt+od lack the {} that sg and floor have ({}).",
+            plan.hooks.always_on.iter().filter(|h| is_cgroup(h)).count(),
+            plan.hooks
+                .always_on
+                .iter()
+                .filter(|h| is_cgroup(h))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if plan.cpu != 0 {
             let _ = writeln!(
