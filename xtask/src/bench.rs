@@ -637,6 +637,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 committed.display()
             )
         })?;
+        // A quick run against a full file (or the reverse) compares
+        // figures taken with different op counts and rounds: allowed, but
+        // said.
+        if old.contains("**QUICK RUN**") != args.quick {
+            eprintln!(
+                "bench --check: WARNING: the committed file is from a {} run and this one is {}; ratios may differ for that reason alone",
+                if args.quick { "full" } else { "quick" },
+                if args.quick { "quick" } else { "full" }
+            );
+        }
         let old =
             bench_doc::parse_ratios(&old).with_context(|| format!("in {}", committed.display()))?;
         let new: bench_doc::Ratios = parts
@@ -2106,6 +2116,15 @@ tracepoint:syscalls:sys_exit_connect"
         assert!(!only.runs("matrix") && !only.runs("stacks") && !only.complete());
         let skip = parse(&["--stacks", "skip"]);
         assert!(skip.runs("matrix") && !skip.runs("stacks") && !skip.complete());
+    }
+
+    #[test]
+    fn a_sections_ratios_line_is_taken_out_of_its_table() {
+        let out = "table\nsgbench-ratios {\"enforce.w.tokens÷none\":1.25}\nlast\n";
+        let (text, ratios) = split_ratios(out).expect("parses");
+        assert_eq!(text, "table\nlast\n");
+        assert_eq!(ratios["enforce.w.tokens÷none"], 1.25);
+        assert!(split_ratios("sgbench-ratios {oops").is_err());
     }
 
     #[test]
