@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: what stormguard costs the workloads it watches.
 //!
-//! Six loopback workloads (`sgbench run …`) are timed under seven
+//! Six loopback workloads (`sgbench run …`) are timed under eight
 //! configurations: no probes, stormguard always-on, stormguard with its
-//! on-demand probes attached, the equivalent bpftrace one-liners, and the
+//! on-demand probes attached, stormguard as deployed (on-demand probes
+//! attached only while a flow is suspect, and for how long is reported
+//! per cell), the equivalent bpftrace one-liners, and the
 //! floor (hand-written programs that only bump a per-CPU counter on the
 //! same hooks) with and without the on-demand hooks. The machine this runs
 //! on has two noisy cores, so configurations are interleaved: every round
@@ -22,10 +24,16 @@
 //! process pinned to the same CPU) times what the enforcement programs add
 //! to a refused connect and to UDP sends, with no programs, a budget for
 //! another pid only, a budget for this pid with tokens and one exhausted,
-//! the four states interleaved over rounds; `--enforce` alone runs only it.
+//! the four states interleaved over rounds; then the call-stacks section,
+//! and the daemon sections of [`crate::bench_daemon`] (detection latency,
+//! CPU and memory per connect rate and per tracked flow, a 1 M burst).
+//! Each section is `--NAME [run|only|skip]`.
 //!
-//! Prints the tables and whether the targets are met; asserts nothing
-//! (timing is too noisy to gate on).
+//! Everything lands in BENCHMARKS.md ([`crate::bench_doc`]): header,
+//! targets met or not, a section per table, and the dimensionless ratios
+//! that `--check` compares with the committed file — the one gate, on
+//! ratios only, because absolute times on these machines are too noisy to
+//! gate on (and `--check` is not run in CI for the same reason).
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read},
@@ -38,20 +46,43 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::{
+    bench_daemon::{self, Bins, Sizes},
+    bench_doc::{self, Header, Part, median, min_max},
+};
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Rounds. Each round runs every configuration × workload once.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
-    pub rounds: u32,
-    /// Multiplies each workload's op count (defaults aim at ~0.3 s per
-    /// cell without probes); e.g. 0.1 for a quick smoke run.
-    #[arg(long, default_value_t = 1.0)]
-    pub ops_scale: f64,
+    /// Rounds (default 5, 2 with --quick). Each round runs every
+    /// configuration × workload once; the other sections scale with it.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub rounds: Option<u32>,
+    /// Multiplies each workload's op count (default 1, 0.1 with --quick;
+    /// 1 aims at ~0.3 s per cell without probes).
+    #[arg(long)]
+    pub ops_scale: Option<f64>,
     /// Wall-clock limit per cell in seconds (the op count is the other
     /// limit; whichever comes first ends the cell).
     #[arg(long, default_value_t = 1.0)]
     pub max_secs: f64,
+    /// A smoke run in a few minutes: 2 rounds, op counts × 0.1, 3
+    /// detection-latency runs per rate, 2 s load windows, marked QUICK in
+    /// the file. Its figures are for seeing that everything runs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run, then compare every ratio with the committed BENCHMARKS.md and
+    /// fail on any that grew by more than 25% (ratios only, never absolute
+    /// times). Writes the new file to target/bench/BENCHMARKS.new.md and
+    /// leaves the committed one alone. Not in CI: too noisy there.
+    #[arg(long)]
+    pub check: bool,
+    /// Where to write the markdown (default BENCHMARKS.md at the workspace
+    /// root for a run of every section, workload and configuration;
+    /// target/bench/BENCHMARKS.partial.md when some are left out, so that
+    /// a partial run never replaces the full file).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Only these workloads (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
@@ -68,41 +99,90 @@ pub struct BenchArgs {
     /// Use the release binaries already built instead of building them.
     #[arg(long)]
     pub no_build: bool,
-    /// Also write every sample (ns/op per round and cell) as JSON here.
+    /// Also write every sample of the matrix (ns/op per round and cell)
+    /// as JSON here.
     #[arg(long)]
     pub raw: Option<PathBuf>,
+    #[command(flatten)]
+    pub sections: Sections,
+}
+
+/// Declares [`Sections`]: one `--NAME [run|only|skip]` option per section,
+/// all with the same clap attributes (written once here), and the list of
+/// them in the order they run.
+macro_rules! sections {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Which sections run. Each option takes `run` (the default),
+        /// `only` (also given by the option alone, e.g. `--enforce`: only
+        /// the sections named so run) or `skip`.
+        #[derive(Debug, clap::Args)]
+        pub struct Sections {
+            $(
+                $(#[doc = $doc])*
+                #[arg(
+                    long,
+                    value_enum,
+                    default_value_t = Section::Run,
+                    num_args = 0..=1,
+                    default_missing_value = "only"
+                )]
+                pub $name: Section,
+            )*
+        }
+
+        impl Sections {
+            /// (name, choice) of every section, in running order.
+            fn all(&self) -> Vec<(&'static str, Section)> {
+                vec![$((stringify!($name), self.$name)),*]
+            }
+        }
+    };
+}
+
+sections! {
+    /// The overhead matrix: every workload under every configuration,
+    /// then the detection engine's throughput (~3 minutes at 5 rounds).
+    matrix,
     /// The enforcement section: ns each enforcement decision adds to a
     /// refused connect, a connected UDP send and an unconnected sendto
     /// (budget for another pid only, budget with tokens, budget exhausted,
-    /// against no programs; target ≤ 300 ns), in 4 × --rounds short
-    /// rounds. `run` (the default) runs it after the matrix (~15 s at 5
-    /// rounds); `only`, or `--enforce` with no value, runs just this
-    /// section (--rounds, --ops-scale, --max-secs and --cpu apply); `skip`
-    /// leaves it out.
-    #[arg(
-        long,
-        value_enum,
-        default_value_t = Section::Run,
-        num_args = 0..=1,
-        default_missing_value = "only"
-    )]
-    pub enforce: Section,
+    /// against no programs; target ≤ 300 ns), in 4 × rounds short rounds
+    /// (~15 s at 5 rounds).
+    enforce,
     /// The call-stacks section: ns that taking stacks adds to a suspect's
     /// refused connect and connected UDP send (stacks off and on,
     /// interleaved), and symbolization time for a first-seen and a cached
-    /// binary. `run`, `only` (or `--stacks` alone) and `skip` as for
-    /// `--enforce`.
-    #[arg(
-        long,
-        value_enum,
-        default_value_t = Section::Run,
-        num_args = 0..=1,
-        default_missing_value = "only"
-    )]
-    pub stacks: Section,
+    /// binary.
+    stacks,
+    /// Detection latency at 20, 100, 1,000 and 10,000 attempts/s against
+    /// a release daemon: first attempt to storm verdict, p50/p99 over 2 ×
+    /// rounds runs per rate (~1 minute at 5 rounds).
+    latency,
+    /// Daemon CPU and RSS at 0, 1k, 10k and 50k connects/s from several
+    /// client processes, and with 100, 1k, 10k and 50k tracked flows (RSS
+    /// per flow slope) (~2 minutes at 5 rounds).
+    scale,
+    /// A burst of 1 M records: drops counted and API latency p50/p99
+    /// (~15 s).
+    burst,
 }
 
-/// `--enforce`, `--stacks`: whether a section runs, and alone or not.
+impl Sections {
+    /// Whether `name` runs: named `only`, or `run` while none is `only`.
+    fn runs(&self, name: &str) -> bool {
+        let all = self.all();
+        let any_only = all.iter().any(|(_, s)| *s == Section::Only);
+        all.iter()
+            .any(|(n, s)| *n == name && (*s == Section::Only || (*s == Section::Run && !any_only)))
+    }
+
+    /// Whether every section runs (the file may then replace BENCHMARKS.md).
+    fn complete(&self) -> bool {
+        self.all().iter().all(|(n, _)| self.runs(n))
+    }
+}
+
+/// Whether a section runs, and alone or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
     Run,
@@ -152,16 +232,18 @@ enum Config {
     Baseline,
     Sg,
     SgOd,
+    SgAuto,
     Bt,
     BtOd,
     Floor,
     FloorOd,
 }
 
-const CONFIGS: [Config; 7] = [
+const CONFIGS: [Config; 8] = [
     Config::Baseline,
     Config::Sg,
     Config::SgOd,
+    Config::SgAuto,
     Config::Bt,
     Config::BtOd,
     Config::Floor,
@@ -174,6 +256,7 @@ impl Config {
             Config::Baseline => "baseline",
             Config::Sg => "sg",
             Config::SgOd => "sg+od",
+            Config::SgAuto => "sg-auto",
             Config::Bt => "bt",
             Config::BtOd => "bt+od",
             Config::Floor => "floor",
@@ -195,6 +278,7 @@ impl Config {
                 "stormguard watch --json --on-demand always (+ {})",
                 hooks.on_demand.join(", ")
             ),
+            Config::SgAuto => "stormguard watch --json --on-demand auto (as deployed: the on-demand hooks attach while a flow is suspect; the \"od attached\" column says how long they were)".into(),
             Config::Bt => format!(
                 "bpftrace, @[pid] = count() on the same {} tracepoints (bpftrace cannot attach cgroup sock_addr hooks: not the {} others)",
                 tps(&hooks.always_on),
@@ -219,6 +303,19 @@ impl Config {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+        }
+    }
+
+    fn is_stormguard(self) -> bool {
+        matches!(self, Config::Sg | Config::SgOd | Config::SgAuto)
+    }
+
+    /// The bpftrace configuration on the same tracepoints as `self`.
+    fn bpftrace(self) -> Option<Config> {
+        match self {
+            Config::Sg => Some(Config::Bt),
+            Config::SgOd => Some(Config::BtOd),
+            _ => None,
         }
     }
 
@@ -301,10 +398,14 @@ impl Hooks {
     }
 }
 
-/// Splits "a, b, c" into hook names.
+/// Splits "a, b, c" into hook names. stormguard names tracepoints
+/// "tracepoint sock:inet_sock_set_state" (since the per-kernel coverage
+/// work), the floor "sock:inet_sock_set_state": the prefix is dropped so
+/// both compare, and bpftrace gets a probe name it can parse.
 fn hook_list(s: &str) -> Vec<String> {
     s.split(", ")
         .map(str::trim)
+        .map(|h| h.strip_prefix("tracepoint ").unwrap_or(h))
         .filter(|h| !h.is_empty())
         .map(str::to_string)
         .collect()
@@ -360,7 +461,9 @@ struct Paths {
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if !(args.ops_scale > 0.0 && args.ops_scale.is_finite()) {
+    let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 5 });
+    let ops_scale = args.ops_scale.unwrap_or(if args.quick { 0.1 } else { 1.0 });
+    if !(ops_scale > 0.0 && ops_scale.is_finite()) {
         bail!("--ops-scale must be a positive number");
     }
     if !(args.max_secs > 0.0 && args.max_secs.is_finite()) {
@@ -379,22 +482,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let workloads = select_workloads(&args.workloads)?;
     let configs = select_configs(&args.configs)?;
-    let matrix = args.enforce != Section::Only && args.stacks != Section::Only;
+    let sections = &args.sections;
     let root = workspace_root()?;
     if !args.no_build {
         build(&root)?;
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("release");
-    let needs_bt = matrix
+        .unwrap_or_else(|| root.join("target"));
+    let release = target.join("release");
+    let needs_bt = sections.runs("matrix")
         && configs
             .iter()
             .any(|c| matches!(c, Config::Bt | Config::BtOd));
     let paths = Paths {
-        stormguard: existing(target.join("stormguard"))?,
-        sgbench: existing(target.join("sgbench"))?,
+        stormguard: existing(release.join("stormguard"))?,
+        sgbench: existing(release.join("sgbench"))?,
         bpftrace: if needs_bt {
             ensure_bpftrace()?
         } else {
@@ -403,61 +506,173 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let env_before = environment();
     eprintln!("bench: before: {env_before}");
-    if !matrix {
-        if args.enforce == Section::Only {
-            print!("{}", ENFORCE_SECTION.run(&paths.sgbench, &args, cpu)?);
+    let started = Instant::now();
+    let mut parts = Vec::new();
+    let mut settings = vec![format!(
+        "{rounds} rounds, ops scale {ops_scale}, ≤ {} s per cell, workload pinned to CPU {cpu}",
+        args.max_secs
+    )];
+    if sections.runs("matrix") {
+        let mut plan = Plan {
+            rounds,
+            ops_scale,
+            max_secs: args.max_secs,
+            cpu,
+            workloads,
+            configs,
+            hooks: Hooks::default(),
+        };
+        plan.hooks = discover(&plan, &paths)?;
+        eprintln!(
+            "bench: {} rounds × {} configurations × {} workloads, about {} s",
+            plan.rounds,
+            plan.configs.len(),
+            plan.workloads.len(),
+            plan.estimate_secs()
+        );
+        let t = Instant::now();
+        let m = measure(&plan, &paths)?;
+        let elapsed = t.elapsed();
+        let mut env = format!("before: {env_before}; after: {}", environment());
+        if !m.disturbed.is_empty() {
+            env.push_str(&format!(
+                "\nWARNING: others had BPF programs attached during {} of {} config rounds: {}",
+                m.disturbed.len(),
+                plan.rounds as usize * plan.configs.len(),
+                m.disturbed.join(", ")
+            ));
         }
-        if args.stacks == Section::Only {
-            print!("{}", STACKS_SECTION.run(&paths.sgbench, &args, cpu)?);
+        if let Some(path) = &args.raw {
+            write_raw(path, &plan, &m.samples, &m.tool_cpu)?;
         }
-        println!("machine: before: {env_before}; after: {}", environment());
-        return Ok(());
+        let text = report(&plan, &m, elapsed, &env);
+        eprint!("{text}");
+        parts.push(matrix_part(&plan, &m, &text));
+        let engine = engine_report(&existing(release.join("enginebench"))?, cpu)?;
+        eprint!("{engine}");
+        let mut p = Part::new("Detection engine");
+        p.body = format!("```text{engine}```\n");
+        parts.push(p);
     }
-
-    let mut plan = Plan {
-        rounds: args.rounds,
-        ops_scale: args.ops_scale,
+    let section_args = SectionArgs {
+        rounds,
+        ops_scale,
         max_secs: args.max_secs,
         cpu,
-        workloads,
-        configs,
-        hooks: Hooks::default(),
     };
-    plan.hooks = discover(&plan, &paths)?;
-    eprintln!(
-        "bench: {} rounds × {} configurations × {} workloads, about {} s",
-        plan.rounds,
-        plan.configs.len(),
-        plan.workloads.len(),
-        plan.estimate_secs()
-    );
-    let started = Instant::now();
-    let m = measure(&plan, &paths)?;
-    let elapsed = started.elapsed();
-    let mut env = format!("before: {env_before}; after: {}", environment());
-    if !m.disturbed.is_empty() {
-        env.push_str(&format!(
-            "\nWARNING: others had BPF programs attached during {} of {} config rounds: {}",
-            m.disturbed.len(),
-            plan.rounds as usize * plan.configs.len(),
-            m.disturbed.join(", ")
+    if sections.runs("enforce") {
+        parts.push(ENFORCE_SECTION.run(&paths.sgbench, &section_args)?);
+    }
+    if sections.runs("stacks") {
+        parts.push(STACKS_SECTION.run(&paths.sgbench, &section_args)?);
+    }
+    let bins = Bins {
+        stormguard: paths.stormguard.clone(),
+        sgbench: paths.sgbench.clone(),
+        stormclient: existing(release.join("stormclient"))?,
+    };
+    let sizes = Sizes {
+        latency_runs: if args.quick { 3 } else { (2 * rounds).max(10) },
+        scale_rounds: if args.quick { 1 } else { rounds.min(3) },
+        window_s: if args.quick { 2.0 } else { 5.0 },
+        burst: 1_000_000,
+    };
+    if sections.runs("latency") {
+        eprintln!(
+            "bench: detection latency, {} runs × 4 rates, about {} s",
+            sizes.latency_runs,
+            sizes.latency_runs * 4 * 2
+        );
+        parts.push(bench_daemon::latency(&bins, &sizes)?);
+        settings.push(format!("{} latency runs per rate", sizes.latency_runs));
+    }
+    if sections.runs("scale") {
+        eprintln!(
+            "bench: daemon CPU and memory, {} rounds × (4 rates + 4 flow counts), about {:.0} s",
+            sizes.scale_rounds,
+            f64::from(sizes.scale_rounds) * (4.0 * (sizes.window_s + 2.5) + 4.0 * 10.0)
+        );
+        parts.push(bench_daemon::scale(&bins, &sizes)?);
+        settings.push(format!(
+            "daemon load: {} round(s), {} s windows",
+            sizes.scale_rounds, sizes.window_s
         ));
     }
-    if let Some(path) = &args.raw {
-        write_raw(path, &plan, &m.samples, &m.tool_cpu)?;
+    if sections.runs("burst") {
+        eprintln!("bench: burst of {} records", sizes.burst);
+        parts.push(bench_daemon::burst(&bins, &sizes)?);
     }
-    print!("{}", report(&plan, &m.samples, &m.tool_cpu, elapsed, &env));
-    print!(
-        "{}",
-        engine_report(&existing(target.join("enginebench"))?, cpu)?
-    );
-    if args.enforce == Section::Run {
-        print!("{}", ENFORCE_SECTION.run(&paths.sgbench, &args, cpu)?);
+    if parts.is_empty() {
+        bail!("every section was skipped");
     }
-    if args.stacks == Section::Run {
-        print!("{}", STACKS_SECTION.run(&paths.sgbench, &args, cpu)?);
+    let header = Header {
+        quick: args.quick,
+        settings: settings.join(", "),
+        environment: format!("before: {env_before}; after: {}", environment()),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    let md = bench_doc::render(&root, &header, &parts);
+    let committed = root.join("BENCHMARKS.md");
+    // Only a run of everything may replace the committed file.
+    let complete = sections.complete() && args.workloads.is_empty() && args.configs.is_empty();
+    let out = match (&args.out, args.check, complete) {
+        (Some(p), _, _) => p.clone(),
+        (None, true, _) => target.join("bench/BENCHMARKS.new.md"),
+        (None, false, true) => committed.clone(),
+        (None, false, false) => target.join("bench/BENCHMARKS.partial.md"),
+    };
+    if args.check && out == committed {
+        bail!("--check never writes the committed BENCHMARKS.md; give another --out");
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    println!("{md}");
+    eprintln!("bench: wrote {}", out.display());
+    if args.check {
+        let old = std::fs::read_to_string(&committed).with_context(|| {
+            format!(
+                "reading {} (run `cargo xtask bench` on a quiet machine and commit it first)",
+                committed.display()
+            )
+        })?;
+        // A quick run against a full file (or the reverse) compares
+        // figures taken with different op counts and rounds: allowed, but
+        // said.
+        if old.contains("**QUICK RUN**") != args.quick {
+            eprintln!(
+                "bench --check: WARNING: the committed file is from a {} run and this one is {}; ratios may differ for that reason alone",
+                if args.quick { "full" } else { "quick" },
+                if args.quick { "quick" } else { "full" }
+            );
+        }
+        let old =
+            bench_doc::parse_ratios(&old).with_context(|| format!("in {}", committed.display()))?;
+        let new: bench_doc::Ratios = parts
+            .iter()
+            .flat_map(|p| p.ratios.iter().map(|(k, v)| (k.clone(), *v)))
+            .collect();
+        let c = bench_doc::compare(&old, &new);
+        print!("{}", c.report());
+        if c.failed() {
+            bail!(
+                "{} ratios regressed by more than {:.0}% against {}",
+                c.regressions.len(),
+                bench_doc::TOLERANCE * 100.0,
+                committed.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// What the in-process `sgbench` sections are given.
+struct SectionArgs {
+    rounds: u32,
+    ops_scale: f64,
+    max_secs: f64,
+    cpu: usize,
 }
 
 /// `sgbench enforce` rounds per bench round: its rounds are short (every
@@ -472,6 +687,7 @@ const ENFORCE_SECS_PER_ROUND: f64 = 0.6;
 /// The enforcement section: `sgbench enforce` pinned to the workload CPU.
 const ENFORCE_SECTION: SectionRun = SectionRun {
     subcommand: "enforce",
+    title: "Enforcement",
     what: "enforcement section, {rounds} rounds × 3 workloads × 4 states",
     rounds_per_round: ENFORCE_ROUNDS_PER_ROUND,
     cells_per_round: 12,
@@ -483,6 +699,7 @@ const ENFORCE_SECTION: SectionRun = SectionRun {
 /// between them (~0.4 s at scale 1).
 const STACKS_SECTION: SectionRun = SectionRun {
     subcommand: "stacks",
+    title: "Call stacks",
     what: "call-stacks section, {rounds} rounds × 2 workloads × 3 states",
     rounds_per_round: 4,
     cells_per_round: 6,
@@ -493,6 +710,8 @@ const STACKS_SECTION: SectionRun = SectionRun {
 /// stderr, its table relayed.
 struct SectionRun {
     subcommand: &'static str,
+    /// Its heading in BENCHMARKS.md.
+    title: &'static str,
     /// Progress line; `{rounds}` is replaced.
     what: &'static str,
     /// Section rounds per bench round.
@@ -502,7 +721,7 @@ struct SectionRun {
 }
 
 impl SectionRun {
-    fn run(&self, sgbench: &Path, args: &BenchArgs, cpu: usize) -> anyhow::Result<String> {
+    fn run(&self, sgbench: &Path, args: &SectionArgs) -> anyhow::Result<Part> {
         let rounds = args.rounds * self.rounds_per_round;
         // Every cell is capped at 1.1 × max_secs (warm-up included); 30 s for
         // loading and attaching.
@@ -518,7 +737,7 @@ impl SectionRun {
         let mut child = Command::new(sgbench)
             .arg(self.subcommand)
             .arg("--cpu")
-            .arg(cpu.to_string())
+            .arg(args.cpu.to_string())
             .arg("--rounds")
             .arg(rounds.to_string())
             .arg("--ops-scale")
@@ -546,8 +765,38 @@ impl SectionRun {
         if !status.success() {
             bail!("sgbench {} failed ({status})", self.subcommand);
         }
-        Ok(out)
+        let mut part = Part::new(self.title);
+        let (text, ratios) = split_ratios(&out)?;
+        eprint!("{text}");
+        part.ratios = ratios;
+        part.body = format!("```text\n{}\n```\n", text.trim());
+        Ok(part)
     }
+}
+
+/// Separates the `sgbench-ratios {json}` line a section prints for the
+/// bench from the table it prints for people.
+fn split_ratios(out: &str) -> anyhow::Result<(String, bench_doc::Ratios)> {
+    let mut text = String::new();
+    let mut ratios = bench_doc::Ratios::new();
+    for line in out.lines() {
+        match line.strip_prefix("sgbench-ratios ") {
+            Some(json) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(json).with_context(|| format!("ratios line {line:?}"))?;
+                for (k, x) in v.as_object().into_iter().flatten() {
+                    if let Some(x) = x.as_f64() {
+                        ratios.insert(k.clone(), x);
+                    }
+                }
+            }
+            None => {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    Ok((text, ratios))
 }
 
 /// Detection-engine throughput (observations per second on one core) and
@@ -798,6 +1047,9 @@ struct Measured {
     samples: Samples,
     /// CPU time the tool itself used per op during each cell.
     tool_cpu: Samples,
+    /// Share of each cell's time stormguard had its on-demand probes
+    /// attached (stormguard configurations only).
+    attached: Samples,
     /// Rounds of configurations measured while someone else had BPF
     /// programs attached, e.g. "round 2 sg (8 links)".
     disturbed: Vec<String>,
@@ -820,11 +1072,24 @@ fn measure(plan: &Plan, paths: &Paths) -> anyhow::Result<Measured> {
             for j in 0..nw {
                 let w = plan.workloads[(j + round) % nw];
                 let cpu_before = tool.as_ref().and_then(Tool::cpu_ns);
+                let t0 = Instant::now();
                 let cell = run_cell(w, plan, paths)
                     .with_context(|| format!("{} under {}", w.name, config.name()))?;
+                let t1 = Instant::now();
                 let cpu_after = tool.as_ref().and_then(Tool::cpu_ns);
                 if let Some(t) = &mut tool {
                     t.check_alive()?;
+                    if config.is_stormguard() {
+                        // The detach of a tick just after the cell would
+                        // land after t1 and is not counted; the attach
+                        // before is.
+                        t.pump();
+                        let on = t.on_demand_between(t0, t1);
+                        m.attached
+                            .entry((config, w.name))
+                            .or_default()
+                            .push(on.as_secs_f64() / (t1 - t0).as_secs_f64());
+                    }
                 }
                 if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
                     let per_op = b.saturating_sub(a) as f64 / cell.all_ops as f64;
@@ -924,9 +1189,10 @@ fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// A line a tool printed (stdout and stderr alike).
+/// A line a tool printed (stdout and stderr alike), and when it was read.
 struct Line {
     text: String,
+    at: Instant,
 }
 
 /// A running probe tool (stormguard, bpftrace or the floor holder).
@@ -945,6 +1211,9 @@ struct Tool {
     /// The line that said the probes are attached (it lists them).
     ready_line: String,
     stopped: bool,
+    /// When stormguard logged attaching (true) or detaching (false) its
+    /// on-demand probes, in order.
+    on_demand: Vec<(Instant, bool)>,
 }
 
 /// Starts the tool of a configuration and waits until its probes are
@@ -954,13 +1223,13 @@ fn start(config: Config, plan: &Plan, paths: &Paths) -> anyhow::Result<Option<To
     let (mut cmd, ready, signal, name): (Command, &str, Option<libc::c_int>, &'static str) =
         match config {
             Config::Baseline => return Ok(None),
-            Config::Sg | Config::SgOd => {
+            Config::Sg | Config::SgOd | Config::SgAuto => {
                 let mut c = Command::new(&paths.stormguard);
                 c.args(["watch", "--json", "--on-demand"])
-                    .arg(if config == Config::Sg {
-                        "never"
-                    } else {
-                        "always"
+                    .arg(match config {
+                        Config::Sg => "never",
+                        Config::SgOd => "always",
+                        _ => "auto",
                     })
                     .args(["--duration", &life.to_string()]);
                 (c, "stormguard: watching", Some(libc::SIGTERM), "stormguard")
@@ -997,7 +1266,7 @@ fn start(config: Config, plan: &Plan, paths: &Paths) -> anyhow::Result<Option<To
         };
     // stormguard --json rows are of no interest here; the others print
     // little, and what they print is drained so they never block on a pipe.
-    let stdout = if matches!(config, Config::Sg | Config::SgOd) {
+    let stdout = if config.is_stormguard() {
         Stdio::null()
     } else {
         Stdio::piped()
@@ -1025,6 +1294,7 @@ fn start(config: Config, plan: &Plan, paths: &Paths) -> anyhow::Result<Option<To
         log: Vec::new(),
         ready_line: String::new(),
         stopped: false,
+        on_demand: Vec::new(),
     };
     tool.ready_line = tool.wait_for(ready, Duration::from_secs(60))?;
     Ok(Some(tool))
@@ -1034,7 +1304,13 @@ fn start(config: Config, plan: &Plan, paths: &Paths) -> anyhow::Result<Option<To
 fn drain(stream: impl Read + Send + 'static, tx: mpsc::Sender<Line>) {
     thread::spawn(move || {
         for text in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(Line { text }).is_err() {
+            if tx
+                .send(Line {
+                    text,
+                    at: Instant::now(),
+                })
+                .is_err()
+            {
                 break;
             }
         }
@@ -1048,9 +1324,10 @@ impl Tool {
         loop {
             match self.lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => {
-                    self.log.push(line.text.clone());
-                    if line.text.contains(ready) {
-                        return Ok(line.text);
+                    let found = line.text.contains(ready).then(|| line.text.clone());
+                    self.note(line);
+                    if let Some(text) = found {
+                        return Ok(text);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -1074,18 +1351,39 @@ impl Tool {
         }
     }
 
+    /// Keeps a line, and notes stormguard's on-demand attach and detach
+    /// (its info log lines; the attach is logged just before attaching).
+    fn note(&mut self, line: Line) {
+        // `--on-demand always` attaches before it says it is watching,
+        // without a log line.
+        let attaching = line.text.contains("attaching on-demand probes")
+            || (line.text.contains("stormguard: watching") && line.text.contains("(always)"));
+        if attaching && !line.text.contains("detaching") {
+            self.on_demand.push((line.at, true));
+        } else if line.text.contains("detaching on-demand probes") {
+            self.on_demand.push((line.at, false));
+        }
+        self.log.push(line.text);
+    }
+
+    /// Takes in what the tool printed so far.
+    fn pump(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.note(line);
+        }
+    }
+
+    /// How long the on-demand probes were attached between `t0` and `t1`.
+    fn on_demand_between(&self, t0: Instant, t1: Instant) -> Duration {
+        on_demand_between(&self.on_demand, t0, t1)
+    }
+
     /// CPU time (user + system, ns) all threads of the tool used so far,
     /// from /proc/<pid>/task/*/schedstat. BPF programs run in the context
     /// of the task that hits the hook, so this is the tool's user-space
     /// side only (for stormguard: reading and aggregating the ring buffer).
     fn cpu_ns(&self) -> Option<u64> {
-        let dir = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).ok()?;
-        let mut total = 0;
-        for task in dir.flatten() {
-            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-        }
-        Some(total)
+        crate::daemon::proc_cpu_ns(self.child.id())
     }
 
     /// A tool that died mid-run would turn its cells into baseline cells.
@@ -1094,9 +1392,7 @@ impl Tool {
             None => Ok(()),
             Some(st) => {
                 self.stopped = true;
-                while let Ok(line) = self.lines.try_recv() {
-                    self.log.push(line.text);
-                }
+                self.pump();
                 bail!(
                     "{} exited during the measurement ({st}):\n{}",
                     self.name,
@@ -1128,7 +1424,7 @@ impl Tool {
         }
         // Collect what it printed on the way out (the floor's hit counts).
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.log.push(line.text);
+            self.note(line);
         }
     }
 
@@ -1147,30 +1443,35 @@ impl Tool {
     }
 }
 
+/// Time within [t0, t1] covered by the attached spans of `events`
+/// (attach/detach marks in order; an attach not yet detached lasts).
+fn on_demand_between(events: &[(Instant, bool)], t0: Instant, t1: Instant) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut since: Option<Instant> = None;
+    for &(at, attached) in events {
+        match (attached, since) {
+            (true, None) => since = Some(at),
+            (false, Some(s)) => {
+                total += overlap(s, at, t0, t1);
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = since {
+        total += overlap(s, t1, t0, t1);
+    }
+    total
+}
+
+fn overlap(a0: Instant, a1: Instant, b0: Instant, b1: Instant) -> Duration {
+    a1.min(b1).saturating_duration_since(a0.max(b0))
+}
+
 impl Drop for Tool {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
-            (lo.min(x), hi.max(x))
-        })
 }
 
 /// ns with a decimal below 1 µs, where single nanoseconds matter.
@@ -1253,14 +1554,9 @@ impl VsFloor {
     }
 }
 
-fn report(
-    plan: &Plan,
-    samples: &Samples,
-    tool_cpu: &Samples,
-    elapsed: Duration,
-    env: &str,
-) -> String {
+fn report(plan: &Plan, m: &Measured, elapsed: Duration, env: &str) -> String {
     use std::fmt::Write as _;
+    let (samples, tool_cpu) = (&m.samples, &m.tool_cpu);
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -1301,13 +1597,13 @@ fn report(
 
     let _ = writeln!(
         o,
-        "\nTable 1: ns/op, median and min–max over {} rounds; overhead = median − baseline median",
+        "\nTable 1: ns/op, median and min–max over {} rounds; overhead = median − baseline median; od attached = share of the cell stormguard had its on-demand probes attached (median)",
         plan.rounds
     );
     let _ = writeln!(
         o,
-        "{:<16} {:<9} {:>10} {:>21} {:>10}",
-        "workload", "config", "median", "min–max", "overhead"
+        "{:<16} {:<9} {:>10} {:>21} {:>10} {:>11}",
+        "workload", "config", "median", "min–max", "overhead", "od attached"
     );
     for w in &plan.workloads {
         let cells = Cells {
@@ -1321,14 +1617,20 @@ fn report(
                 (Config::Baseline, _) | (_, None) => "—".to_string(),
                 (_, Some(d)) => fmt_delta(d),
             };
+            let attached = m
+                .attached
+                .get(&(*c, w.name))
+                .map(|a| format!("{:.0}%", median(a) * 100.0))
+                .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "{:<16} {:<9} {:>10} {:>21} {:>10}",
+                "{:<16} {:<9} {:>10} {:>21} {:>10} {:>11}",
                 if i == 0 { w.name } else { "" },
                 c.name(),
                 fmt_ns(median(v)),
                 format!("{}–{}", fmt_ns(lo), fmt_ns(hi)),
-                over
+                over,
+                attached
             );
         }
     }
@@ -1467,7 +1769,15 @@ stormguard overhead ÷ floor overhead (? = the floor's overhead is within noise,
     {
         let _ = writeln!(
             o,
-            "note: bpftrace cannot attach cgroup sock_addr programs (connect4/6, sendmsg4/6), so bt/bt+od lack those 4 hooks that sg and floor have."
+            "note: bpftrace cannot attach cgroup programs, so bt/bt+od lack the {} that sg and floor have ({}).",
+            plan.hooks.always_on.iter().filter(|h| is_cgroup(h)).count(),
+            plan.hooks
+                .always_on
+                .iter()
+                .filter(|h| is_cgroup(h))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if plan.cpu != 0 {
             let _ = writeln!(
@@ -1478,6 +1788,234 @@ stormguard overhead ÷ floor overhead (? = the floor's overhead is within noise,
         }
     }
     o
+}
+
+/// The matrix as a BENCHMARKS.md section: a summary table of overheads
+/// and ratios, the targets, the ratios `--check` compares, and the full
+/// text tables.
+fn matrix_part(plan: &Plan, m: &Measured, text: &str) -> Part {
+    use std::fmt::Write as _;
+    let mut p = Part::new("Overhead per operation");
+    let probe: Vec<Config> = plan
+        .configs
+        .iter()
+        .copied()
+        .filter(|c| *c != Config::Baseline)
+        .collect();
+    let vs_floor: Vec<Config> = probe
+        .iter()
+        .copied()
+        .filter(|c| c.floor().is_some_and(|f| plan.configs.contains(&f)))
+        .collect();
+    let vs_bt: Vec<Config> = probe
+        .iter()
+        .copied()
+        .filter(|c| c.bpftrace().is_some_and(|b| plan.configs.contains(&b)))
+        .collect();
+    let _ = writeln!(
+        p.body,
+        "ns/op added to each workload (median over {} rounds, configurations interleaved) — the configurations are listed in the text below. \
+÷floor and ÷bt are stormguard's overhead over the minimal program's and bpftrace's on the same hooks (same hits per op, so per-hit ratios; ? = the denominator is within noise). \
+*od attached* is the share of each cell stormguard had its on-demand probes attached.\n",
+        plan.rounds
+    );
+    let mut head = "| workload | baseline ns/op |".to_string();
+    let mut rule = "|---|---|".to_string();
+    for c in &probe {
+        let _ = write!(head, " {} |", c.name());
+        rule.push_str("---|");
+    }
+    for c in &vs_floor {
+        let _ = write!(
+            head,
+            " {}÷{} |",
+            c.name(),
+            c.floor().map(Config::name).unwrap_or("")
+        );
+        rule.push_str("---|");
+    }
+    for c in &vs_bt {
+        let _ = write!(
+            head,
+            " {}÷{} |",
+            c.name(),
+            c.bpftrace().map(Config::name).unwrap_or("")
+        );
+        rule.push_str("---|");
+    }
+    let attached: Vec<Config> = probe
+        .iter()
+        .copied()
+        .filter(|c| c.is_stormguard())
+        .collect();
+    for c in &attached {
+        let _ = write!(head, " od attached {} |", c.name());
+        rule.push_str("---|");
+    }
+    let _ = writeln!(p.body, "{head}\n{rule}");
+    for w in &plan.workloads {
+        let cells = Cells {
+            samples: &m.samples,
+            workload: w.name,
+        };
+        let Some(base) = cells.median(Config::Baseline) else {
+            continue;
+        };
+        let noise = cells.noise().unwrap_or(0.0);
+        let mut row = format!("| {} | {} |", w.name, fmt_ns(base));
+        for c in &probe {
+            let cell = cells
+                .overhead(*c)
+                .map(|d| {
+                    let (lo, hi) = min_max(cells.get(*c).map(Vec::as_slice).unwrap_or(&[]));
+                    format!(
+                        "{} ({}–{})",
+                        fmt_delta(d),
+                        fmt_delta(lo - base),
+                        fmt_delta(hi - base)
+                    )
+                })
+                .unwrap_or_default();
+            let _ = write!(row, " {cell} |");
+            if c.is_stormguard()
+                && let Some(med) = cells.median(*c)
+            {
+                p.ratios.insert(
+                    format!("overhead.{}.{}÷baseline", w.name, c.name()),
+                    med / base,
+                );
+            }
+        }
+        for c in &vs_floor {
+            let v = VsFloor::new(&cells, *c);
+            let _ = write!(
+                row,
+                " {} |",
+                v.as_ref().map(VsFloor::ratio_text).unwrap_or_default()
+            );
+            // Gated only when both overheads stand out of the noise: a
+            // ratio of two differences near zero swings in sign and size.
+            if let Some(VsFloor {
+                ratio: Some(r),
+                shaky: false,
+                ..
+            }) = v
+                && cells.overhead(*c).is_some_and(|d| d > noise)
+            {
+                p.ratios.insert(
+                    format!(
+                        "overhead.{}.{}÷{}",
+                        w.name,
+                        c.name(),
+                        c.floor().map(Config::name).unwrap_or("")
+                    ),
+                    r,
+                );
+            }
+        }
+        for c in &vs_bt {
+            let b = c.bpftrace().unwrap_or(Config::Bt);
+            let cell = match (cells.overhead(*c), cells.overhead(b)) {
+                (Some(s), Some(t)) if t > 0.0 => {
+                    let shaky = t <= noise;
+                    if !shaky && s > noise {
+                        p.ratios.insert(
+                            format!("overhead.{}.{}÷{}", w.name, c.name(), b.name()),
+                            s / t,
+                        );
+                    }
+                    format!("{:.2}×{}", s / t, if shaky { "?" } else { "" })
+                }
+                _ => "—".into(),
+            };
+            let _ = write!(row, " {cell} |");
+        }
+        for c in &attached {
+            let cell = m
+                .attached
+                .get(&(*c, w.name))
+                .map(|a| format!("{:.0}%", median(a) * 100.0))
+                .unwrap_or_default();
+            let _ = write!(row, " {cell} |");
+        }
+        let _ = writeln!(p.body, "{row}");
+    }
+
+    // Targets.
+    let getpid = Cells {
+        samples: &m.samples,
+        workload: "getpid",
+    };
+    if let (Some(d), Some(n)) = (getpid.overhead(Config::Sg), getpid.noise()) {
+        p.target(
+            "always-on adds nothing measurable to getpid",
+            d <= n,
+            format!("sg {} ns/op, noise ±{} ns", fmt_delta(d), fmt_ns(n)),
+        );
+    }
+    for c in &vs_floor {
+        let mut all = true;
+        let mut figures = Vec::new();
+        for w in &plan.workloads {
+            let cells = Cells {
+                samples: &m.samples,
+                workload: w.name,
+            };
+            if let Some(v) = VsFloor::new(&cells, *c) {
+                all &= v.met;
+                figures.push(format!(
+                    "{} {}{}",
+                    w.name,
+                    v.ratio_text(),
+                    if v.met { "" } else { " (missed)" }
+                ));
+            }
+        }
+        p.target(
+            &format!(
+                "{} ≤ 1.5× the minimal program ({}) per hit, every workload",
+                c.name(),
+                c.floor().map(Config::name).unwrap_or("")
+            ),
+            all,
+            figures.join("; "),
+        );
+    }
+    for c in &vs_bt {
+        let b = c.bpftrace().unwrap_or(Config::Bt);
+        let mut all = true;
+        let mut figures = Vec::new();
+        for w in &plan.workloads {
+            let cells = Cells {
+                samples: &m.samples,
+                workload: w.name,
+            };
+            if let (Some(s), Some(t), Some(n)) =
+                (cells.overhead(*c), cells.overhead(b), cells.noise())
+            {
+                let met = s <= t.max(0.0) / 3.0 + n;
+                all &= met;
+                figures.push(format!(
+                    "{} {} vs {}{}",
+                    w.name,
+                    fmt_delta(s),
+                    fmt_delta(t),
+                    if met { "" } else { " (missed)" }
+                ));
+            }
+        }
+        p.target(
+            &format!("{} ≤ 1/3 of bpftrace ({}) per hit, every workload", c.name(), b.name()),
+            all,
+            format!(
+                "ns/op overheads {}; bpftrace lacks the {} cgroup hooks, so it has fewer hits per op",
+                figures.join("; "),
+                plan.hooks.always_on.iter().filter(|h| is_cgroup(h)).count()
+            ),
+        );
+    }
+    let _ = writeln!(p.body, "\n```text{}```", text);
+    p
 }
 
 /// Every sample, for a closer look or a plot.
@@ -1515,7 +2053,7 @@ mod tests {
 
     #[test]
     fn reads_stormguards_hook_line() {
-        let line = "stormguard: watching; always-on hooks: sock:inet_sock_set_state, cgroup/connect4; \
+        let line = "stormguard: watching; always-on hooks: tracepoint sock:inet_sock_set_state, cgroup/connect4; \
 on-demand (always): raw_syscalls:sys_enter, syscalls:sys_exit_connect";
         let (always_on, on_demand) = parse_watching(line).expect("parses");
         assert_eq!(always_on, ["sock:inet_sock_set_state", "cgroup/connect4"]);
@@ -1556,6 +2094,50 @@ tracepoint:syscalls:sys_exit_connect"
             parse_floor_ready(line).expect("parses"),
             ["a:b", "cgroup/connect4"]
         );
+    }
+
+    #[test]
+    fn sections_run_unless_one_is_named_alone() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sections: Sections,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+                .expect("parses")
+                .sections
+        };
+        let all = parse(&[]);
+        assert!(all.runs("matrix") && all.runs("burst") && all.complete());
+        let only = parse(&["--enforce", "--latency"]);
+        assert!(only.runs("enforce") && only.runs("latency"));
+        assert!(!only.runs("matrix") && !only.runs("stacks") && !only.complete());
+        let skip = parse(&["--stacks", "skip"]);
+        assert!(skip.runs("matrix") && !skip.runs("stacks") && !skip.complete());
+    }
+
+    #[test]
+    fn a_sections_ratios_line_is_taken_out_of_its_table() {
+        let out = "table\nsgbench-ratios {\"enforce.w.tokens÷none\":1.25}\nlast\n";
+        let (text, ratios) = split_ratios(out).expect("parses");
+        assert_eq!(text, "table\nlast\n");
+        assert_eq!(ratios["enforce.w.tokens÷none"], 1.25);
+        assert!(split_ratios("sgbench-ratios {oops").is_err());
+    }
+
+    #[test]
+    fn on_demand_time_is_clipped_to_the_cell() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        // Attached 100–300 and from 500 on; the cell is 200–600.
+        let events = [(at(100), true), (at(300), false), (at(500), true)];
+        assert_eq!(
+            on_demand_between(&events, at(200), at(600)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(on_demand_between(&[], at(0), at(600)), Duration::ZERO);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! task except `setup` itself (and `install --no-build`) runs setup first, so
 //! a fresh machine needs nothing but rustup and the two README commands.
 mod bench;
+mod bench_daemon;
+mod bench_doc;
 mod corpus_tools;
+mod daemon;
 mod deploy_check;
 mod install;
 mod package;
@@ -41,8 +44,11 @@ enum Cmd {
     /// (promtool) and the metric names the dashboard and rules use against
     /// a live daemon (as root).
     DeployCheck,
-    /// Measure what the probes cost, interleaved, against no probes,
-    /// bpftrace and a minimal hand-written floor (as root; ~3 minutes).
+    /// Measure what stormguard costs (probes against no probes, bpftrace
+    /// and a minimal hand-written floor; enforcement; stacks; detection
+    /// latency; daemon CPU and memory; a 1 M burst), interleaved, into
+    /// BENCHMARKS.md; `--check` gates on its ratios (as root; ~10 minutes,
+    /// ~2 with --quick).
     Bench(bench::BenchArgs),
     /// Build and run stormguard with the privileges it needs, e.g.
     /// `cargo xtask run -- watch`.

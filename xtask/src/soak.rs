@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::bench::{build, existing, workspace_root};
+use crate::{
+    bench::{build, existing, workspace_root},
+    daemon::Daemon,
+};
 
 #[derive(clap::Args)]
 pub struct SoakArgs {
@@ -50,34 +53,8 @@ fn closed_port() -> anyhow::Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn status(bin: &Path, socket: &Path) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(bin)
-        .args(["status", "--json", "--socket"])
-        .arg(socket)
-        .output()
-        .context("running stormguard status")?;
-    if !out.status.success() {
-        bail!(
-            "stormguard status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn sample(bin: &Path, socket: &Path, pid: u32, at: Duration) -> anyhow::Result<Sample> {
-    let s = status(bin, socket)?;
+fn sample(d: &Daemon, at: Duration) -> anyhow::Result<Sample> {
+    let s = d.status()?;
     let tables = s["tables"].as_array().cloned().unwrap_or_default();
     let sum = |kernel: bool| -> u64 {
         tables
@@ -88,7 +65,7 @@ fn sample(bin: &Path, socket: &Path, pid: u32, at: Duration) -> anyhow::Result<S
     };
     Ok(Sample {
         at,
-        rss_kib: rss_kib(pid),
+        rss_kib: d.status_kib("VmRSS"),
         flows: s["flows_tracked"].as_u64().unwrap_or(0),
         table_entries: sum(false),
         kernel_entries: sum(true),
@@ -154,35 +131,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         .join("release");
     let bin = existing(target.join("stormguard"))?;
     let client = existing(target.join("stormclient"))?;
-    let dir = std::env::temp_dir().join(format!("sg-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("sg.sock");
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsocket = \"{}\"\n[store]\npath = \"{}\"\n[metrics]\nlisten = \"off\"\n",
-            socket.display(),
-            dir.join("incidents.db").display()
-        ),
-    )?;
-    let daemon = Guard(
-        Command::new(&bin)
-            .args(["daemon", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the daemon")?,
-    );
-    let pid = daemon.0.id();
-    let t0 = Instant::now();
-    while status(&bin, &socket).is_err() {
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("the daemon did not answer within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let daemon = Daemon::start(&bin, "soak", "")?;
     let sink = UdpSocket::bind("127.0.0.1:0")?;
     let sink_addr = sink.local_addr()?.to_string();
     let total = Duration::from_secs(args.minutes * 60);
@@ -203,7 +152,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
             while sink.recv(&mut buf).is_ok() {}
             // Sampled mid-load (the storm lasts 5 s): the tables at work.
             if s.is_none() && began.elapsed() >= Duration::from_secs(4) {
-                s = Some(sample(&bin, &socket, pid, start.elapsed())?);
+                s = Some(sample(&daemon, start.elapsed())?);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -222,7 +171,6 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         samples.push(s);
     }
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
     if samples.len() < 3 {
         bail!("too few samples to judge (run at least 2 minutes)");
     }

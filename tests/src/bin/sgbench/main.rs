@@ -89,6 +89,23 @@ enum Cmd {
         #[command(flatten)]
         section: SectionArgs,
     },
+    /// Refused loopback connects at `--rate` per second for `--secs`,
+    /// round-robin over `--dests` destinations (127.16.0.0 + i, one
+    /// port), paced with absolute deadlines. Prints `{"event":"first",
+    /// "pid","mono_ns","real_ns"}` once the first attempt returned and
+    /// `{"event":"done","attempts","refused","other_errors","elapsed_ns",
+    /// "rate"}` at the end: load for the bench's daemon sections.
+    Load {
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 1)]
+        dests: u32,
+        /// A port nobody listens on (on any loopback address).
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 /// What the in-process sections (`enforce`, `stacks`) take.
@@ -203,6 +220,12 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Load {
+            rate,
+            secs,
+            dests,
+            port,
+        } => load::run(rate, secs, dests, port),
         Cmd::Stacks { section } => {
             let max = section.prepare("stacks")?;
             print!(
@@ -499,6 +522,7 @@ fn floor(on_demand: bool, duration: Duration, until_stdin_eof: bool) -> anyhow::
 }
 
 /// `sgbench enforce`: what the enforcement programs add per decision.
+mod load;
 mod stacks;
 
 mod enforce {
@@ -842,6 +866,7 @@ mod enforce {
         let mut verdicts = Vec::new();
         let mut met = true;
         let mut unseen = Vec::new();
+        let mut ratios = BTreeMap::new();
         for (wi, w) in WORKLOADS.iter().enumerate() {
             let Some(none) = cells.get(&(wi, State::None)) else {
                 continue;
@@ -885,6 +910,13 @@ mod enforce {
                     unseen.push(format!("{} {}", w.name, s.name()));
                 }
                 if !base {
+                    // Slowdown against no programs: a dimensionless
+                    // figure `cargo xtask bench --check` can compare
+                    // across machines.
+                    ratios.insert(
+                        format!("enforce.{}.{}÷none", w.name, s.name()),
+                        median(&cell.ns_per_op) / median(&none.ns_per_op),
+                    );
                     let ok = delta <= TARGET_NS;
                     met &= ok;
                     row_verdicts.push(format!(
@@ -920,6 +952,16 @@ mod enforce {
                 unseen.join(", ")
             );
         }
+        // Read (and removed from the table) by `cargo xtask bench`.
+        let _ = writeln!(
+            o,
+            "sgbench-ratios {}",
+            serde_json::Value::from(serde_json::Map::from_iter(
+                ratios
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::from(v)))
+            ))
+        );
         o
     }
 }

@@ -1,0 +1,421 @@
+//! BENCHMARKS.md: what `cargo xtask bench` writes, and the ratios
+//! `--check` compares with the committed file.
+//!
+//! Every section hands back a [`Part`]: its markdown, the targets it
+//! judged and its *ratios* — dimensionless figures (a cost divided by
+//! another cost measured on the same machine in the same run), because
+//! absolute times differ between machines and between a quiet and a busy
+//! hour, while "stormguard costs 1.3× the minimal program" should not.
+//! The ratios go into the file twice: a table for people and one HTML
+//! comment holding them as JSON, which `--check` reads back.
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Ratio name → value; every ratio is "lower is better".
+pub type Ratios = BTreeMap<String, f64>;
+
+/// Start of the comment that holds the ratios as JSON.
+const RATIOS_MARK: &str = "<!-- stormguard-bench-ratios ";
+
+/// A ratio regresses when it grows by more than this share of its old
+/// value.
+pub const TOLERANCE: f64 = 0.25;
+
+/// Ratios below this are compared as if they were this: a drop share of
+/// 0 that becomes 0.001 is noise, not an infinite regression.
+const RATIO_FLOOR: f64 = 0.01;
+
+/// A target of the issue, as measured.
+pub struct Target {
+    pub what: String,
+    pub met: bool,
+    /// The figures it was judged on and, when missed, why.
+    pub measured: String,
+}
+
+/// One section of the file.
+pub struct Part {
+    pub title: String,
+    pub body: String,
+    pub ratios: Ratios,
+    pub targets: Vec<Target>,
+}
+
+impl Part {
+    pub fn new(title: &str) -> Self {
+        Part {
+            title: title.into(),
+            body: String::new(),
+            ratios: Ratios::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    pub fn target(&mut self, what: &str, met: bool, measured: String) {
+        self.targets.push(Target {
+            what: what.into(),
+            met,
+            measured,
+        });
+    }
+}
+
+/// What the file's header says about the run.
+pub struct Header {
+    pub quick: bool,
+    /// Rounds, op scale, runs per rate… as one line.
+    pub settings: String,
+    /// Load and foreign BPF programs before and after.
+    pub environment: String,
+    pub elapsed_s: f64,
+}
+
+/// CPU model, online CPUs and memory, from /proc.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!("{model}, {cpus} CPUs, {mem_gib:.1} GiB RAM")
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `git rev-parse --short HEAD`, and "(dirty)" when the tree has changes:
+/// figures from uncommitted code cannot be traced back.
+pub fn commit(root: &Path) -> String {
+    let git = |args: &[&str]| output(Command::new("git").current_dir(root).args(args));
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(s) if !s.is_empty() => format!("{head} (dirty)"),
+        _ => head,
+    }
+}
+
+/// Renders the whole file.
+pub fn render(root: &Path, header: &Header, parts: &[Part]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# stormguard benchmarks\n");
+    if header.quick {
+        let _ = writeln!(
+            o,
+            "**QUICK RUN** (`--quick`): a smoke run with few rounds and short cells; its figures are noisy and not for comparison.\n"
+        );
+    }
+    let kernel = output(Command::new("uname").arg("-r")).unwrap_or_else(|| "unknown".into());
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .unwrap_or_else(|| "unknown".into());
+    let _ = writeln!(o, "- machine: {}", machine());
+    let _ = writeln!(o, "- kernel: {kernel}");
+    let _ = writeln!(o, "- commit: {}", commit(root));
+    let _ = writeln!(o, "- date: {date}");
+    let _ = writeln!(
+        o,
+        "- run: {}; {}; {:.0} s",
+        if header.quick { "quick" } else { "full" },
+        header.settings,
+        header.elapsed_s
+    );
+    let _ = writeln!(o, "- environment: {}", header.environment);
+    let _ = writeln!(
+        o,
+        "- generated by `cargo xtask bench`; every table is measured interleaved (configurations or rates rotated each round); medians with min–max\n"
+    );
+
+    let _ = writeln!(o, "## Targets\n");
+    let _ = writeln!(o, "| target | met | measured |\n|---|---|---|");
+    for p in parts {
+        for t in &p.targets {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} |",
+                t.what,
+                if t.met { "yes" } else { "**NO**" },
+                t.measured.replace('|', "\\|")
+            );
+        }
+    }
+    for p in parts {
+        let _ = writeln!(o, "\n## {}\n\n{}", p.title, p.body.trim_end());
+    }
+
+    let all: Ratios = parts
+        .iter()
+        .flat_map(|p| p.ratios.iter().map(|(k, v)| (k.clone(), *v)))
+        .collect();
+    let _ = writeln!(
+        o,
+        "\n## Ratios compared by `cargo xtask bench --check`\n\n\
+Dimensionless, lower is better, each a cost divided by another measured in the same run on the same machine, so they carry over between machines where absolute times do not: \
+`overhead.W.C÷baseline` is ns/op of workload W under configuration C over ns/op without probes (a slowdown factor); \
+`overhead.W.sg÷floor` and `sg÷bt` are stormguard's overhead over the minimal program's and bpftrace's (only where the denominator is above noise); \
+`enforce.W.S÷none` is ns/op in enforcement state S over no programs; \
+`latency.R.p50÷least` is the median detection latency at R attempts/s over the least the defaults allow (`min_span_ms`, or `burst_attempts` at R/s if sooner); \
+`load.R.daemon÷client` is the daemon's CPU per connect over the connecting clients' own CPU per connect; \
+`flows.N.rss÷idle` is the daemon's RSS with N tracked flows over its RSS idle; \
+`burst.drops÷sent` is the share of a 1 M burst the daemon could not take (compared as at least {RATIO_FLOOR}), `burst.api_p50÷idle_p50` the API's median latency during the burst over its idle median (the p99 of ~50 queries is too noisy to gate on). \
+`--check` fails when any grows by more than {:.0}%.\n",
+        TOLERANCE * 100.0
+    );
+    let _ = writeln!(o, "| ratio | value |\n|---|---|");
+    for (k, v) in &all {
+        let _ = writeln!(o, "| `{k}` | {v:.3} |");
+    }
+    let json = serde_json::Value::from(serde_json::Map::from_iter(
+        all.iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(*v))),
+    ));
+    let _ = writeln!(o, "\n{RATIOS_MARK}{json} -->");
+    o
+}
+
+/// The ratios a BENCHMARKS.md holds.
+pub fn parse_ratios(md: &str) -> anyhow::Result<Ratios> {
+    let start = md
+        .find(RATIOS_MARK)
+        .context("no ratios block (<!-- stormguard-bench-ratios … -->) in the file")?
+        + RATIOS_MARK.len();
+    let end = md[start..]
+        .find("-->")
+        .context("the ratios block is not closed")?;
+    let v: serde_json::Value = serde_json::from_str(md[start..start + end].trim())
+        .context("the ratios block is not JSON")?;
+    let Some(map) = v.as_object() else {
+        bail!("the ratios block is not a JSON object");
+    };
+    map.iter()
+        .map(|(k, v)| {
+            v.as_f64()
+                .map(|x| (k.clone(), x))
+                .with_context(|| format!("ratio {k} is not a number: {v}"))
+        })
+        .collect()
+}
+
+/// One ratio that grew.
+#[derive(Debug, PartialEq)]
+pub struct Change {
+    pub name: String,
+    pub old: f64,
+    pub new: f64,
+    /// Growth as a share of the old value (floored at [`RATIO_FLOOR`]).
+    pub change: f64,
+}
+
+/// Old ratios against new ones.
+#[derive(Debug, Default)]
+pub struct Comparison {
+    /// Grew by more than [`TOLERANCE`].
+    pub regressions: Vec<Change>,
+    /// Compared and within tolerance.
+    pub within: Vec<Change>,
+    /// In the committed file, not measured now (a section skipped, or a
+    /// denominator now within noise): reported, not a failure, since the
+    /// gate can only judge what it measured.
+    pub missing: Vec<String>,
+    /// Measured now, not in the committed file.
+    pub added: Vec<String>,
+}
+
+pub fn compare(old: &Ratios, new: &Ratios) -> Comparison {
+    let mut c = Comparison::default();
+    for (name, &o) in old {
+        let Some(&n) = new.get(name) else {
+            c.missing.push(name.clone());
+            continue;
+        };
+        let change = Change {
+            name: name.clone(),
+            old: o,
+            new: n,
+            change: (n - o) / o.abs().max(RATIO_FLOOR),
+        };
+        if change.change > TOLERANCE {
+            c.regressions.push(change);
+        } else {
+            c.within.push(change);
+        }
+    }
+    c.added = new
+        .keys()
+        .filter(|k| !old.contains_key(*k))
+        .cloned()
+        .collect();
+    c
+}
+
+impl Comparison {
+    pub fn failed(&self) -> bool {
+        !self.regressions.is_empty()
+    }
+
+    pub fn report(&self) -> String {
+        let mut o = String::new();
+        let row = |o: &mut String, c: &Change| {
+            let _ = writeln!(
+                o,
+                "  {:<48} old {:>9.3}  new {:>9.3}  {:>+7.1}%",
+                c.name,
+                c.old,
+                c.new,
+                c.change * 100.0
+            );
+        };
+        let _ = writeln!(
+            o,
+            "bench --check: {} ratios compared, {} regressed by more than {:.0}%",
+            self.regressions.len() + self.within.len(),
+            self.regressions.len(),
+            TOLERANCE * 100.0
+        );
+        if !self.regressions.is_empty() {
+            let _ = writeln!(o, "REGRESSED:");
+            for c in &self.regressions {
+                row(&mut o, c);
+            }
+        }
+        if !self.within.is_empty() {
+            let _ = writeln!(o, "within tolerance:");
+            for c in &self.within {
+                row(&mut o, c);
+            }
+        }
+        if !self.missing.is_empty() {
+            let _ = writeln!(
+                o,
+                "MISSING (in the committed file, not measured now; not compared): {}",
+                self.missing.join(", ")
+            );
+        }
+        if !self.added.is_empty() {
+            let _ = writeln!(
+                o,
+                "new (not in the committed file): {}",
+                self.added.join(", ")
+            );
+        }
+        o
+    }
+}
+
+/// Median of `v` (NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+/// Nearest-rank percentile of `v` (NaN when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    if p == 0.5 && s.len().is_multiple_of(2) {
+        return (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0;
+    }
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ratios(v: &[(&str, f64)]) -> Ratios {
+        v.iter().map(|(k, x)| (k.to_string(), *x)).collect()
+    }
+
+    #[test]
+    fn a_26_percent_regression_fails_and_24_passes() {
+        let old = ratios(&[("a", 2.0), ("b", 2.0), ("c", 2.0)]);
+        let new = ratios(&[("a", 2.52), ("b", 2.48), ("c", 1.0)]);
+        let c = compare(&old, &new);
+        assert!(c.failed());
+        assert_eq!(c.regressions.len(), 1);
+        assert_eq!(c.regressions[0].name, "a");
+        assert!((c.regressions[0].change - 0.26).abs() < 1e-9);
+        assert_eq!(c.within.len(), 2, "24% and an improvement pass");
+        let text = c.report();
+        assert!(text.contains("REGRESSED"), "{text}");
+        assert!(text.contains("+26.0%"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_ratio_is_reported_and_a_new_one_listed() {
+        let old = ratios(&[("gone", 1.0), ("kept", 1.0)]);
+        let new = ratios(&[("kept", 1.1), ("fresh", 3.0)]);
+        let c = compare(&old, &new);
+        assert!(!c.failed());
+        assert_eq!(c.missing, ["gone"]);
+        assert_eq!(c.added, ["fresh"]);
+        let text = c.report();
+        assert!(text.contains("MISSING") && text.contains("gone"), "{text}");
+    }
+
+    #[test]
+    fn tiny_ratios_are_compared_against_the_floor() {
+        // A drop share going from 0 to 0.002 is 20% of the 0.01 floor.
+        let c = compare(&ratios(&[("d", 0.0)]), &ratios(&[("d", 0.002)]));
+        assert!(!c.failed());
+        let c = compare(&ratios(&[("d", 0.0)]), &ratios(&[("d", 0.003)]));
+        assert!(c.failed());
+    }
+
+    #[test]
+    fn the_rendered_file_gives_its_ratios_back() {
+        let mut p = Part::new("x");
+        p.ratios
+            .insert("overhead.getpid.sg÷baseline".into(), 1.0625);
+        p.ratios.insert("burst.drops÷sent".into(), 0.0);
+        p.target("t", false, "a | b".into());
+        let md = render(
+            Path::new("."),
+            &Header {
+                quick: true,
+                settings: "s".into(),
+                environment: "e".into(),
+                elapsed_s: 1.0,
+            },
+            &[p],
+        );
+        assert!(md.contains("QUICK RUN"));
+        assert!(md.contains("a \\| b"), "a pipe in a cell is escaped");
+        let back = parse_ratios(&md).expect("parses");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back["overhead.getpid.sg÷baseline"], 1.0625);
+        assert!(parse_ratios("# nothing here").is_err());
+    }
+
+    #[test]
+    fn percentiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert!(median(&[]).is_nan());
+    }
+}
