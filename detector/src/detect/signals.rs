@@ -233,15 +233,7 @@ impl Signals {
         };
         let failing = fail_ratio >= cfg.failure_ratio;
         let repeating = same_content >= cfg.repeat_ratio;
-        // Datagrams that get answers, none of them a failure, are a client
-        // being served (a poller, a busy resolver): that its requests look
-        // alike says nothing of failing. Without this a healthy UDP client
-        // at a few hundred requests a second was a suspect for as long as
-        // it ran, and kept the on-demand syscall probe attached for the
-        // whole host.
-        let answered =
-            w.replies > 0 && w.failures == 0 && u64::from(w.replies) * 2 >= u64::from(w.attempts);
-        let looks_failing = fail_ratio >= 0.5 || (same_length >= cfg.repeat_ratio && !answered);
+        let looks_failing = fail_ratio >= 0.5 || same_length >= cfg.repeat_ratio;
         // A burst: more failed attempts than any reconnecting pool makes,
         // however soon it ends.
         let burst = active
